@@ -1,0 +1,202 @@
+"""Frozen configuration dataclasses, one per concern, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """Map a user dtype ("auto", "bfloat16", ...) to a torch dtype for `device`."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Without bf16 matrix units a bf16 GEMM is emulated and slower than fp32.
+        return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}.")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a decoder-only transformer, parsed from HF config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
+    o_bias: bool = False  # Llama/Qwen3 with attention_bias
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before rotary
+    rope_scaling: dict | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})."
+            )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache settings."""
+
+    block_size: int = 16
+    # Budget for K and V of all layers. None: `kv_cache_memory_fraction` of total RAM
+    # (CPU) or of free device memory (CUDA), capped at what the scheduler can ever use.
+    kv_cache_memory_bytes: int | None = None
+    kv_cache_memory_fraction: float = 0.25
+    num_kv_blocks: int | None = None  # exact block count; overrides the byte budget (tests)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}.")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError("kv_cache_memory_bytes must be positive.")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1].")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be at least 1.")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # token budget of one engine step
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}."
+            )
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}.")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs; built by `EngineConfig.create` from user arguments."""
+
+    model_path: str
+    model: ModelConfig
+    dtype: torch.dtype
+    device: torch.device
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly summary (served at /version, stored by the bench lab)."""
+        return {
+            "model": self.model_path,
+            "architecture": self.model.architecture,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "block_size": self.cache.block_size,
+            "enable_prefix_caching": self.cache.enable_prefix_caching,
+            "max_num_seqs": self.scheduler.max_num_seqs,
+            "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,
+            "max_model_len": self.scheduler.max_model_len,
+        }
+
+
+DEMO_MODEL_DIR = str(Path(__file__).parent / "demo_model")
+
+
+def create_engine_config(
+    model: str | None = None,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    max_model_len: int | None = None,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int = 2048,
+    block_size: int = 16,
+    kv_cache_memory_bytes: int | None = None,
+    kv_cache_memory_fraction: float = 0.25,
+    num_kv_blocks: int | None = None,
+    enable_prefix_caching: bool = True,
+    seed: int = 0,
+) -> EngineConfig:
+    """Build a validated EngineConfig from user-facing arguments (vLLM's names).
+
+    `model` defaults to the bundled demo model. `max_model_len` defaults to the
+    model's max_position_embeddings and may not exceed it.
+    """
+    from tokenmill.model.hf_config import load_hf_config
+
+    model_path = model or DEMO_MODEL_DIR
+    model_cfg = load_hf_config(model_path)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but torch.cuda.is_available() is False.")
+    limit = model_cfg.max_position_embeddings
+    if max_model_len is None:
+        max_model_len = limit
+    elif max_model_len > limit:
+        raise ValueError(
+            f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}."
+        )
+    return EngineConfig(
+        model_path=str(model_path),
+        model=model_cfg,
+        dtype=resolve_dtype(dtype, dev),
+        device=dev,
+        cache=CacheConfig(
+            block_size=block_size,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            kv_cache_memory_fraction=kv_cache_memory_fraction,
+            num_kv_blocks=num_kv_blocks,
+            enable_prefix_caching=enable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+        ),
+        seed=seed,
+    )

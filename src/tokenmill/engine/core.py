@@ -1,0 +1,76 @@
+"""EngineCore: the step loop. Knows token ids, never text or HTTP."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.request import EngineCoreRequest, Request
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.scheduler_output import EngineCoreOutput, SchedulerStats
+from tokenmill.model.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.runner = ModelRunner(config)
+        bs = config.cache.block_size
+        self.num_kv_blocks = self.runner.num_blocks
+        capacity = self.num_kv_blocks * bs
+        if capacity < config.scheduler.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens ({self.num_kv_blocks} blocks of {bs}), fewer "
+                f"than max_model_len={config.scheduler.max_model_len}; raise the KV budget or "
+                "lower max_model_len."
+            )
+        self.kv = KVCacheManager(self.num_kv_blocks, bs, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_kv_blocks * self.config.cache.block_size
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Queue a tokenized request. Raises ValueError if it cannot fit the context."""
+        max_len = self.config.scheduler.max_model_len
+        num_prompt = len(req.prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty; at least one token is needed.")
+        if num_prompt >= max_len:
+            raise ValueError(
+                f"the prompt has {num_prompt} tokens but the model's context length "
+                f"(max_model_len) is {max_len}; at least one token must remain to generate."
+            )
+        vocab = self.config.model.vocab_size
+        bad = next((t for t in req.prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is out of range for vocab size {vocab}.")
+        room = max_len - num_prompt
+        max_tokens = room if req.params.max_tokens is None else min(req.params.max_tokens, room)
+        self.scheduler.add_request(Request(req, max_tokens, self.config.cache.block_size))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Schedule -> run the model once -> advance requests. Returns what is new."""
+        if not self.scheduler.has_unfinished_requests():
+            return []
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        out = self.runner.execute(sched)
+        return self.scheduler.update_from_output(sched, out.sampled, out.logprobs, out.prompt_logprobs)

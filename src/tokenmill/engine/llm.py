@@ -1,0 +1,147 @@
+"""Offline batch inference with vLLM's `LLM` shape: generate() and chat()."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenmill.config import EngineConfig, create_engine_config
+from tokenmill.engine.core import EngineCore
+from tokenmill.engine.output_processor import OutputProcessor
+from tokenmill.engine.request import EngineCoreRequest
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.tokenizer import Tokenizer
+
+PromptType = str | dict[str, Any]
+_GEN_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def default_sampling_params(model_dir: str) -> dict[str, Any]:
+    """Sampling defaults from the checkpoint's generation_config.json (vLLM does the same)."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}).") from None
+    if cfg.get("do_sample") is False:
+        return {"temperature": 0.0}
+    return {k: cfg[k] for k in _GEN_CONFIG_KEYS if k in cfg}
+
+
+class LLM:
+    """Generate text for many prompts at once with continuous batching.
+
+    Args:
+        model: a Hugging Face checkpoint directory; default: the bundled demo model.
+        **engine_args: see `tokenmill.config.create_engine_config` (dtype, device,
+            max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
+            kv_cache_memory_bytes, num_kv_blocks, enable_prefix_caching, seed).
+    """
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        self.config: EngineConfig = create_engine_config(model, **engine_args)
+        self.tokenizer = Tokenizer.from_dir(self.config.model_path)
+        self.engine = EngineCore(self.config)
+        self.processor = OutputProcessor(self.tokenizer)
+        self._eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.config.model.eos_token_ids)
+        self._defaults = default_sampling_params(self.config.model_path)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self._defaults)
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt (text, or {"prompt_token_ids": [...]}, or {"prompt": text}).
+
+        Returns one RequestOutput per prompt, in input order.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params_list = self._params_for(len(prompts), sampling_params)
+        ids = []
+        for prompt, params in zip(prompts, params_list):
+            text, token_ids = self._tokenize(prompt)
+            ids.append(self._add_request(text, token_ids, params))
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the checkpoint's chat template to one conversation or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        params_list = self._params_for(len(conversations), sampling_params)
+        ids = []
+        for conv, params in zip(conversations, params_list):
+            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+            token_ids = self.tokenizer.encode_chat(conv, add_generation_prompt=add_generation_prompt)
+            ids.append(self._add_request(text, token_ids, params))
+        return self._run(ids, use_tqdm)
+
+    # ------------------------------------------------------------------------------------
+    def _params_for(self, n: int, sp: SamplingParams | Sequence[SamplingParams] | None) -> list[SamplingParams]:
+        if sp is None:
+            sp = self.get_default_sampling_params()
+        if isinstance(sp, SamplingParams):
+            return [sp] * n
+        if len(sp) != n:
+            raise ValueError(f"got {len(sp)} sampling params for {n} prompts.")
+        return list(sp)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        raise ValueError("a prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}.")
+
+    def _add_request(self, text: str | None, token_ids: list[int], params: SamplingParams) -> str:
+        request_id = str(next(self._counter))
+        params.all_stop_token_ids = set(params.stop_token_ids) | (
+            set() if params.ignore_eos else self._eos_token_ids
+        )
+        children = self.processor.add_request(request_id, text, token_ids, params)
+        try:
+            for i, (cid, child_params) in enumerate(children):
+                leader = children[0][0] if i > 0 else None
+                self.engine.add_request(EngineCoreRequest(cid, token_ids, child_params, group_leader_id=leader))
+        except ValueError:
+            self.processor.abort_request(request_id)
+            self.engine.abort_requests([cid for cid, _ in children])
+            raise
+        return request_id
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from rich.progress import Progress
+
+        finished: dict[str, RequestOutput] = {}
+        with Progress(disable=not use_tqdm, transient=True) as progress:
+            task = progress.add_task("Generating", total=len(request_ids))
+            while self.engine.has_unfinished_requests():
+                outputs, to_abort = self.processor.process_outputs(self.engine.step())
+                if to_abort:
+                    self.engine.abort_requests(to_abort)
+                for out, _times in outputs:
+                    if out.finished:
+                        finished[out.request_id] = out
+                        progress.advance(task)
+        return [finished[rid] for rid in request_ids]

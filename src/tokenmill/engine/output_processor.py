@@ -1,0 +1,220 @@
+"""OutputProcessor: turns the core's token ids into RequestOutputs (text, logprobs,
+stop strings, n>1 aggregation). Shared by the offline LLM and the async server front end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.scheduler_output import EngineCoreOutput
+from tokenmill.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.tokenizer import Tokenizer
+
+
+def child_request_id(request_id: str, index: int, n: int) -> str:
+    """Engine-side id of sample `index` of a request (the request id itself when n == 1)."""
+    return request_id if n == 1 else f"{index}_{request_id}"
+
+
+@dataclass
+class RequestTimes:
+    """Wall-clock milestones of one request (time.monotonic seconds), for metrics."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    token_times: list[float] = field(default_factory=list)  # when each new-token batch arrived
+
+
+@dataclass
+class _Sample:
+    index: int
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    sent_tokens: int = 0  # for delta outputs: tokens already handed out
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    samples: list[_Sample]
+    delta: bool
+    times: RequestTimes
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    num_cached_tokens: int = 0
+    num_generation_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._requests: dict[str, _RequestState] = {}
+        self._children: dict[str, tuple[_RequestState, _Sample]] = {}
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        delta: bool = False,
+        arrival_time: float | None = None,
+    ) -> list[tuple[str, SamplingParams]]:
+        """Register a request; returns the (engine request id, params) of each sample."""
+        samples = []
+        for i in range(params.n):
+            child = params if params.n == 1 else params.clone_for_child(i)
+            samples.append(_Sample(i, child, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child)))
+            if child.logprobs is not None:
+                samples[-1].logprobs, samples[-1].cumulative_logprob = [], 0.0
+        state = _RequestState(
+            request_id, prompt, prompt_token_ids, samples, delta, RequestTimes(arrival_time or time.monotonic())
+        )
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None]
+        self._requests[request_id] = state
+        ids = []
+        for s in samples:
+            cid = child_request_id(request_id, s.index, params.n)
+            self._children[cid] = (state, s)
+            ids.append((cid, s.params))
+        return ids
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def engine_ids(self, request_id: str) -> list[str]:
+        state = self._requests.get(request_id)
+        if state is None:
+            return []
+        n = len(state.samples)
+        return [child_request_id(request_id, s.index, n) for s in state.samples]
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Forget a request (client went away); returns its final output marked 'abort'."""
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return None
+        for cid in self.engine_ids_of(state):
+            self._children.pop(cid, None)
+        for s in state.samples:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+        state.times.finished = time.monotonic()
+        return self._make_output(state, changed=state.samples)
+
+    def engine_ids_of(self, state: _RequestState) -> list[str]:
+        n = len(state.samples)
+        return [child_request_id(state.request_id, s.index, n) for s in state.samples]
+
+    def process_outputs(
+        self, outputs: list[EngineCoreOutput]
+    ) -> tuple[list[tuple[RequestOutput, RequestTimes]], list[str]]:
+        """Apply one step's core outputs.
+
+        Returns:
+            (request outputs to deliver, engine request ids to abort in the core because a
+            stop string finished them).
+        """
+        now = time.monotonic()
+        touched: dict[str, tuple[_RequestState, list[_Sample]]] = {}
+        to_abort: list[str] = []
+        for out in outputs:
+            entry = self._children.get(out.request_id)
+            if entry is None:
+                continue  # aborted by the front end while this step ran
+            state, sample = entry
+            if state.times.first_scheduled is None:
+                state.times.first_scheduled = out.first_scheduled_time
+                state.num_cached_tokens = out.num_cached_tokens
+            if out.new_prompt_logprobs and state.prompt_logprobs is not None:
+                state.prompt_logprobs.extend(self._to_logprobs(x, sample) for x in out.new_prompt_logprobs)
+            if out.new_token_ids:
+                self._add_tokens(sample, out)
+                state.num_generation_tokens += len(out.new_token_ids)
+                state.times.first_token = state.times.first_token or now
+                state.times.last_token = now
+                state.times.token_times.append(now)
+            if out.finish_reason is not None and sample.finish_reason is None:
+                sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
+            elif sample.finish_reason is not None and out.finish_reason is None:
+                to_abort.append(out.request_id)  # a stop string matched in the text
+            touched.setdefault(state.request_id, (state, []))[1].append(sample)
+
+        results = []
+        for rid, (state, changed) in touched.items():
+            if state.finished:
+                state.times.finished = now
+                del self._requests[rid]
+                for cid in self.engine_ids_of(state):
+                    self._children.pop(cid, None)
+            if state.delta or state.finished:
+                results.append((self._make_output(state, changed), state.times))
+        return results, to_abort
+
+    # ------------------------------------------------------------------------------------
+    def _add_tokens(self, sample: _Sample, out: EngineCoreOutput) -> None:
+        if sample.finish_reason is not None:
+            return
+        sample.token_ids.extend(out.new_token_ids)
+        if sample.logprobs is not None and out.new_logprobs:
+            for lp in out.new_logprobs:
+                sample.logprobs.append(self._to_logprobs(lp, sample))
+                sample.cumulative_logprob += lp.logprobs[0]
+        stop = sample.detok.update(out.new_token_ids)
+        if stop is not None:
+            sample.finish_reason, sample.stop_reason = "stop", stop
+
+    def _to_logprobs(self, lp, sample: _Sample) -> PositionLogprobs:
+        return {
+            tok: Logprob(logprob=val, rank=rank, decoded_token=sample.detok.decode_token(tok))
+            for tok, val, rank in zip(lp.token_ids, lp.logprobs, lp.ranks)
+        }
+
+    def _make_output(self, state: _RequestState, changed: list[_Sample]) -> RequestOutput:
+        outs = []
+        samples = changed if state.delta else state.samples
+        for s in sorted(samples, key=lambda x: x.index):
+            finished = s.finish_reason is not None
+            if state.delta:
+                text = s.detok.get_delta_text(finished)
+                token_ids = s.token_ids[s.sent_tokens :]
+                logprobs = s.logprobs[s.sent_tokens :] if s.logprobs is not None else None
+                s.sent_tokens = len(s.token_ids)
+            else:
+                text, token_ids, logprobs = s.detok.output_text, list(s.token_ids), s.logprobs
+            outs.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=text,
+                    token_ids=token_ids,
+                    cumulative_logprob=s.cumulative_logprob,
+                    logprobs=logprobs,
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=outs,
+            finished=state.finished,
+            prompt_logprobs=state.prompt_logprobs,
+            num_cached_tokens=state.num_cached_tokens,
+        )

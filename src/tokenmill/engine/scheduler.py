@@ -1,0 +1,200 @@
+"""Scheduler: owns the waiting and running queues and decides each step's work.
+
+Every request is just (tokens known, tokens computed). Each step, running requests
+get their next tokens first (decodes, or the rest of a chunked prefill), then waiting
+requests are admitted FCFS with as many prompt tokens as the budget allows. When KV
+blocks run out, the newest running request is preempted: its blocks are freed and it
+goes back to the front of the queue to recompute later (its outputs are kept).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.engine.kv_cache_manager import KVCacheManager
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler_output import (
+    EngineCoreOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+    SchedulerStats,
+)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: newest last
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Drop requests wherever they are and free their blocks now."""
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.num_preemptions,
+        )
+
+    # -- one step -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while self.kv.allocate_slots(req, num_new) is None:
+                victim = self.running.pop()  # newest first
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                break  # it preempted itself; everything after it is gone too
+            scheduled.append(self._make_scheduled(req, num_new))
+            budget -= num_new
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if preempted or self._waits_for_leader(req):
+                break  # don't re-admit in the step that had to preempt; keep FCFS order
+            cached_ids, num_cached = self.kv.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_cached, budget)
+            if self.kv.allocate_slots(req, num_new, cached_ids) is None:
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_cached
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(self._make_scheduled(req, num_new))
+            budget -= num_new
+
+        return SchedulerOutput(
+            scheduled=scheduled,
+            num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+            preempted_req_ids=preempted,
+        )
+
+    def update_from_output(
+        self, sched: SchedulerOutput, sampled: dict[str, int], logprobs: dict, prompt_logprobs: dict
+    ) -> list[EngineCoreOutput]:
+        """Advance each scheduled request past this step; return what is new per request.
+
+        Args:
+            sampled: request id -> sampled token id, for requests with needs_sample.
+            logprobs: request id -> SampledLogprobs of the sampled token (when asked).
+            prompt_logprobs: request id -> [SampledLogprobs] for scored prompt positions.
+        """
+        outputs: list[EngineCoreOutput] = []
+        for sr in sched.scheduled:
+            req = self.requests[sr.request_id]
+            req.num_computed_tokens += len(sr.token_ids)
+            self.kv.cache_blocks(req)
+            out = EngineCoreOutput(
+                req.request_id,
+                [],
+                num_cached_tokens=req.num_cached_tokens,
+                first_scheduled_time=req.first_scheduled_time,
+            )
+            out.new_prompt_logprobs = prompt_logprobs.get(req.request_id)
+            if sr.needs_sample:
+                if req.max_tokens > 0:
+                    token = sampled[req.request_id]
+                    req.append_output_token(token)
+                    out.new_token_ids = [token]
+                    if req.request_id in logprobs:
+                        out.new_logprobs = [logprobs[req.request_id]]
+                status = self._check_stop(req)
+                if status is not None:
+                    self.running.remove(req)
+                    self._finish(req, status)
+                    out.finish_reason, out.stop_reason = status.value, req.stop_reason
+            if out.new_token_ids or out.finish_reason or out.new_prompt_logprobs:
+                outputs.append(out)
+        return outputs
+
+    # -- helpers --------------------------------------------------------------------------
+    def _make_scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        end = start + num_new
+        needs_sample = end == req.num_tokens
+        num_scored = 0
+        if req.params.prompt_logprobs is not None:
+            # Position p scores prompt token p + 1; the last prompt position predicts output.
+            num_scored = max(0, min(end, req.num_prompt_tokens - 1) - start)
+        return ScheduledRequest(
+            request_id=req.request_id,
+            token_ids=req.all_token_ids[start:end],
+            num_computed_tokens=start,
+            block_ids=self.kv.block_ids(req.request_id),
+            needs_sample=needs_sample,
+            params=req.params,
+            generator=req.generator,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=req.output_token_ids,
+            num_prompt_logprob_positions=num_scored,
+        )
+
+    def _waits_for_leader(self, req: Request) -> bool:
+        leader = self.requests.get(req.group_leader_id) if req.group_leader_id else None
+        return leader is not None and leader.num_computed_tokens < leader.num_prompt_tokens
+
+    def _check_stop(self, req: Request) -> RequestStatus | None:
+        params = req.params
+        if req.max_tokens == 0:
+            return RequestStatus.FINISHED_LENGTH
+        last = req.output_token_ids[-1]
+        # all_stop_token_ids = eos ids (unless ignore_eos) + stop_token_ids; the sampler
+        # already masks them below min_tokens, this guard keeps that true here too.
+        if req.num_output_tokens >= params.min_tokens and last in params.all_stop_token_ids:
+            req.stop_reason = last if last in params.stop_token_ids else None
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.kv.free(req)
+        del self.requests[req.request_id]

@@ -1,0 +1,62 @@
+"""Typed hand-offs between scheduler, runner and front ends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step. The list fields are references, not copies."""
+
+    request_id: str
+    token_ids: list[int]  # tokens whose K/V are computed this step (prefill chunk or last sampled token)
+    num_computed_tokens: int  # position of token_ids[0]; tokens before it are in the cache
+    block_ids: list[int]  # the request's whole block table, covering every token through this step
+    needs_sample: bool  # this chunk reaches the last known token: sample the next one
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated so far (penalties, min_tokens)
+    # The prompt positions of this chunk whose next prompt token should be scored
+    # (prompt_logprobs); 0 when not requested.
+    num_prompt_logprob_positions: int = 0
+
+
+@dataclass
+class SchedulerOutput:
+    """What to compute in one engine step."""
+
+    scheduled: list[ScheduledRequest]
+    num_scheduled_tokens: int  # sum of len(token_ids) over `scheduled`
+    preempted_req_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EngineCoreOutput:
+    """New results of one request after a step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list | None = None  # [SampledLogprobs] per new token, when asked for
+    new_prompt_logprobs: list | None = None  # [SampledLogprobs] per newly scored prompt position
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None  # time.monotonic() when first scheduled
+
+
+@dataclass
+class SchedulerStats:
+    """Snapshot for metrics and logs; counters are cumulative since start."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks in use, 0..1
+    prefix_cache_queries: int  # tokens looked up
+    prefix_cache_hits: int  # tokens found
+    num_preemptions: int

@@ -1,0 +1,306 @@
+"""Batched sampler: one row of logits per request -> one token id per request.
+
+Follows vLLM v1's order: min_tokens mask, penalties, greedy argmax; for the other rows
+temperature, min_p, top_k, top_p, then an exponential race. Logprobs are reported for the
+raw model distribution (vLLM v1's default). Each stage runs only when some row uses it,
+and every result crosses to the host in one transfer (one device sync per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingState:
+    """One request's inputs to this step's sampling (built per step from references)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # set iff params.seed is not None; owned by the request
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated so far (penalties, min_tokens)
+
+
+@dataclass
+class SampledLogprobs:
+    """Logprobs of one position: the chosen token first, then the top alternatives."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]  # 1 = most likely
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # one sampled token per row
+    logprobs: list[SampledLogprobs | None]  # per row; None where params.logprobs is None
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The private generator a seeded request keeps for its whole life."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class Sampler:
+    """Stateless: everything per request arrives in the SamplingStates each step."""
+
+    def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
+        """Pick the next token of every request.
+
+        Args:
+            logits: [num_reqs, vocab] float32, one row per state; modified in place.
+            states: the requests, in row order.
+
+        Returns:
+            Sampled token ids and, for rows that asked, their logprobs.
+        """
+        num_reqs = logits.shape[0]
+        if len(states) != num_reqs:
+            raise ValueError(f"{len(states)} sampling states for {num_reqs} rows of logits")
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+
+        logprob_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        raw_logprobs = None
+        if logprob_rows:
+            # Taken before any processing: users get the model's own distribution.
+            rows_logits = logits if len(logprob_rows) == num_reqs else logits[logprob_rows]
+            raw_logprobs = torch.log_softmax(rows_logits, dim=-1)  # [num_logprob_rows, vocab]
+
+        _apply_min_tokens(logits, states)
+        _apply_penalties(logits, states)
+
+        random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
+        if not random_rows:
+            sampled = logits.argmax(dim=-1)  # [num_reqs]
+        elif len(random_rows) == num_reqs:
+            sampled = _sample_random(logits, states)
+        else:
+            sampled = logits.argmax(dim=-1)
+            random_logits = logits[random_rows]  # [num_random, vocab]
+            index = torch.tensor(random_rows, device=logits.device)
+            sampled[index] = _sample_random(random_logits, [states[i] for i in random_rows])
+
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids=sampled.tolist(), logprobs=[None] * num_reqs)
+
+        num_top = max(states[i].params.logprobs for i in logprob_rows)  # type: ignore[type-var]
+        row_sampled = sampled if len(logprob_rows) == num_reqs else sampled[logprob_rows]
+        ids_t, values_t, ranks_t = _logprobs_tensors(raw_logprobs, row_sampled, num_top)
+        token_ids, ids, values, ranks = _to_host(sampled, ids_t, values_t, ranks_t)
+        width = num_top + 1
+        logprobs: list[SampledLogprobs | None] = [None] * num_reqs
+        for j, row in enumerate(logprob_rows):
+            keep = states[row].params.logprobs + 1  # type: ignore[operator]
+            logprobs[row] = _row_logprobs(ids, values, ranks, j, width, keep)
+        return SamplerOutput(token_ids=[int(t) for t in token_ids], logprobs=logprobs)
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> list[SampledLogprobs]:
+    """Logprob and rank of given tokens plus each row's top alternatives (also for prompts).
+
+    Args:
+        logprobs: [N, vocab] log-probabilities.
+        token_ids: [N] the token whose logprob each row reports.
+        num_top: number of top alternatives per row.
+
+    Returns:
+        One SampledLogprobs per row (copied to the host in one transfer).
+    """
+    ids_t, values_t, ranks_t = _logprobs_tensors(logprobs, token_ids, num_top)
+    ids, values, ranks = _to_host(ids_t, values_t, ranks_t)
+    width = num_top + 1
+    return [_row_logprobs(ids, values, ranks, j, width, width) for j in range(logprobs.shape[0])]
+
+
+# ---- stages ---------------------------------------------------------------------------------
+
+
+def _apply_min_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """Forbid every stop token while a request is shorter than its min_tokens."""
+    vocab_size = logits.shape[1]
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, s in enumerate(states):
+        if len(s.output_token_ids) < s.params.min_tokens:
+            stop_ids = [t for t in s.params.all_stop_token_ids if t < vocab_size]
+            rows.extend([i] * len(stop_ids))
+            cols.extend(stop_ids)
+    if rows:
+        device = logits.device
+        logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = float("-inf")
+
+
+def _uses_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _padded_ids(id_lists: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """[len(id_lists), max_len >= 1] token ids, padded with pad_id (a dummy column)."""
+    width = max(1, max(len(ids) for ids in id_lists))
+    rows = [ids + [pad_id] * (width - len(ids)) for ids in id_lists]
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """Repetition (prompt or output tokens), frequency and presence (output tokens) penalties."""
+    rows = [i for i, s in enumerate(states) if _uses_penalties(s.params)]
+    if not rows:
+        return
+    num_reqs, vocab_size = logits.shape
+    device = logits.device
+    params = [states[i].params for i in rows]
+    sub = logits if len(rows) == num_reqs else logits[rows]  # [num_rows, vocab]
+
+    # Counts go into vocab_size + 1 columns: the last one swallows the padding.
+    output_ids = _padded_ids([states[i].output_token_ids for i in rows], vocab_size, device)
+    counts = torch.zeros(len(rows), vocab_size + 1, device=device)
+    counts.scatter_add_(1, output_ids, torch.ones_like(output_ids, dtype=counts.dtype))
+    counts = counts[:, :vocab_size]  # [num_rows, vocab]
+    in_output = counts > 0
+
+    if any(p.repetition_penalty != 1.0 for p in params):
+        prompt_ids = _padded_ids([states[i].prompt_token_ids for i in rows], vocab_size, device)
+        seen = torch.zeros(len(rows), vocab_size + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, prompt_ids, True)
+        seen = seen[:, :vocab_size] | in_output  # [num_rows, vocab]
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        # Dividing a positive logit and multiplying a negative one both make the token less likely.
+        penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
+        sub = torch.where(seen, penalised, sub)
+    if any(p.frequency_penalty != 0.0 for p in params):
+        freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        sub = sub - freq * counts
+    if any(p.presence_penalty != 0.0 for p in params):
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        sub = sub - presence * in_output
+
+    if len(rows) == num_reqs:
+        logits.copy_(sub)
+    else:
+        logits[rows] = sub
+
+
+def _sample_random(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Temperature, min_p, top_k, top_p, then one draw per row.
+
+    Args:
+        logits: [num_rows, vocab], modified in place.
+        states: the rows' states (none greedy).
+
+    Returns:
+        [num_rows] sampled token ids.
+    """
+    num_rows, vocab_size = logits.shape
+    device = logits.device
+    params = [s.params for s in states]
+
+    temperatures = [p.temperature for p in params]
+    if any(t != 1.0 for t in temperatures):
+        logits.div_(torch.tensor(temperatures, device=device)[:, None])
+
+    if any(p.min_p > 0.0 for p in params):
+        probs = logits.softmax(dim=-1)  # [num_rows, vocab]
+        min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+        logits.masked_fill_(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+    top_k = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]  # 0: off
+    top_p = [p.top_p for p in params]
+    if any(p < 1.0 for p in top_p):
+        _apply_top_k_top_p(logits, top_k, top_p)
+    elif any(top_k):
+        _apply_top_k(logits, top_k)
+
+    probs = logits.softmax(dim=-1)  # [num_rows, vocab]
+    # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i.
+    noise = torch.empty_like(probs)  # [num_rows, vocab]
+    seeded = [(i, s.generator) for i, s in enumerate(states) if s.generator is not None]
+    if len(seeded) < num_rows:
+        noise.exponential_()
+    for i, generator in seeded:
+        # A seeded row draws from its own generator, a full vocab each step, so its tokens
+        # do not depend on what else is in the batch or where its row is.
+        noise[i].exponential_(generator=generator)
+    # An Exp(1) draw can round to 0, and 0/0 would make a zero-probability token win.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return probs.div_(noise).argmax(dim=-1)
+
+
+def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
+    """Keep each row's k largest logits (ties with the k-th kept too); k=0 keeps all."""
+    device = logits.device
+    k = torch.tensor(top_k, device=device)
+    top_values = logits.topk(max(top_k), dim=-1).values  # [num_rows, max_k]
+    kth = top_values.gather(1, (k.clamp(min=1) - 1)[:, None])  # [num_rows, 1]
+    kth = torch.where(k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
+    logits.masked_fill_(logits < kth, float("-inf"))
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> None:
+    """Top-k then top-p on one descending sort of each row."""
+    num_rows, vocab_size = logits.shape
+    device = logits.device
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)  # [num_rows, vocab]
+    if any(top_k):
+        k = torch.tensor([kk if kk > 0 else vocab_size for kk in top_k], device=device)
+        kth = sorted_logits.gather(1, (k - 1)[:, None])  # [num_rows, 1]
+        sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)  # [num_rows, vocab]
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of all more likely tokens
+    p = torch.tensor(top_p, device=device)[:, None]
+    # Keep the smallest prefix reaching top_p: drop a token once the ones before it reach
+    # it. The first token has mass_before == 0 < p, so one token always survives. Rows
+    # with top_p == 1 are exempt so rounding in the cumsum cannot clip their tail.
+    drop = (mass_before >= p) & (p < 1.0)
+    sorted_logits.masked_fill_(drop, float("-inf"))
+    logits.scatter_(1, sorted_ids, sorted_logits)
+
+
+# ---- logprobs -------------------------------------------------------------------------------
+
+
+def _logprobs_tensors(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ids [N, 1 + num_top], logprobs [N, 1 + num_top], ranks [N] of token_ids."""
+    token_ids = token_ids.to(device=logprobs.device, dtype=torch.long)[:, None]  # [N, 1]
+    token_logprobs = logprobs.gather(1, token_ids)  # [N, 1]
+    # Rank 1 is the most likely; tokens tied with the chosen one do not push it down.
+    ranks = (logprobs > token_logprobs).sum(dim=-1) + 1  # [N]
+    if num_top > 0:
+        top_values, top_ids = logprobs.topk(num_top, dim=-1)  # [N, num_top]
+        token_ids = torch.cat([token_ids, top_ids], dim=1)
+        token_logprobs = torch.cat([token_logprobs, top_values], dim=1)
+    return token_ids, token_logprobs, ranks
+
+
+def _row_logprobs(
+    ids: list[float], values: list[float], ranks: list[float], row: int, width: int, keep: int
+) -> SampledLogprobs:
+    """Row `row` of the flattened [N, width] host lists, first `keep` entries."""
+    start = row * width
+    return SampledLogprobs(
+        token_ids=[int(t) for t in ids[start:start + keep]],
+        logprobs=values[start:start + keep],
+        ranks=[int(ranks[row])] + list(range(1, keep)),
+    )
+
+
+def _to_host(*tensors: torch.Tensor) -> list[list[float]]:
+    """Copy tensors to host lists in ONE transfer (on a GPU every .tolist() is a sync).
+
+    float64 holds every token id and float32 logprob exactly, so one packed tensor serves.
+    """
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).tolist()
+    out: list[list[float]] = []
+    start = 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()])
+        start += t.numel()
+    return out

@@ -1,0 +1,155 @@
+"""ModelRunner: owns the model and the KV cache tensors; runs one flat batch per step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from tokenmill.model.layers.attention import AttentionMetadata
+from tokenmill.model.layers.sampler import Sampler, SampledLogprobs, SamplingState, gather_logprobs
+from tokenmill.model.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, int]  # request id -> new token, for requests that sampled
+    logprobs: dict[str, SampledLogprobs]  # request id -> logprobs of the sampled token
+    prompt_logprobs: dict[str, list[SampledLogprobs]]  # request id -> one per scored position
+
+
+def kv_bytes_per_block(config: EngineConfig) -> int:
+    m = config.model
+    itemsize = torch.empty((), dtype=config.dtype).element_size()
+    return 2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * itemsize
+
+
+def num_kv_blocks_for(config: EngineConfig) -> int:
+    """How many KV blocks the budget buys, capped at what the scheduler could ever use."""
+    cache, sched = config.cache, config.scheduler
+    if cache.num_kv_blocks is not None:
+        return cache.num_kv_blocks
+    budget = cache.kv_cache_memory_bytes
+    if budget is None:
+        if config.device.type == "cuda":
+            free_bytes, _ = torch.cuda.mem_get_info(config.device)
+            budget = int(free_bytes * cache.kv_cache_memory_fraction)
+        else:
+            import os
+
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            budget = int(total * cache.kv_cache_memory_fraction)
+    max_useful = sched.max_num_seqs * -(-sched.max_model_len // cache.block_size)
+    return max(1, min(budget // kv_bytes_per_block(config), max_useful))
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        self.block_size = config.cache.block_size
+        max_positions = max(config.scheduler.max_model_len, 1)
+        self.model = load_model(config.model_path, config.model, config.dtype, self.device, max_positions)
+        self.num_blocks = num_kv_blocks_for(config)
+        m = config.model
+        shape = (self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        # torch.empty: untouched pages cost no RAM on CPU until a block is first written.
+        self.kv_caches = [
+            (
+                torch.empty(shape, dtype=config.dtype, device=self.device),
+                torch.empty(shape, dtype=config.dtype, device=self.device),
+            )
+            for _ in range(m.num_layers)
+        ]
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        # Decodes (one query token) first: they share one batched attention call.
+        reqs = sorted(sched.scheduled, key=lambda r: len(r.token_ids) != 1)
+        input_ids, positions, slots = [], [], []
+        starts: list[int] = []
+        bs = self.block_size
+        for r in reqs:
+            starts.append(len(input_ids))
+            input_ids.extend(r.token_ids)
+            for p in range(r.num_computed_tokens, r.num_computed_tokens + len(r.token_ids)):
+                positions.append(p)
+                slots.append(r.block_ids[p // bs] * bs + p % bs)
+        dev = self.device
+        meta = self._attention_metadata(reqs, starts, torch.tensor(slots, dtype=torch.long, device=dev))
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            self.kv_caches,
+            meta,
+        )  # [T, hidden]
+        return self._sample(reqs, starts, hidden)
+
+    def _attention_metadata(
+        self, reqs: list[ScheduledRequest], starts: list[int], slot_mapping: torch.Tensor
+    ) -> AttentionMetadata:
+        dev = self.device
+        decodes = [r for r in reqs if len(r.token_ids) == 1]
+        tables = seq_lens = None
+        max_len = 0
+        if decodes:
+            max_blocks = max(len(r.block_ids) for r in decodes)
+            tables = torch.tensor(
+                [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in decodes],
+                dtype=torch.long,
+                device=dev,
+            )  # [num_decodes, max_blocks]
+            lens = [r.num_computed_tokens + 1 for r in decodes]
+            seq_lens = torch.tensor(lens, dtype=torch.long, device=dev)
+            max_len = max(lens)
+        prefills = []
+        for r, start in zip(reqs[len(decodes) :], starts[len(decodes) :]):
+            num_blocks = -(-(r.num_computed_tokens + len(r.token_ids)) // self.block_size)
+            ids = torch.tensor(r.block_ids[:num_blocks], dtype=torch.long, device=dev)
+            prefills.append((start, len(r.token_ids), r.num_computed_tokens, ids))
+        return AttentionMetadata(
+            slot_mapping=slot_mapping,
+            block_size=self.block_size,
+            num_decodes=len(decodes),
+            decode_block_tables=tables,
+            decode_seq_lens=seq_lens,
+            decode_max_seq_len=max_len,
+            prefills=prefills,
+        )
+
+    def _sample(self, reqs: list[ScheduledRequest], starts: list[int], hidden: torch.Tensor) -> ModelRunnerOutput:
+        # Rows of `hidden` that need logits: each sampling request's last token, then
+        # the scored prompt positions of requests that asked for prompt logprobs.
+        sample_reqs = [r for r, s in zip(reqs, starts) if r.needs_sample]
+        rows = [s + len(r.token_ids) - 1 for r, s in zip(reqs, starts) if r.needs_sample]
+        prompt_rows: list[tuple[ScheduledRequest, int, int]] = []  # (req, first row in logits, count)
+        for r, s in zip(reqs, starts):
+            if r.num_prompt_logprob_positions:
+                prompt_rows.append((r, len(rows), r.num_prompt_logprob_positions))
+                rows.extend(range(s, s + r.num_prompt_logprob_positions))
+        out = ModelRunnerOutput({}, {}, {})
+        if not rows:
+            return out
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [R, V]
+        if sample_reqs:
+            states = [
+                SamplingState(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
+                for r in sample_reqs
+            ]
+            result = self.sampler.sample(logits[: len(sample_reqs)], states)
+            for r, tok, lp in zip(sample_reqs, result.token_ids, result.logprobs):
+                out.sampled[r.request_id] = tok
+                if lp is not None:
+                    out.logprobs[r.request_id] = lp
+        for r, first, count in prompt_rows:
+            p0 = r.num_computed_tokens
+            targets = torch.tensor(r.prompt_token_ids[p0 + 1 : p0 + 1 + count], device=self.device)
+            lps = torch.log_softmax(logits[first : first + count], dim=-1)
+            out.prompt_logprobs[r.request_id] = gather_logprobs(lps, targets, r.params.prompt_logprobs)
+        return out

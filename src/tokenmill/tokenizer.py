@@ -1,0 +1,352 @@
+"""Tokenizer: a Hugging Face checkpoint's tokenizer, special tokens and chat template.
+
+Wraps `tokenizers.Tokenizer` (the Rust library, no transformers at run time) and reads the
+side files a checkpoint directory carries. Encoding follows `tokenizer.json` exactly, which
+is what transformers 5 does too: its post-processor alone decides whether BOS is added.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import tokenizers
+
+# transformers uses a huge sentinel (1e30) for "no limit"; anything this large means none.
+_NO_MAX_LENGTH = 10**12
+
+# sentencepiece's word-start marker: a token beginning with it starts with a space.
+_METASPACE = "\u2581"
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token from a config file: a plain string or an AddedToken-like dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path, required: bool) -> dict[str, Any]:
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path.name} not found in {path.parent}")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _pick_chat_template(value: Any) -> str | None:
+    """tokenizer_config's chat_template: a string, or a list of {name, template}."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if "default" in named:
+            return named["default"]
+        # No "default": the first named template is the best guess a user would make.
+        return next(iter(named.values()), None)
+    raise ValueError(f"chat_template must be a string or a list of templates, got {type(value).__name__}")
+
+
+@lru_cache(maxsize=32)
+def _compile_chat_template(source: str) -> jinja2.Template:
+    """Compile a chat template in the environment transformers renders them in.
+
+    Templates from the Hub are untrusted code, hence the immutable sandbox; trim_blocks and
+    lstrip_blocks change the whitespace of the output, so they must match transformers.
+    """
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+        # jinja's own tojson escapes <, > and & for HTML, which would change the prompt.
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(source)
+
+
+def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Drop None fields (templates test for presence) and flatten list content to a string."""
+    out = {k: v for k, v in message.items() if v is not None}
+    content = out.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"only text content parts are supported, got {kind!r}")
+            texts.append(part.get("text", ""))
+        # Newline-joined, as vLLM does for templates that expect string content.
+        out["content"] = "\n".join(texts)
+    return out
+
+
+class Tokenizer:
+    """Text <-> token ids for one checkpoint, plus its special tokens and chat template."""
+
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        config: dict[str, Any] | None = None,
+        generation_config: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        """Build from an already loaded `tokenizers.Tokenizer` and the parsed side files.
+
+        Args:
+            tokenizer: the Rust tokenizer (from tokenizer.json).
+            config: tokenizer_config.json's contents, if any.
+            generation_config: generation_config.json's contents, if any.
+            chat_template: overrides the config's chat_template when given.
+        """
+        config = config or {}
+        generation_config = generation_config or {}
+        self._tok = tokenizer
+        # Logprobs ask for the same few thousand tokens' text over and over.
+        self._token_text_cache: dict[int, str] = {}
+        self._add_missing_tokens(config.get("added_tokens_decoder") or {})
+
+        self.bos_token = _token_content(config.get("bos_token"))
+        self.eos_token = _token_content(config.get("eos_token"))
+        self.unk_token = _token_content(config.get("unk_token"))
+        self.pad_token = _token_content(config.get("pad_token"))
+
+        bos_id = self._id_or_none(self.bos_token)
+        if bos_id is None and isinstance(generation_config.get("bos_token_id"), int):
+            bos_id = generation_config["bos_token_id"]
+        self._bos_token_id = bos_id
+        if self.bos_token is None and bos_id is not None:
+            self.bos_token = self._tok.id_to_token(bos_id)
+
+        gen_eos = generation_config.get("eos_token_id")
+        gen_eos_ids = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        eos_id = self._id_or_none(self.eos_token)
+        if eos_id is None and gen_eos_ids:
+            eos_id = gen_eos_ids[0]
+        self._eos_token_id = eos_id
+        if self.eos_token is None and eos_id is not None:
+            self.eos_token = self._tok.id_to_token(eos_id)
+        self._eos_token_ids = set(gen_eos_ids) | ({eos_id} if eos_id is not None else set())
+
+        self._chat_template = chat_template or _pick_chat_template(config.get("chat_template"))
+        max_len = config.get("model_max_length")
+        self.model_max_length: int | None = (
+            int(max_len) if isinstance(max_len, (int, float)) and max_len < _NO_MAX_LENGTH else None
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load a Hugging Face checkpoint directory's tokenizer.
+
+        Args:
+            path: directory holding tokenizer.json (required), and optionally
+                tokenizer_config.json, generation_config.json, chat_template.jinja.
+
+        Returns:
+            The Tokenizer.
+
+        Raises:
+            FileNotFoundError: tokenizer.json is missing.
+            ValueError: a file is corrupt.
+        """
+        root = Path(path)
+        tok_path = root / "tokenizer.json"
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"tokenizer.json not found in {root}")
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise ValueError(f"{tok_path} could not be loaded: {e}") from e
+        config = _read_json(root / "tokenizer_config.json", required=False)
+        generation_config = _read_json(root / "generation_config.json", required=False)
+        # Newer transformers save the template beside the config; it wins, as it does there.
+        template_path = root / "chat_template.jinja"
+        template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
+        return cls(tok, config, generation_config, template)
+
+    # ---- special tokens -------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (transformers' len(tokenizer))."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The primary end-of-sequence id (the tokenizer's own)."""
+        return self._eos_token_id
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Every id that ends generation: the tokenizer's eos and generation_config's."""
+        return set(self._eos_token_ids)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Named special tokens (bos/eos/unk/pad) and added tokens flagged special, sorted."""
+        ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        for token in (self.bos_token, self.eos_token, self.unk_token, self.pad_token):
+            token_id = self._id_or_none(token)
+            if token_id is not None:
+                ids.add(token_id)
+        ids |= self._eos_token_ids
+        return sorted(ids)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @property
+    def adds_bos_token(self) -> bool:
+        """Whether encode(add_special_tokens=True) puts the BOS token first."""
+        if self._bos_token_id is None:
+            return False
+        ids = self._tok.encode("a", add_special_tokens=True).ids
+        return bool(ids) and ids[0] == self._bos_token_id
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The wrapped `tokenizers.Tokenizer` (for incremental decoding)."""
+        return self._tok
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    # ---- text <-> ids ---------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize text.
+
+        Args:
+            text: the text.
+            add_special_tokens: apply tokenizer.json's post-processor (e.g. prepend BOS).
+
+        Returns:
+            Token ids, the same as transformers' `tokenizer(text)["input_ids"]`.
+        """
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Detokenize ids (no clean_up_tokenization_spaces, so streaming text matches)."""
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_token(self, token_id: int) -> str:
+        """One token's text, for logprobs: keeps sentencepiece's leading space, which
+        decoding a lone token would strip."""
+        text = self._token_text_cache.get(token_id)
+        if text is None:
+            text = self._tok.decode([token_id], skip_special_tokens=False)
+            piece = self._tok.id_to_token(token_id) or ""
+            if piece.startswith(_METASPACE) and not text.startswith(" "):
+                text = " " + text
+            self._token_text_cache[token_id] = text
+        return text
+
+    # ---- chat -----------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **extra: Any,
+    ) -> str:
+        """Render a conversation to prompt text the way transformers does.
+
+        Args:
+            messages: [{"role": ..., "content": str | [{"type": "text", "text": ...}]}, ...].
+            add_generation_prompt: append the assistant turn header.
+            chat_template: use this template instead of the checkpoint's.
+            **extra: more template variables (tools, documents, enable_thinking, ...).
+
+        Returns:
+            The rendered prompt text (it usually already holds the BOS token's text).
+
+        Raises:
+            ValueError: there is no chat template, or a message cannot be rendered.
+        """
+        source = chat_template or self._chat_template
+        if source is None:
+            raise ValueError(
+                "This model has no chat template (none in tokenizer_config.json or "
+                "chat_template.jinja), so chat messages cannot be formatted; use a completion prompt."
+            )
+        if not messages:
+            raise ValueError("messages must not be empty.")
+        variables: dict[str, Any] = {"tools": None, "documents": None}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            if getattr(self, name) is not None:
+                variables[name] = getattr(self, name)
+        variables.update(extra)
+        template = _compile_chat_template(source)
+        try:
+            return template.render(
+                messages=[_normalize_message(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"chat template error: {e}") from e
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> list[int]:
+        """Render and tokenize a conversation as transformers' apply_chat_template(tokenize=True).
+
+        The template writes the special tokens itself, so none are added here (no double BOS).
+
+        Returns:
+            The prompt's token ids.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt, **extra)
+        return self.encode(text, add_special_tokens=False)
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _id_or_none(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def _add_missing_tokens(self, added_tokens_decoder: dict[str, Any]) -> None:
+        """Add tokens that tokenizer_config declares but tokenizer.json lacks (as transformers)."""
+        missing = []
+        for spec in added_tokens_decoder.values():
+            content = _token_content(spec)
+            if content is None or self._tok.token_to_id(content) is not None:
+                continue
+            missing.append(tokenizers.AddedToken(
+                content,
+                single_word=bool(spec.get("single_word", False)),
+                lstrip=bool(spec.get("lstrip", False)),
+                rstrip=bool(spec.get("rstrip", False)),
+                normalized=bool(spec.get("normalized", not spec.get("special", False))),
+                special=bool(spec.get("special", False)),
+            ))
+        if missing:
+            self._tok.add_tokens(missing)
