@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints built with transformers.
+
+transformers is the reference implementation (a test-only dependency); the engine under
+test never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+TOKENIZER_CORPUS = [
+    "ROMEO: But soft, what light through yonder window breaks?",
+    "JULIET: O Romeo, Romeo, wherefore art thou Romeo?",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+] * 8
+
+# Small enough to build in well under a second, big enough to exercise GQA and several blocks.
+BASE = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    # Larger than HF's 0.02 so logits are peaked: greedy parity then tests the math,
+    # not the luck of near-ties between almost-uniform logits.
+    initializer_range=0.3,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+ARCHS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "llama3-rope-tied": (
+        "LlamaConfig",
+        {
+            "tie_word_embeddings": True,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
+    "llama-mqa": ("LlamaConfig", {"num_key_value_heads": 1}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),
+}
+
+
+def write_tokenizer(model_dir: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}",
+            }
+        )
+    )
+
+
+def build_checkpoint(model_dir: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Write a random-weight float32 checkpoint + tokenizer to `model_dir`."""
+    import transformers
+
+    config_cls, arch_overrides = ARCHS[arch]
+    cfg = getattr(transformers, config_cls)(**{**BASE, **arch_overrides, **overrides})
+    torch.manual_seed(seed)
+    model_cls = getattr(transformers, config_cls.replace("Config", "ForCausalLM"))
+    model = model_cls(cfg).float().eval()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(model_dir)
+    write_tokenizer(model_dir, BASE["vocab_size"])
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """Build (and cache per session) a tiny checkpoint: factory(arch="llama", **overrides)."""
+    cache: dict[str, Path] = {}
+
+    def factory(arch: str = "llama", **overrides) -> Path:
+        key = json.dumps([arch, overrides], sort_keys=True)
+        if key not in cache:
+            cache[key] = build_checkpoint(tmp_path_factory.mktemp(arch), arch, **overrides)
+        return cache[key]
+
+    return factory
