@@ -29,7 +29,10 @@ def _split(tok: Tokenizer, prompt: str, completion: str) -> tuple[list[int], lis
     first token that starts after it); return prompt ids, output ids and the output's text
     as it reads after the prompt (sentencepiece's leading space included)."""
     all_ids = tok.encode(prompt + completion)
-    cut = next(i for i in range(1, len(all_ids)) if len(tok.decode(all_ids[:i])) >= len(prompt))
+    cut = next(
+        i for i in range(1, len(all_ids))
+        if len(tok.decode(all_ids[:i])) >= len(prompt) and not tok.decode(all_ids[:i]).endswith(REPLACEMENT)
+    )
     prompt_ids, output_ids = all_ids[:cut], all_ids[cut:]
     expected = tok.decode(all_ids)[len(tok.decode(prompt_ids)):]
     return prompt_ids, output_ids, expected
@@ -92,13 +95,24 @@ def test_long_prompt_uses_only_its_tail(sentencepiece):
     assert "".join(_stream(detok, output_ids)[0]) == expected
 
 
-def test_prompt_ending_inside_a_character(bytelevel):
-    ids = bytelevel.encode("ab 😀 cd")
-    cut = next(i for i in range(1, len(ids)) if bytelevel.decode(ids[:i]).endswith(REPLACEMENT))
-    detok = IncrementalDetokenizer(bytelevel, ids[:cut], SamplingParams())
-    deltas, _ = _stream(detok, ids[cut:])
-    text = "".join(deltas)
-    assert REPLACEMENT not in text and text.endswith(" cd")
+@pytest.mark.parametrize("tok_name", ["bytelevel", "sentencepiece"])
+def test_every_prompt_cut_point(request, tok_name):
+    """Wherever the prompt ends, even inside a character, the output text is everything
+    after the prompt's complete characters, and no delta holds U+FFFD."""
+    tok = request.getfixturevalue(tok_name)
+    all_ids = tok.encode("the lazy dog. " + MIXED)
+    full_text = tok.decode(all_ids)
+    for cut in range(1, len(all_ids)):
+        prompt_ids = all_ids[:cut]
+        # Byte fallback turns a whole unfinished byte run into U+FFFDs, so find the text
+        # of the longest prefix that ends on a complete character.
+        complete_prompt = next(
+            text for j in range(cut, -1, -1) if not (text := tok.decode(all_ids[:j])).endswith(REPLACEMENT)
+        )
+        detok = IncrementalDetokenizer(tok, prompt_ids, SamplingParams())
+        deltas, _ = _stream(detok, all_ids[cut:])
+        assert all(REPLACEMENT not in d for d in deltas), cut
+        assert "".join(deltas) == full_text[len(complete_prompt):], cut
 
 
 @pytest.mark.parametrize("skip", [True, False])
@@ -126,14 +140,11 @@ def test_stop_string_spanning_tokens(bytelevel, include):
     stop_at = _first_index_completing(bytelevel, ids, stop)
     assert bytelevel.decode(ids[stop_at:stop_at + 1]) != stop  # it does span tokens
     detok = IncrementalDetokenizer(bytelevel, [], SamplingParams(stop=[stop], include_stop_str_in_output=include))
-    for i, t in enumerate(ids):
-        fired = detok.update([t])
-        if fired is not None:
-            break
-    assert (i, fired) == (stop_at, stop)
+    fired_at, fired = next((i, s) for i, t in enumerate(ids) if (s := detok.update([t])) is not None)
+    assert (fired_at, fired) == (stop_at, stop)
     assert detok.output_text == ("Hello there! Ho" if include else "Hello the")
     assert detok.stop_str == stop
-    assert detok.update(ids[i + 1:]) is None  # finished: later tokens change nothing
+    assert detok.update(ids[fired_at + 1:]) is None  # finished: later tokens change nothing
     assert detok.output_text == ("Hello there! Ho" if include else "Hello the")
 
 

@@ -3,7 +3,7 @@
 Built on `tokenizers.decoders.DecodeStream`, which keeps a few tokens of context so each
 step decodes O(new tokens): it holds back a UTF-8 character split across tokens until it
 completes, and gets sentencepiece's leading space right because the previous tokens are
-part of what it decodes. We prefill it with the prompt's last tokens so the first output
+part of what it decodes. We prime it with the prompt's last tokens so the first output
 token is decoded in context too ("Hi" + "▁there" -> " there", not "there").
 """
 
@@ -19,8 +19,8 @@ from tokenmill.tokenizer import Tokenizer
 _MIN_PROMPT_CONTEXT_TOKENS = 4
 _MAX_PROMPT_CONTEXT_TOKENS = 24
 
-# DecodeStream raises this when new text does not extend the text decoded before it,
-# which happens when the prompt tail ends inside a character the output completes.
+# Older tokenizers' DecodeStream raises this when new text does not extend the text
+# decoded before it (e.g. a character split between prompt and output); 0.23 does not.
 _INVALID_PREFIX_ERROR = "Invalid prefix"
 
 _REPLACEMENT_CHAR = "\ufffd"
@@ -53,9 +53,7 @@ class IncrementalDetokenizer:
         # the stop string stays in the output nothing before it is ever cut.
         self._holdback_chars = 0 if self.include_stop_str_in_output else max(self._max_stop_chars - 1, 0)
         self._num_sent_chars = 0
-        self._stream = DecodeStream(
-            ids=self._context_tail(prompt_token_ids), skip_special_tokens=self.skip_special_tokens
-        )
+        self._stream = self._new_stream(prompt_token_ids)
 
     def update(self, new_token_ids: list[int]) -> str | None:
         """Append newly sampled tokens and extend the output text.
@@ -103,15 +101,29 @@ class IncrementalDetokenizer:
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _context_tail(self, prompt_token_ids: list[int]) -> list[int]:
-        n = min(_MIN_PROMPT_CONTEXT_TOKENS, len(prompt_token_ids))
-        limit = min(_MAX_PROMPT_CONTEXT_TOKENS, len(prompt_token_ids))
-        while n < limit:
-            text = self.tokenizer.decode(prompt_token_ids[-n:], self.skip_special_tokens)
-            if not text.startswith(_REPLACEMENT_CHAR):
+    def _new_stream(self, prompt_token_ids: list[int]) -> DecodeStream:
+        """A DecodeStream primed with the prompt's tail as context.
+
+        The tail starts at a character boundary (extended until its text does not start
+        with U+FFFD). It is stepped in token by token rather than passed as the newer `ids=`
+        prefill: the prefill takes a prompt that ends inside a character as finished text and
+        re-emits the whole context once the output completes the character, while stepping
+        leaves those bytes pending, so the output starts with the completed character.
+        """
+        num_prompt = len(prompt_token_ids)
+        n = min(_MIN_PROMPT_CONTEXT_TOKENS, num_prompt)
+        while n < min(_MAX_PROMPT_CONTEXT_TOKENS, num_prompt):
+            if not self._decode(prompt_token_ids[num_prompt - n:]).startswith(_REPLACEMENT_CHAR):
                 break
             n += 1
-        return prompt_token_ids[len(prompt_token_ids) - n:]
+        tail = prompt_token_ids[num_prompt - n:]
+        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
+        for token_id in tail:
+            self._step(token_id)
+        return self._stream
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _step(self, token_id: int) -> str | None:
         backend = self.tokenizer.backend
