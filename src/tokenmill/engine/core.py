@@ -37,10 +37,10 @@ class EngineCore:
     def kv_capacity_tokens(self) -> int:
         return self.num_kv_blocks * self.config.cache.block_size
 
-    def add_request(self, req: EngineCoreRequest) -> None:
-        """Queue a tokenized request. Raises ValueError if it cannot fit the context."""
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise ValueError if the prompt cannot be served (empty, too long, bad ids)."""
         max_len = self.config.scheduler.max_model_len
-        num_prompt = len(req.prompt_token_ids)
+        num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("the prompt is empty; at least one token is needed.")
         if num_prompt >= max_len:
@@ -49,10 +49,14 @@ class EngineCore:
                 f"(max_model_len) is {max_len}; at least one token must remain to generate."
             )
         vocab = self.config.model.vocab_size
-        bad = next((t for t in req.prompt_token_ids if not 0 <= t < vocab), None)
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is out of range for vocab size {vocab}.")
-        room = max_len - num_prompt
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Queue a tokenized request. Raises ValueError if it cannot fit the context."""
+        self.validate_prompt(req.prompt_token_ids)
+        room = self.config.scheduler.max_model_len - len(req.prompt_token_ids)
         max_tokens = room if req.params.max_tokens is None else min(req.params.max_tokens, room)
         self.scheduler.add_request(Request(req, max_tokens, self.config.cache.block_size))
 

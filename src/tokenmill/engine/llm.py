@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,24 @@ class LLM:
             ids.append(self._add_request(text, token_ids, params))
         return self._run(ids, use_tqdm)
 
+    def stream(self, prompt: PromptType | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Generate for one prompt (text, prompt dict, or token ids), yielding text as it
+        is decoded. Other requests already queued on this LLM keep running alongside."""
+        params = sampling_params or self.get_default_sampling_params()
+        if params.n != 1:
+            raise ValueError("stream() takes n=1; use generate() for several samples.")
+        text, token_ids = (None, list(prompt)) if isinstance(prompt, list) else self._tokenize(prompt)
+        rid = self._add_request(text, token_ids, params, delta=True)
+        done = False
+        while not done and self.engine.has_unfinished_requests():
+            outputs, to_abort = self.processor.process_outputs(self.engine.step())
+            if to_abort:
+                self.engine.abort_requests(to_abort)
+            for out, _times in outputs:
+                if out.request_id == rid:
+                    done = out.finished
+                    yield out.outputs[0].text
+
     # ------------------------------------------------------------------------------------
     def _params_for(self, n: int, sp: SamplingParams | Sequence[SamplingParams] | None) -> list[SamplingParams]:
         if sp is None:
@@ -114,12 +132,14 @@ class LLM:
             return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
         raise ValueError("a prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}.")
 
-    def _add_request(self, text: str | None, token_ids: list[int], params: SamplingParams) -> str:
+    def _add_request(
+        self, text: str | None, token_ids: list[int], params: SamplingParams, delta: bool = False
+    ) -> str:
         request_id = str(next(self._counter))
         params.all_stop_token_ids = set(params.stop_token_ids) | (
             set() if params.ignore_eos else self._eos_token_ids
         )
-        children = self.processor.add_request(request_id, text, token_ids, params)
+        children = self.processor.add_request(request_id, text, token_ids, params, delta=delta)
         try:
             for i, (cid, child_params) in enumerate(children):
                 leader = children[0][0] if i > 0 else None

@@ -1,0 +1,133 @@
+"""`tokenmill` command line: serve, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine settings shared by `serve` and `generate` (named as in vLLM)."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: the bundled demo model).")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="Weight and activation dtype. auto: bfloat16 on CPUs with bf16 matrix "
+                        "instructions (AVX512-BF16/AMX), float32 otherwise; bf16 on CUDA. (default: auto)")
+    g.add_argument("--device", default="cpu", help="Torch device to run on: cpu or cuda. (default: cpu)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="Longest sequence (prompt + output) in tokens. (default: the model's max_position_embeddings)")
+    g.add_argument("--max-num-seqs", type=int, default=256,
+                   help="Most requests running at once in a batch. (default: 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="Token budget of one engine step; longer prompts are prefilled in chunks. (default: 2048)")
+    g.add_argument("--block-size", type=int, default=16, help="Tokens per KV cache block. (default: 16)")
+    g.add_argument("--kv-cache-memory", type=_parse_bytes, default=None, metavar="BYTES",
+                   help="KV cache budget, e.g. 2GiB or 500MB. (default: --kv-cache-memory-fraction of RAM)")
+    g.add_argument("--kv-cache-memory-fraction", type=float, default=0.25,
+                   help="KV cache budget as a fraction of total RAM (CPU) or free GPU memory, used "
+                        "when --kv-cache-memory is not given. (default: 0.25)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="Reuse the KV blocks of shared prompt prefixes across requests. (default: on)")
+    g.add_argument("--seed", type=int, default=0, help="Seed of the engine's default random generator. (default: 0)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+    )
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _parse_bytes(text: str) -> int:
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("kmgib")
+    unit = s[len(num):]
+    if unit not in _UNITS or not num:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size; use e.g. 512MiB, 2GiB, 4GB.")
+    return int(float(num) * _UNITS[unit])
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.gen_seed,
+        ignore_eos=args.ignore_eos,
+    )
+    tok = llm.get_tokenizer()
+    ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    for delta in llm.stream(ids, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tokenmill.server.api_server import run_server
+
+    return run_server(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenmill",
+        description="LLM inference engine, OpenAI-compatible server and performance lab.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="Generate text for one prompt, streamed to the terminal.",
+                         description="Generate text for one prompt and stream it to the terminal as it is decoded.")
+    gen.add_argument("--prompt", default="ROMEO:", help="Prompt text. (default: 'ROMEO:')")
+    gen.add_argument("--chat", action="store_true", help="Wrap the prompt as a user message with the model's chat template.")
+    gen.add_argument("--max-tokens", type=int, default=64, help="Tokens to generate at most. (default: 64)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="Sampling temperature; 0 = greedy. (default: 0.8)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="Nucleus sampling mass. (default: 0.95)")
+    gen.add_argument("--top-k", type=int, default=0, help="Keep only the k most likely tokens; 0 = off. (default: 0)")
+    gen.add_argument("--gen-seed", type=int, default=None, help="Seed of this request's sampling, for reproducible output.")
+    gen.add_argument("--ignore-eos", action="store_true", help="Keep generating past end-of-sequence tokens.")
+    add_engine_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+
+    serve = sub.add_parser("serve", help="Serve a model over the OpenAI-compatible HTTP API.",
+                           description="Serve a model over an OpenAI-compatible HTTP API (completions, chat, "
+                                       "streaming), with Prometheus metrics at /metrics.")
+    from tokenmill.server.args import add_server_args
+
+    add_server_args(serve)
+    add_engine_args(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    bench = sub.add_parser("bench", help="Benchmark any OpenAI-compatible endpoint or the offline engine.",
+                           description="The bench lab: load generation, history, regression verdicts, cost, reports.")
+    from tokenmill.bench.cli import add_bench_subcommands
+
+    add_bench_subcommands(bench.add_subparsers(dest="bench_cmd", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

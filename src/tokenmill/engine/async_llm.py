@@ -1,0 +1,183 @@
+"""AsyncLLM: the asyncio front end the server talks to.
+
+The engine core steps in one background thread. Why a thread and not a process: torch
+releases the GIL inside its kernels, so while the engine thread computes a step, the
+event loop thread is free to parse HTTP, tokenize, detokenize and write SSE; and a
+thread costs no serialisation of every step's outputs. The Python parts of both still
+share the GIL, which is the price (see docs/architecture.md).
+
+Ownership: the engine thread alone touches EngineCore (scheduler, blocks, tensors); it
+receives commands through a thread-safe queue. The event loop thread alone touches the
+OutputProcessor and the per-request output queues; it receives raw core outputs via
+`call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.core import EngineCore
+from tokenmill.engine.output_processor import OutputProcessor, RequestTimes
+from tokenmill.engine.request import EngineCoreRequest
+from tokenmill.engine.scheduler_output import EngineCoreOutput, SchedulerStats
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served."""
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer or Tokenizer.from_dir(config.model_path)
+        self.core = EngineCore(config)
+        self.processor = OutputProcessor(self.tokenizer)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(config.model.eos_token_ids)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+        self.stats: SchedulerStats = self.core.stats()  # replaced by the engine thread each step
+        # Observer called on the event loop for each delivered output (metrics).
+        self.on_output: list = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._engine_loop, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._queues)
+
+    # -- requests -------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request the engine would refuse (front-end check)."""
+        self.core.validate_prompt(prompt_token_ids)
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        prompt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield delta RequestOutputs until it finishes.
+
+        If the consumer stops iterating (client disconnect, cancellation), the request is
+        aborted in the engine and its KV blocks are freed before the next step.
+        """
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running.")
+        self.validate(prompt_token_ids, params)
+        params.all_stop_token_ids = set(params.stop_token_ids) | (
+            set() if params.ignore_eos else self.eos_token_ids
+        )
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = q
+        children = self.processor.add_request(request_id, prompt, prompt_token_ids, params, delta=True)
+        leader = children[0][0]
+        now = time.monotonic()
+        for i, (cid, child_params) in enumerate(children):
+            req = EngineCoreRequest(cid, prompt_token_ids, child_params, now, None if i == 0 else leader)
+            self._commands.put(("add", req))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                out: RequestOutput = item
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: forget it here and free its blocks in the engine."""
+        engine_ids = self.processor.engine_ids(request_id)
+        self.processor.abort_request(request_id)
+        if engine_ids:
+            self._commands.put(("abort", engine_ids))
+
+    # -- engine thread ------------------------------------------------------------------------
+    def _engine_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_commands(block=not self.core.has_unfinished_requests())
+                outputs = self.core.step()
+                self.stats = self.core.stats()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._deliver, outputs)
+        except BaseException as e:  # surface to every waiting request, then stop
+            logger.exception("engine loop crashed")
+            self.error = e
+            self._loop.call_soon_threadsafe(self._fail_all, e)
+
+    def _drain_commands(self, block: bool) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                try:
+                    self.core.add_request(arg)
+                except ValueError as e:  # validated up front; this is a race-free fallback
+                    self._loop.call_soon_threadsafe(self._fail_one, arg.request_id, e)
+            elif kind == "abort":
+                self.core.abort_requests(arg)
+
+    # -- event loop side ------------------------------------------------------------------------
+    def _deliver(self, outputs: list[EngineCoreOutput]) -> None:
+        results, to_abort = self.processor.process_outputs(outputs)
+        if to_abort:
+            self._commands.put(("abort", to_abort))
+        for out, times in results:
+            for observer in self.on_output:
+                observer(out, times)
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def _fail_one(self, engine_request_id: str, error: Exception) -> None:
+        for rid, q in list(self._queues.items()):
+            if engine_request_id in self.processor.engine_ids(rid):
+                self.abort(rid)
+                q.put_nowait(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for q in self._queues.values():
+            q.put_nowait(EngineDeadError(f"the engine stopped: {error!r}"))
+
+
+__all__ = ["AsyncLLM", "EngineDeadError", "RequestTimes"]
