@@ -65,8 +65,9 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", f"must be at least 1, got {self.n}.")
-        if self.temperature < 0:
-            raise bad("temperature", f"must be non-negative, got {self.temperature}.")
+        # Written so that NaN fails too (every comparison with NaN is False).
+        if not 0.0 <= self.temperature < float("inf"):
+            raise bad("temperature", f"must be non-negative and finite, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}.")
         if not isinstance(self.top_k, int) or self.top_k < 0:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tokenmill.model.layers import sampler as sampler_module
 from tokenmill.model.layers.sampler import (
     Sampler,
     SamplingState,
@@ -281,3 +282,53 @@ def test_gather_logprobs_for_prompt_tokens():
 def test_mismatched_states_are_rejected():
     with pytest.raises(ValueError, match="2 sampling states for 3 rows"):
         Sampler().sample(torch.zeros(3, 5), [_state(SamplingParams())] * 2)
+
+
+# ---- top-k / top-p masks against a brute-force reference -------------------------------------
+
+
+def _reference_keep(logits_row: list[float], top_k: int, top_p: float) -> set[int]:
+    """Tokens top-k then top-p keep, by the definitions (ties at a cut are kept)."""
+    order = sorted(range(len(logits_row)), key=lambda i: -logits_row[i])
+    if top_k:
+        kth = logits_row[order[top_k - 1]]
+        order = [i for i in order if logits_row[i] >= kth]
+    if top_p < 1.0:
+        top = max(logits_row[i] for i in order)
+        weights = [math.exp(logits_row[i] - top) for i in order]
+        total, mass, kept = sum(weights), 0.0, []
+        for i, w in zip(order, weights, strict=True):
+            if mass >= top_p * total:
+                break
+            kept.append(i)
+            mass += w
+        last = logits_row[kept[-1]]
+        order = [i for i in order if logits_row[i] >= last]
+    return set(order)
+
+
+@pytest.mark.parametrize("vocab_size", [50, 3000])
+def test_top_k_top_p_masks_match_the_definition(monkeypatch, vocab_size):
+    sampler = sampler_module
+    torch.manual_seed(0)
+    # Few candidates, so the flat rows need the full-sort fallback and the peaked ones do not.
+    monkeypatch.setattr(sampler, "_TOP_P_CANDIDATES", 40)
+    settings = [(0, 0.5), (0, 0.9), (0, 0.995), (5, 0.9), (20, 0.3), (7, 1.0), (0, 1.0), (1, 0.99)]
+    scale = torch.tensor([0.3, 3.0, 0.3, 3.0, 1.0, 1.0, 1.0, 0.3])[:, None]
+    logits = torch.randn(len(settings), vocab_size) * scale
+    logits[:, :6] = logits[:, :6].round()  # some ties
+    processed = logits.clone()
+    top_k = [k for k, _ in settings]
+    if any(top_k):
+        sampler._apply_top_k(processed, top_k)
+    sampler._apply_top_p(processed, [p for _, p in settings])
+    for row, (k, p) in enumerate(settings):
+        kept = set(torch.nonzero(processed[row] > float("-inf")).flatten().tolist())
+        assert kept == _reference_keep(logits[row].tolist(), k, p), (row, k, p)
+        assert (processed[row][list(kept)] == logits[row][list(kept)]).all()
+
+
+def test_top_p_keeps_tokens_tied_at_the_cut():
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])
+    sampler_module._apply_top_p(logits, [0.5])  # token 0 holds ~0.45: the cut falls among the ties
+    assert (logits[0] > float("-inf")).tolist() == [True, True, True, True, False]

@@ -177,7 +177,7 @@ def _account_tokens(sample: RequestSample, req: RequestSpec, texts: list[str], c
     else:
         sample.output_tokens, sample.token_count_source = len(texts), "chunks"
     if cumulative and all(c >= 0 for c in cumulative):
-        sample.chunk_tokens = [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]])]
+        sample.chunk_tokens = [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]], strict=True)]
     elif sample.output_tokens == len(texts) or count_tokens is None:
         sample.chunk_tokens = [1] * len(texts)
     else:

@@ -13,7 +13,13 @@ from typing import Any
 
 import httpx
 
-from tokenmill.bench.client import Clock, EndpointSpec, fetch_first_model, fetch_server_info, split_base_url
+from tokenmill.bench.client import (
+    Clock,
+    EndpointSpec,
+    fetch_first_model,
+    fetch_server_info,
+    split_base_url,
+)
 from tokenmill.bench.hardware import hardware_fingerprint, software_fingerprint
 from tokenmill.bench.metrics import DEFAULT_PERCENTILES, request_itls_s, request_tpot_s, summarize
 from tokenmill.bench.runner import LoadResult, run_load

@@ -32,7 +32,7 @@ def rankdata(values: np.ndarray) -> np.ndarray:
     # Boundaries of runs of equal values in the sorted order.
     is_new = np.concatenate(([True], sorted_vals[1:] != sorted_vals[:-1], [True]))
     edges = np.flatnonzero(is_new)
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         ranks[order[lo:hi]] = (lo + hi + 1) / 2.0  # mean of ranks lo+1 .. hi
     return ranks
 

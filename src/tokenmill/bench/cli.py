@@ -1,0 +1,251 @@
+"""`tokenmill bench ...` argument parsers. Flag names follow `vllm bench serve` wherever the
+concept is the same, so a vLLM user's command lines carry over. Handlers are in commands.py.
+
+Standalone use (before/without the main CLI): `python -m tokenmill.bench.cli serve --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tokenmill.bench import commands
+from tokenmill.bench.model_configs import MODEL_CONFIGS
+from tokenmill.bench.workloads import DATASET_NAMES
+
+_DB_HELP = ("SQLite history file (default: $TOKENMILL_BENCH_DB, else "
+            "$XDG_DATA_HOME/tokenmill/bench.db, i.e. ~/.local/share/tokenmill/bench.db).")
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=None, metavar="PATH", help=_DB_HELP)
+
+
+def _add_context(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("results and context")
+    _add_db(g)
+    g.add_argument("--label", default="", help="Free-text label stored with the run(s), e.g. 'main@abc123'.")
+    g.add_argument("--hardware-sku", default=None, metavar="NAME",
+                   help="Name to file runs under instead of the auto-detected SKU ('1x <GPU>' or "
+                        "'<CPU model> x<cores>'). Use it when the server runs on another machine.")
+    g.add_argument("--instance-type", default="", metavar="NAME",
+                   help="Price-table key for cost figures (e.g. aws-g6.xlarge); GPU runs are matched by "
+                        "GPU name when omitted, CPU runs need it.")
+    g.add_argument("--prices", default=None, metavar="TOML",
+                   help="Price table (default: ~/.config/tokenmill/prices.toml if present, else the "
+                        "bundled list-price assumptions).")
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target server")
+    g.add_argument("--base-url", default=None,
+                   help="Server URL, with or without /v1 (default http://HOST:PORT). Works with any "
+                        "OpenAI-compatible server: tokenmill, vLLM, SGLang, TGI, llama.cpp.")
+    g.add_argument("--host", default="127.0.0.1", help="Server host when --base-url is not given.")
+    g.add_argument("--port", type=int, default=8000, help="Server port when --base-url is not given.")
+    g.add_argument("--model", default=None, help="Model name to request (default: first id of GET /v1/models).")
+    g.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
+                   help="API: /v1/completions (prompt text) or /v1/chat/completions (one user message).")
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="Folder with tokenizer.json (or the file) matching the served model; makes "
+                        "random prompts and counts tokens when the server reports no usage "
+                        "(default: the bundled demo model's tokenizer).")
+    g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="Ask the server to generate exactly max_tokens (vLLM/tokenmill 'ignore_eos').")
+    g.add_argument("--openai-strict", action="store_true",
+                   help="Send only OpenAI API fields: drops ignore_eos and "
+                        "stream_options.continuous_usage_stats, for servers that reject unknown fields.")
+    g.add_argument("--extra-body", default=None, metavar="JSON",
+                   help="JSON object merged into every request body, e.g. '{\"top_k\": 1}'.")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="Sampling temperature to send (default: not sent, the server's default).")
+    g.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                   help="Per-request timeout in seconds; a request that exceeds it counts as failed.")
+
+
+def _add_workload(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--dataset-name", choices=DATASET_NAMES, default="random",
+                   help="random: random token prompts; prefix (alias prefix_repetition): N shared "
+                        "prefixes x random suffixes, exercises prefix caching; file (aliases sharegpt, "
+                        "custom): prompts from --dataset-path.")
+    g.add_argument("--dataset-path", default=None,
+                   help="For 'file': JSONL of {\"prompt\": str} or {\"messages\": [...]} (optional "
+                        "\"output_len\"), or ShareGPT JSON/JSONL ({\"conversations\": [...]}).")
+    g.add_argument("--random-input-len", type=int, default=256, help="Mean prompt length in tokens (random).")
+    g.add_argument("--random-output-len", type=int, default=64, help="Mean output length in tokens (random).")
+    g.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="Lengths are uniform in [len*(1-r), len*(1+r)]; 0 gives fixed lengths.")
+    g.add_argument("--random-prefix-len", type=int, default=0,
+                   help="Tokens of one fixed prefix put before every random prompt.")
+    g.add_argument("--prefix-repetition-num-prefixes", type=int, default=4, help="Distinct shared prefixes (prefix).")
+    g.add_argument("--prefix-repetition-prefix-len", type=int, default=192, help="Prefix length in tokens (prefix).")
+    g.add_argument("--prefix-repetition-suffix-len", type=int, default=64, help="Random suffix length (prefix).")
+    g.add_argument("--prefix-repetition-output-len", type=int, default=64, help="Output length (prefix).")
+    g.add_argument("--sharegpt-output-len", "--custom-output-len", dest="file_output_len", type=int, default=None,
+                   help="Output length for every file prompt (default: the file's, or its reply's length).")
+    g.add_argument("--prompt-format", choices=("text", "token-ids"), default="text",
+                   help="Send prompts as text (default, as vLLM) or as token-id lists (completions only).")
+
+
+def _add_load(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("load (always bounded: stops by itself)")
+    g.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="Open-loop arrivals per second; inf (default) sends all at once, i.e. closed "
+                        "loop when --max-concurrency is set.")
+    g.add_argument("--burstiness", type=float, default=1.0,
+                   help="Gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, >1 more regular.")
+    g.add_argument("--max-concurrency", type=int, default=None,
+                   help="Cap on requests in flight; with --request-rate inf this is a closed loop.")
+    g.add_argument("--num-prompts", type=int, default=100, help="Measured requests to send (default 100).")
+    g.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="Stop sending after S seconds (in-flight requests finish); with --num-prompts, "
+                        "whichever comes first.")
+    g.add_argument("--num-warmups", type=int, default=1, help="Unmeasured requests sent first (default 1).")
+    g.add_argument("--seed", type=int, default=0, help="Seed of prompts and arrival times.")
+
+
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("metrics and output")
+    g.add_argument("--metric-percentiles", default="50,90,99",
+                   help="Comma-separated percentiles to report (default 50,90,99).")
+    g.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el",
+                   help="Accepted for vLLM compatibility; all four metrics are always computed and stored.")
+    g.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS",
+                   help="SLOs for goodput, vLLM style ('ttft:500 tpot:50', or ttft=500,tpot=50); "
+                        "metrics ttft, tpot, e2el in ms.")
+    g.add_argument("--save-result", action="store_true",
+                   help="Also write a JSON result file with vLLM's key names.")
+    g.add_argument("--result-dir", default=".", help="Folder for --save-result (default: current).")
+    g.add_argument("--result-filename", default=None, help="File name for --save-result.")
+    g.add_argument("--disable-tqdm", "--no-progress", dest="disable_progress", action="store_true",
+                   help="No progress bar.")
+
+
+def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Register serve, sweep, capacity, throughput, history, compare and report.
+
+    Args:
+        sub: the subparsers object of the `bench` parser; each command sets `func`, which
+            takes the parsed args and returns an exit code.
+    """
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("serve", help="Measure one run against an OpenAI-compatible server; prints the run id.",
+                       description="Load-test a server and store the run (per-request samples included) in "
+                                   "the history database. Progress and results go to stderr; stdout gets "
+                                   "the new run id. Ctrl-C stops and keeps what was measured.")
+    for add in (_add_target, _add_workload, _add_load, _add_metrics, _add_context):
+        add(p)
+    p.set_defaults(func=commands.cmd_serve)
+
+    p = sub.add_parser("sweep", help="Runs at increasing request rates (or concurrencies) up to saturation.",
+                       description="Each load point is a stored serve run sharing one series id.")
+    g = p.add_argument_group("sweep points")
+    g.add_argument("--request-rates", default=None, metavar="R1,R2,...", help="Explicit request rates.")
+    g.add_argument("--max-concurrencies", default=None, metavar="C1,C2,...",
+                   help="Explicit closed-loop concurrencies (instead of rates).")
+    g.add_argument("--start-rate", type=float, default=1.0, help="Auto mode: first request rate.")
+    g.add_argument("--rate-factor", type=float, default=2.0, help="Auto mode: next rate = previous x factor.")
+    g.add_argument("--max-steps", type=int, default=8, help="Auto mode: at most this many points.")
+    g.add_argument("--min-gain", type=float, default=0.05,
+                   help="Auto mode: saturated when output tok/s grows less than this fraction.")
+    for add in (_add_target, _add_workload, _add_load, _add_metrics, _add_context):
+        add(p)
+    p.set_defaults(func=commands.cmd_sweep)
+
+    p = sub.add_parser("capacity", help="Highest request rate meeting SLOs for a fraction of requests.",
+                       description="Goodput capacity (DistServe): the highest request rate at which at "
+                                   "least --attainment of requests meet every SLO, by doubling then bisection.")
+    g = p.add_argument_group("search")
+    g.add_argument("--slo", required=True, metavar="ttft=MS,tpot=MS",
+                   help="SLOs in ms (ttft, tpot, e2el); a value may end in 's' for seconds.")
+    g.add_argument("--attainment", type=float, default=0.9, help="Required fraction of requests meeting all SLOs.")
+    g.add_argument("--start-rate", type=float, default=1.0, help="First probed request rate.")
+    g.add_argument("--max-rate", type=float, default=1024.0, help="Highest request rate probed.")
+    g.add_argument("--rate-tolerance", type=float, default=0.1, help="Stop when the bracket is this tight (relative).")
+    g.add_argument("--max-probes", type=int, default=12, help="At most this many probe runs.")
+    for add in (_add_target, _add_workload, _add_load, _add_metrics, _add_context):
+        add(p)
+    p.set_defaults(func=commands.cmd_capacity)
+
+    p = sub.add_parser("throughput", formatter_class=fmt,
+                       help="Offline engine throughput (tokenmill LLM or HF transformers) on a fixed workload.")
+    m = p.add_mutually_exclusive_group(required=True)
+    m.add_argument("--model", default=None, metavar="DIR", help="HF checkpoint folder.")
+    m.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None,
+                   help="Random-weight checkpoint with a real model's architecture (built once, cached "
+                        "under $XDG_CACHE_HOME/tokenmill/checkpoints).")
+    p.add_argument("--backend", default="tokenmill",
+                   help="tokenmill, hf, or both as 'tokenmill,hf' (same workload, ratio printed).")
+    p.add_argument("--num-prompts", type=int, default=64, help="Sequences in the workload.")
+    p.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=128,
+                   help="Prompt tokens per sequence.")
+    p.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=128,
+                   help="Generated tokens per sequence (ignore_eos).")
+    p.add_argument("--random-range-ratio", type=float, default=0.0, help="Length spread, as in serve.")
+    p.add_argument("--seed", type=int, default=0, help="Workload seed.")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="Weights/activations dtype.")
+    p.add_argument("--max-num-seqs", "--batch-size", dest="max_num_seqs", type=int, default=32,
+                   help="tokenmill: running-batch cap; hf: static batch size.")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokenmill: tokens per step.")
+    _add_context(p)
+    p.set_defaults(func=commands.cmd_throughput)
+
+    p = sub.add_parser("history", formatter_class=fmt, help="List stored runs, filtered.")
+    _add_db(p)
+    p.add_argument("--json", action="store_true", help="Print a JSON array of run objects on stdout.")
+    p.add_argument("--sku", default=None, help="Hardware SKU substring.")
+    p.add_argument("--model", default=None, help="Model name substring.")
+    p.add_argument("--config", default=None, help="Server config hash prefix, or substring of config/label.")
+    p.add_argument("--kind", choices=("serve", "throughput", "capacity"), default=None, help="Run kind.")
+    p.add_argument("--series", default=None, help="Sweep/capacity series id substring.")
+    p.add_argument("--since", default=None, metavar="DATE", help="Runs at or after this ISO date/time (UTC).")
+    p.add_argument("--until", default=None, metavar="DATE", help="Runs before this ISO date/time (UTC).")
+    p.add_argument("--limit", type=int, default=50, help="At most this many runs (0: all).")
+    p.set_defaults(func=commands.cmd_history)
+
+    p = sub.add_parser("compare", formatter_class=fmt,
+                       help="A/B verdicts between runs; exit code 1 on a regression (for CI).",
+                       description="BASE and NEW are run ids, comma lists or ranges of repeated runs "
+                                   "(e.g. 3,4,5 or 3-5). Latency: Mann-Whitney U on per-request samples; "
+                                   "throughput: Welch's t over runs (2+ per side). A verdict needs "
+                                   "p < --alpha AND a change of at least --min-effect.")
+    p.add_argument("base", metavar="BASE", help="Baseline run id(s).")
+    p.add_argument("new", metavar="NEW", help="Candidate run id(s).")
+    _add_db(p)
+    p.add_argument("--alpha", type=float, default=0.05, help="Significance level (two-sided).")
+    p.add_argument("--min-effect", type=float, default=0.05, help="Minimum relative change that counts.")
+    p.add_argument("--json", action="store_true", help="Print the comparison as JSON on stdout.")
+    p.set_defaults(func=commands.cmd_compare)
+
+    p = sub.add_parser("report", formatter_class=fmt, help="Write one self-contained HTML report.")
+    p.add_argument("--output", "-o", required=True, metavar="FILE", help="HTML file to write.")
+    _add_db(p)
+    p.add_argument("--runs", default=None, metavar="IDS", help="Run ids (comma list/ranges); default: filters.")
+    p.add_argument("--sku", default=None, help="Hardware SKU substring.")
+    p.add_argument("--model", default=None, help="Model name substring.")
+    p.add_argument("--config", default=None, help="Server config hash prefix, or substring of config/label.")
+    p.add_argument("--series", default=None, help="Sweep/capacity series id substring.")
+    p.add_argument("--since", default=None, metavar="DATE", help="Runs at or after this ISO date/time (UTC).")
+    p.add_argument("--until", default=None, metavar="DATE", help="Runs before this ISO date/time (UTC).")
+    p.add_argument("--limit", type=int, default=20, help="At most this many runs from the filters.")
+    p.add_argument("--compare", nargs=2, default=None, metavar=("BASE", "NEW"),
+                   help="Add an A/B section for these run ids/groups.")
+    p.add_argument("--alpha", type=float, default=0.05, help="Significance level for --compare.")
+    p.add_argument("--min-effect", type=float, default=0.05, help="Minimum relative change for --compare.")
+    p.add_argument("--prices", default=None, metavar="TOML", help="Price table for the cost section.")
+    p.add_argument("--title", default="tokenmill bench report", help="Page title.")
+    p.set_defaults(func=commands.cmd_report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tokenmill.bench.cli ...`: the bench commands without the main CLI."""
+    parser = argparse.ArgumentParser(prog="tokenmill bench", description="tokenmill bench lab")
+    add_bench_subcommands(parser.add_subparsers(dest="bench_cmd", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

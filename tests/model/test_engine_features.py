@@ -1,0 +1,147 @@
+"""Engine features end to end on a tiny checkpoint: seeds, n>1, stops, logprobs, aborts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+
+from test_parity import make_prompts
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint_factory):
+    return LLM(str(checkpoint_factory("llama")), dtype="float32", block_size=4)
+
+
+def gen(llm, prompts, **params):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(**params), use_tqdm=False)
+    return [o.outputs for o in outs]
+
+
+def test_seed_reproducible_whatever_the_batch(llm):
+    p = make_prompts(320, [9], seed=3)[0]
+    others = make_prompts(320, [5, 20, 12], seed=4)
+    alone = gen(llm, [p], temperature=1.0, seed=123, max_tokens=16, ignore_eos=True)[0][0].token_ids
+    # Same request placed in the middle of a batch of unseeded and other-seeded requests.
+    params = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=s) for s in (None, 7, 123, None)]
+    outs = llm.generate([{"prompt_token_ids": x} for x in [others[0], others[1], p, others[2]]], params, use_tqdm=False)
+    assert outs[2].outputs[0].token_ids == alone
+    other_seed = gen(llm, [p], temperature=1.0, seed=124, max_tokens=16, ignore_eos=True)[0][0].token_ids
+    assert other_seed != alone
+
+
+def test_n_samples_share_prompt_blocks_and_differ(llm):
+    p = make_prompts(320, [30], seed=5)[0]
+    hits_before = llm.engine.kv.prefix_hits
+    outs = gen(llm, [p], n=3, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True)[0]
+    assert [o.index for o in outs] == [0, 1, 2]
+    assert all(len(o.token_ids) == 8 for o in outs)
+    assert len({tuple(o.token_ids) for o in outs}) > 1
+    # Samples 1 and 2 reuse sample 0's 7 full prompt blocks (28 tokens) each.
+    assert llm.engine.kv.prefix_hits - hits_before >= 2 * 28
+    # Seeded n>1: sample i uses seed+i, so the whole set is reproducible.
+    again = gen(llm, [p], n=3, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True)[0]
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+
+
+def test_stop_token_ids_min_tokens_and_max_tokens(llm):
+    p = make_prompts(320, [6], seed=6)[0]
+    greedy = gen(llm, [p], temperature=0.0, max_tokens=10, ignore_eos=True)[0][0].token_ids
+    stop_tok = greedy[3]
+    first = greedy.index(stop_tok)
+    out = gen(llm, [p], temperature=0.0, max_tokens=10, stop_token_ids=[stop_tok])[0][0]
+    assert out.token_ids == greedy[: first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop_tok)
+    # min_tokens masks the stop token: the output changes and runs past it.
+    out = gen(llm, [p], temperature=0.0, max_tokens=10, stop_token_ids=[stop_tok], min_tokens=first + 2)[0][0]
+    assert stop_tok not in out.token_ids[: first + 2]
+    assert len(out.token_ids) >= first + 2
+
+
+def test_stop_string_is_not_returned(llm):
+    tok = llm.get_tokenizer()
+    p = make_prompts(320, [6], seed=8)[0]
+    full = gen(llm, [p], temperature=0.0, max_tokens=12, ignore_eos=True, skip_special_tokens=True)[0][0]
+    text = full.text
+    assert len(text) > 6
+    stop = text[3:6]
+    first = text.index(stop)
+    out = gen(llm, [p], temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop])[0][0]
+    assert out.text == text[:first]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    assert tok is llm.get_tokenizer()
+
+
+def test_prompt_logprobs_match_transformers(llm, checkpoint_factory):
+    from transformers import AutoModelForCausalLM
+
+    p = make_prompts(320, [21], seed=9)[0]
+    out = llm.generate(
+        [{"prompt_token_ids": p}],
+        SamplingParams(max_tokens=0, prompt_logprobs=2, temperature=0.0),
+        use_tqdm=False,
+    )[0]
+    assert out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "length"
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    ref = AutoModelForCausalLM.from_pretrained(checkpoint_factory("llama"), dtype=torch.float32)
+    with torch.no_grad():
+        lp = torch.log_softmax(ref(torch.tensor([p])).logits[0].float(), -1)
+    for pos in range(1, len(p)):
+        entry = out.prompt_logprobs[pos]
+        assert entry[p[pos]].logprob == pytest.approx(lp[pos - 1, p[pos]].item(), abs=1e-4)
+        assert entry[p[pos]].rank == int((lp[pos - 1] > lp[pos - 1, p[pos]]).sum()) + 1
+        assert len(entry) <= 3  # the prompt token plus top-2
+
+
+def test_abort_frees_blocks_and_engine_continues(llm):
+    from tokenmill.engine.request import EngineCoreRequest
+
+    core = llm.engine
+    free_before = core.kv.pool.num_free_blocks
+    params = SamplingParams(max_tokens=50, ignore_eos=True)
+    params.all_stop_token_ids = set()
+    core.add_request(EngineCoreRequest("x", make_prompts(320, [30], seed=10)[0], params))
+    core.step()
+    assert core.kv.pool.num_free_blocks < free_before
+    core.abort_requests(["x"])
+    assert core.kv.pool.num_free_blocks == free_before
+    assert not core.has_unfinished_requests()
+    assert gen(llm, [[5, 6, 7]], temperature=0.0, max_tokens=3, ignore_eos=True)[0][0].finish_reason == "length"
+
+
+def test_invalid_requests_raise_clear_errors(llm):
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([{"prompt_token_ids": [5] * 300}], SamplingParams(max_tokens=1), use_tqdm=False)
+    with pytest.raises(ValueError, match="out of range"):
+        llm.generate([{"prompt_token_ids": [5, 100000]}], SamplingParams(max_tokens=1), use_tqdm=False)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    # Nothing was left behind by the refused requests.
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_text_prompts_and_chat(llm):
+    outs = llm.generate(["ROMEO: But soft", "JULIET:"], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    tok = llm.get_tokenizer()
+    assert outs[0].prompt_token_ids == tok.encode("ROMEO: But soft")
+    assert outs[0].prompt_token_ids[0] == tok.bos_token_id
+    chat = llm.chat([{"role": "user", "content": "Speak"}], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
+    assert chat.prompt_token_ids == tok.encode_chat([{"role": "user", "content": "Speak"}])
+    assert len(chat.outputs[0].token_ids) == 4
+    streamed = "".join(llm.stream("ROMEO: But soft", SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)))
+    assert streamed == outs[0].outputs[0].text
+
+
+def test_bfloat16_close_to_float32(checkpoint_factory):
+    model_dir = str(checkpoint_factory("qwen2"))
+    p = make_prompts(320, [12], seed=11)[0]
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+    f32 = LLM(model_dir, dtype="float32").generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
+    bf16 = LLM(model_dir, dtype="bfloat16").generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
+    a, b = f32.outputs[0].logprobs[0], bf16.outputs[0].logprobs[0]
+    common = set(a) & set(b)
+    assert len(common) >= 3
+    for tok in common:
+        assert a[tok].logprob == pytest.approx(b[tok].logprob, abs=0.15)
