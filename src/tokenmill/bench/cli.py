@@ -42,7 +42,7 @@ def _add_target(p: argparse.ArgumentParser) -> None:
                    help="Server URL, with or without /v1 (default http://HOST:PORT). Works with any "
                         "OpenAI-compatible server: tokenmill, vLLM, SGLang, TGI, llama.cpp.")
     g.add_argument("--host", default="127.0.0.1", help="Server host when --base-url is not given.")
-    g.add_argument("--port", type=int, default=8000, help="Server port when --base-url is not given.")
+    g.add_argument("--port", type=int, default=8000, help="Server port when --base-url is not given (default %(default)s).")
     g.add_argument("--model", default=None, help="Model name to request (default: first id of GET /v1/models).")
     g.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
                    help="API: /v1/completions (prompt text) or /v1/chat/completions (one user message).")
@@ -60,7 +60,7 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=None,
                    help="Sampling temperature to send (default: not sent, the server's default).")
     g.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
-                   help="Per-request timeout in seconds; a request that exceeds it counts as failed.")
+                   help="Per-request timeout in seconds; a request that exceeds it counts as failed (default %(default)s).")
 
 
 def _add_workload(p: argparse.ArgumentParser) -> None:
@@ -72,16 +72,16 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset-path", default=None,
                    help="For 'file': JSONL of {\"prompt\": str} or {\"messages\": [...]} (optional "
                         "\"output_len\"), or ShareGPT JSON/JSONL ({\"conversations\": [...]}).")
-    g.add_argument("--random-input-len", type=int, default=256, help="Mean prompt length in tokens (random).")
-    g.add_argument("--random-output-len", type=int, default=64, help="Mean output length in tokens (random).")
+    g.add_argument("--random-input-len", type=int, default=256, help="Mean prompt length in tokens (random) (default %(default)s).")
+    g.add_argument("--random-output-len", type=int, default=64, help="Mean output length in tokens (random) (default %(default)s).")
     g.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="Lengths are uniform in [len*(1-r), len*(1+r)]; 0 gives fixed lengths.")
+                   help="Lengths are uniform in [len*(1-r), len*(1+r)]; 0 gives fixed lengths (default %(default)s).")
     g.add_argument("--random-prefix-len", type=int, default=0,
-                   help="Tokens of one fixed prefix put before every random prompt.")
-    g.add_argument("--prefix-repetition-num-prefixes", type=int, default=4, help="Distinct shared prefixes (prefix).")
-    g.add_argument("--prefix-repetition-prefix-len", type=int, default=192, help="Prefix length in tokens (prefix).")
-    g.add_argument("--prefix-repetition-suffix-len", type=int, default=64, help="Random suffix length (prefix).")
-    g.add_argument("--prefix-repetition-output-len", type=int, default=64, help="Output length (prefix).")
+                   help="Tokens of one fixed prefix put before every random prompt (default %(default)s).")
+    g.add_argument("--prefix-repetition-num-prefixes", type=int, default=4, help="Distinct shared prefixes (prefix) (default %(default)s).")
+    g.add_argument("--prefix-repetition-prefix-len", type=int, default=192, help="Prefix length in tokens (prefix) (default %(default)s).")
+    g.add_argument("--prefix-repetition-suffix-len", type=int, default=64, help="Random suffix length (prefix) (default %(default)s).")
+    g.add_argument("--prefix-repetition-output-len", type=int, default=64, help="Output length (prefix) (default %(default)s).")
     g.add_argument("--sharegpt-output-len", "--custom-output-len", dest="file_output_len", type=int, default=None,
                    help="Output length for every file prompt (default: the file's, or its reply's length).")
     g.add_argument("--prompt-format", choices=("text", "token-ids"), default="text",
@@ -94,15 +94,15 @@ def _add_load(p: argparse.ArgumentParser) -> None:
                    help="Open-loop arrivals per second; inf (default) sends all at once, i.e. closed "
                         "loop when --max-concurrency is set.")
     g.add_argument("--burstiness", type=float, default=1.0,
-                   help="Gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, >1 more regular.")
+                   help="Gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, >1 more regular (default %(default)s).")
     g.add_argument("--max-concurrency", type=int, default=None,
                    help="Cap on requests in flight; with --request-rate inf this is a closed loop.")
-    g.add_argument("--num-prompts", type=int, default=100, help="Measured requests to send (default 100).")
+    g.add_argument("--num-prompts", type=int, default=100, help="Measured requests to send (default %(default)s).")
     g.add_argument("--duration", type=float, default=None, metavar="S",
                    help="Stop sending after S seconds (in-flight requests finish); with --num-prompts, "
                         "whichever comes first.")
-    g.add_argument("--num-warmups", type=int, default=1, help="Unmeasured requests sent first (default 1).")
-    g.add_argument("--seed", type=int, default=0, help="Seed of prompts and arrival times.")
+    g.add_argument("--num-warmups", type=int, default=1, help="Unmeasured requests sent first (default %(default)s).")
+    g.add_argument("--seed", type=int, default=0, help="Seed of prompts and arrival times (default %(default)s).")
 
 
 def _add_metrics(p: argparse.ArgumentParser) -> None:
@@ -129,7 +129,6 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
         sub: the subparsers object of the `bench` parser; each command sets `func`, which
             takes the parsed args and returns an exit code.
     """
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("serve", help="Measure one run against an OpenAI-compatible server; prints the run id.",
                        description="Load-test a server and store the run (per-request samples included) in "
                                    "the history database. Progress and results go to stderr; stdout gets "
@@ -144,11 +143,11 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--request-rates", default=None, metavar="R1,R2,...", help="Explicit request rates.")
     g.add_argument("--max-concurrencies", default=None, metavar="C1,C2,...",
                    help="Explicit closed-loop concurrencies (instead of rates).")
-    g.add_argument("--start-rate", type=float, default=1.0, help="Auto mode: first request rate.")
-    g.add_argument("--rate-factor", type=float, default=2.0, help="Auto mode: next rate = previous x factor.")
-    g.add_argument("--max-steps", type=int, default=8, help="Auto mode: at most this many points.")
+    g.add_argument("--start-rate", type=float, default=1.0, help="Auto mode: first request rate (default %(default)s).")
+    g.add_argument("--rate-factor", type=float, default=2.0, help="Auto mode: next rate = previous x factor (default %(default)s).")
+    g.add_argument("--max-steps", type=int, default=8, help="Auto mode: at most this many points (default %(default)s).")
     g.add_argument("--min-gain", type=float, default=0.05,
-                   help="Auto mode: saturated when output tok/s grows less than this fraction.")
+                   help="Auto mode: saturated when output tok/s grows less than this fraction (default %(default)s).")
     for add in (_add_target, _add_workload, _add_load, _add_metrics, _add_context):
         add(p)
     p.set_defaults(func=commands.cmd_sweep)
@@ -159,16 +158,16 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--slo", required=True, metavar="ttft=MS,tpot=MS",
                    help="SLOs in ms (ttft, tpot, e2el); a value may end in 's' for seconds.")
-    g.add_argument("--attainment", type=float, default=0.9, help="Required fraction of requests meeting all SLOs.")
-    g.add_argument("--start-rate", type=float, default=1.0, help="First probed request rate.")
-    g.add_argument("--max-rate", type=float, default=1024.0, help="Highest request rate probed.")
-    g.add_argument("--rate-tolerance", type=float, default=0.1, help="Stop when the bracket is this tight (relative).")
-    g.add_argument("--max-probes", type=int, default=12, help="At most this many probe runs.")
+    g.add_argument("--attainment", type=float, default=0.9, help="Required fraction of requests meeting all SLOs (default %(default)s).")
+    g.add_argument("--start-rate", type=float, default=1.0, help="First probed request rate (default %(default)s).")
+    g.add_argument("--max-rate", type=float, default=1024.0, help="Highest request rate probed (default %(default)s).")
+    g.add_argument("--rate-tolerance", type=float, default=0.1, help="Stop when the bracket is this tight (relative) (default %(default)s).")
+    g.add_argument("--max-probes", type=int, default=12, help="At most this many probe runs (default %(default)s).")
     for add in (_add_target, _add_workload, _add_load, _add_metrics, _add_context):
         add(p)
     p.set_defaults(func=commands.cmd_capacity)
 
-    p = sub.add_parser("throughput", formatter_class=fmt,
+    p = sub.add_parser("throughput",
                        help="Offline engine throughput (tokenmill LLM or HF transformers) on a fixed workload.")
     m = p.add_mutually_exclusive_group(required=True)
     m.add_argument("--model", default=None, metavar="DIR", help="HF checkpoint folder.")
@@ -176,23 +175,23 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="Random-weight checkpoint with a real model's architecture (built once, cached "
                         "under $XDG_CACHE_HOME/tokenmill/checkpoints).")
     p.add_argument("--backend", default="tokenmill",
-                   help="tokenmill, hf, or both as 'tokenmill,hf' (same workload, ratio printed).")
-    p.add_argument("--num-prompts", type=int, default=64, help="Sequences in the workload.")
+                   help="tokenmill, hf, or both as 'tokenmill,hf' (same workload, ratio printed; default tokenmill).")
+    p.add_argument("--num-prompts", type=int, default=64, help="Sequences in the workload (default %(default)s).")
     p.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=128,
-                   help="Prompt tokens per sequence.")
+                   help="Prompt tokens per sequence (default %(default)s).")
     p.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=128,
-                   help="Generated tokens per sequence (ignore_eos).")
-    p.add_argument("--random-range-ratio", type=float, default=0.0, help="Length spread, as in serve.")
-    p.add_argument("--seed", type=int, default=0, help="Workload seed.")
+                   help="Generated tokens per sequence (ignore_eos) (default %(default)s).")
+    p.add_argument("--random-range-ratio", type=float, default=0.0, help="Length spread, as in serve (default %(default)s).")
+    p.add_argument("--seed", type=int, default=0, help="Workload seed (default %(default)s).")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="Weights/activations dtype.")
+                   help="Weights/activations dtype (default auto: the checkpoint's).")
     p.add_argument("--max-num-seqs", "--batch-size", dest="max_num_seqs", type=int, default=32,
-                   help="tokenmill: running-batch cap; hf: static batch size.")
+                   help="tokenmill: running-batch cap; hf: static batch size (default %(default)s).")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokenmill: tokens per step.")
     _add_context(p)
     p.set_defaults(func=commands.cmd_throughput)
 
-    p = sub.add_parser("history", formatter_class=fmt, help="List stored runs, filtered.")
+    p = sub.add_parser("history", help="List stored runs, filtered.")
     _add_db(p)
     p.add_argument("--json", action="store_true", help="Print a JSON array of run objects on stdout.")
     p.add_argument("--sku", default=None, help="Hardware SKU substring.")
@@ -202,10 +201,10 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--series", default=None, help="Sweep/capacity series id substring.")
     p.add_argument("--since", default=None, metavar="DATE", help="Runs at or after this ISO date/time (UTC).")
     p.add_argument("--until", default=None, metavar="DATE", help="Runs before this ISO date/time (UTC).")
-    p.add_argument("--limit", type=int, default=50, help="At most this many runs (0: all).")
+    p.add_argument("--limit", type=int, default=50, help="At most this many runs (0: all) (default %(default)s).")
     p.set_defaults(func=commands.cmd_history)
 
-    p = sub.add_parser("compare", formatter_class=fmt,
+    p = sub.add_parser("compare",
                        help="A/B verdicts between runs; exit code 1 on a regression (for CI).",
                        description="BASE and NEW are run ids, comma lists or ranges of repeated runs "
                                    "(e.g. 3,4,5 or 3-5). Latency: Mann-Whitney U on per-request samples; "
@@ -214,12 +213,12 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("base", metavar="BASE", help="Baseline run id(s).")
     p.add_argument("new", metavar="NEW", help="Candidate run id(s).")
     _add_db(p)
-    p.add_argument("--alpha", type=float, default=0.05, help="Significance level (two-sided).")
-    p.add_argument("--min-effect", type=float, default=0.05, help="Minimum relative change that counts.")
+    p.add_argument("--alpha", type=float, default=0.05, help="Significance level (two-sided) (default %(default)s).")
+    p.add_argument("--min-effect", type=float, default=0.05, help="Minimum relative change that counts (default %(default)s).")
     p.add_argument("--json", action="store_true", help="Print the comparison as JSON on stdout.")
     p.set_defaults(func=commands.cmd_compare)
 
-    p = sub.add_parser("report", formatter_class=fmt, help="Write one self-contained HTML report.")
+    p = sub.add_parser("report", help="Write one self-contained HTML report.")
     p.add_argument("--output", "-o", required=True, metavar="FILE", help="HTML file to write.")
     _add_db(p)
     p.add_argument("--runs", default=None, metavar="IDS", help="Run ids (comma list/ranges); default: filters.")
@@ -229,11 +228,11 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--series", default=None, help="Sweep/capacity series id substring.")
     p.add_argument("--since", default=None, metavar="DATE", help="Runs at or after this ISO date/time (UTC).")
     p.add_argument("--until", default=None, metavar="DATE", help="Runs before this ISO date/time (UTC).")
-    p.add_argument("--limit", type=int, default=20, help="At most this many runs from the filters.")
+    p.add_argument("--limit", type=int, default=20, help="At most this many runs from the filters (default %(default)s).")
     p.add_argument("--compare", nargs=2, default=None, metavar=("BASE", "NEW"),
                    help="Add an A/B section for these run ids/groups.")
-    p.add_argument("--alpha", type=float, default=0.05, help="Significance level for --compare.")
-    p.add_argument("--min-effect", type=float, default=0.05, help="Minimum relative change for --compare.")
+    p.add_argument("--alpha", type=float, default=0.05, help="Significance level for --compare (default %(default)s).")
+    p.add_argument("--min-effect", type=float, default=0.05, help="Minimum relative change for --compare (default %(default)s).")
     p.add_argument("--prices", default=None, metavar="TOML", help="Price table for the cost section.")
     p.add_argument("--title", default="tokenmill bench report", help="Page title.")
     p.set_defaults(func=commands.cmd_report)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tokenmill.sampling_params import SamplingParams
@@ -251,9 +252,9 @@ def _apply_top_p(logits: torch.Tensor, top_p: list[float]) -> None:
 
     The cut is made by value (tokens tied with the last kept one stay), so it does not
     depend on how a sort orders ties, and a seeded row samples the same in any batch.
-    A full sort of the vocab is slow on CPU (~0.6 s for 32 x 152k), and the top-p set is
-    nearly always small, so the first _TOP_P_CANDIDATES tokens are tried first and the
-    full sort is only the fallback; both give the same answer.
+    A full sort of the vocab is slow on CPU (~0.3 s for 32 x 152k), and the top-p set of
+    a trained model is nearly always small, so the first _TOP_P_CANDIDATES tokens are tried
+    first and the full sort is only the fallback; both give the same answer.
     """
     vocab_size = logits.shape[1]
     p = torch.tensor(top_p, device=logits.device)[:, None]  # [num_rows, 1]
@@ -267,7 +268,7 @@ def _apply_top_p(logits: torch.Tensor, top_p: list[float]) -> None:
     # A row is settled once its candidates reach top_p; one host sync decides (cheap on CPU).
     settled = (cumulative[:, -1:] >= p) | (p >= 1.0)
     if num_candidates < vocab_size and not bool(settled.all()):
-        sorted_values = logits.sort(dim=-1, descending=True).values  # [num_rows, vocab]
+        sorted_values = _sort_descending(logits)  # [num_rows, vocab]
         probs = (sorted_values - log_total).exp()
         cumulative = probs.cumsum(dim=-1)
     # Keep a token while the more likely ones have not reached top_p yet; the first one
@@ -277,6 +278,14 @@ def _apply_top_p(logits: torch.Tensor, top_p: list[float]) -> None:
     # Rows with top_p == 1 are exempt, so rounding in the cumsum cannot clip their tail.
     threshold = torch.where(p < 1.0, threshold, torch.full_like(threshold, float("-inf")))
     logits.masked_fill_(logits < threshold, float("-inf"))
+
+
+def _sort_descending(x: torch.Tensor) -> torch.Tensor:
+    """Each row's values, largest first (values only)."""
+    if x.device.type == "cpu":
+        # numpy's sort is 2.5x faster than torch's on CPU (32 x 152k: 0.27 s vs 0.69 s).
+        return torch.from_numpy(-np.sort(-x.numpy(), axis=-1))
+    return x.sort(dim=-1, descending=True).values
 
 
 # ---- logprobs -------------------------------------------------------------------------------
