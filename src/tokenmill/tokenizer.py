@@ -129,6 +129,8 @@ class Tokenizer:
         self._token_text_cache: dict[int, str] = {}
         self._add_missing_tokens(config.get("added_tokens_decoder") or {})
 
+        # The token texts come from tokenizer_config only: they are also chat template
+        # variables, which transformers leaves undefined when the config has none.
         self.bos_token = _token_content(config.get("bos_token"))
         self.eos_token = _token_content(config.get("eos_token"))
         self.unk_token = _token_content(config.get("unk_token"))
@@ -138,8 +140,6 @@ class Tokenizer:
         if bos_id is None and isinstance(generation_config.get("bos_token_id"), int):
             bos_id = generation_config["bos_token_id"]
         self._bos_token_id = bos_id
-        if self.bos_token is None and bos_id is not None:
-            self.bos_token = self._tok.id_to_token(bos_id)
 
         gen_eos = generation_config.get("eos_token_id")
         gen_eos_ids = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
@@ -147,8 +147,6 @@ class Tokenizer:
         if eos_id is None and gen_eos_ids:
             eos_id = gen_eos_ids[0]
         self._eos_token_id = eos_id
-        if self.eos_token is None and eos_id is not None:
-            self.eos_token = self._tok.id_to_token(eos_id)
         self._eos_token_ids = set(gen_eos_ids) | ({eos_id} if eos_id is not None else set())
 
         self._chat_template = chat_template or _pick_chat_template(config.get("chat_template"))

@@ -332,3 +332,8 @@ def test_top_p_keeps_tokens_tied_at_the_cut():
     logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]])
     sampler_module._apply_top_p(logits, [0.5])  # token 0 holds ~0.45: the cut falls among the ties
     assert (logits[0] > float("-inf")).tolist() == [True, True, True, True, False]
+
+
+def test_more_logprobs_than_vocab_are_capped():
+    out = Sampler().sample(torch.randn(1, 3), [_state(SamplingParams(temperature=0.0, logprobs=10))])
+    assert len(out.logprobs[0].token_ids) == 4  # the sampled token + all 3 alternatives

@@ -1,10 +1,10 @@
 """Batched sampler: one row of logits per request -> one token id per request.
 
 Follows vLLM v1's order: min_tokens mask, penalties, greedy argmax; for the other rows
-temperature, min_p, top_k, top_p (top-p on the top-k renormalised distribution), then an
-exponential race. Logprobs are reported for the
-raw model distribution (vLLM v1's default). Each stage runs only when some row uses it,
-and every result crosses to the host in one transfer (one device sync per step).
+temperature, min_p, top_k, top_p (on the top-k renormalised distribution), then an
+exponential race. Logprobs are reported for the raw model distribution (vLLM v1's
+default). Each stage runs only when some row uses it, and every result crosses to the
+host in one transfer (top-p may add one small sync to decide whether it needs a full sort).
 """
 
 from __future__ import annotations
@@ -95,14 +95,14 @@ class Sampler:
         if raw_logprobs is None:
             return SamplerOutput(token_ids=sampled.tolist(), logprobs=[None] * num_reqs)
 
-        num_top = max(states[i].params.logprobs for i in logprob_rows)  # type: ignore[type-var]
+        num_top = min(max(states[i].params.logprobs for i in logprob_rows), logits.shape[1])  # type: ignore[type-var]
         row_sampled = sampled if len(logprob_rows) == num_reqs else sampled[logprob_rows]
         ids_t, values_t, ranks_t = _logprobs_tensors(raw_logprobs, row_sampled, num_top)
         token_ids, ids, values, ranks = _to_host(sampled, ids_t, values_t, ranks_t)
         width = num_top + 1
         logprobs: list[SampledLogprobs | None] = [None] * num_reqs
         for j, row in enumerate(logprob_rows):
-            keep = states[row].params.logprobs + 1  # type: ignore[operator]
+            keep = min(states[row].params.logprobs + 1, width)  # type: ignore[operator]
             logprobs[row] = _row_logprobs(ids, values, ranks, j, width, keep)
         return SamplerOutput(token_ids=[int(t) for t in token_ids], logprobs=logprobs)
 
