@@ -145,3 +145,17 @@ def test_bfloat16_close_to_float32(checkpoint_factory):
     assert len(common) >= 3
     for tok in common:
         assert a[tok].logprob == pytest.approx(b[tok].logprob, abs=0.15)
+
+
+def test_garbage_in_fresh_kv_memory_is_harmless(checkpoint_factory):
+    # The KV cache is allocated uninitialised; fill it with NaN to make sure no masked
+    # slot (decode padding, unwritten block tails) ever leaks into attention.
+    model_dir = str(checkpoint_factory("llama"))
+    prompts = [{"prompt_token_ids": p} for p in make_prompts(320, [3, 9, 14], seed=12)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    clean = [o.outputs[0].token_ids for o in LLM(model_dir, dtype="float32", block_size=4).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(model_dir, dtype="float32", block_size=4)
+    for k, v in llm.engine.runner.kv_caches:
+        k.fill_(float("nan"))
+        v.fill_(float("nan"))
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == clean

@@ -17,6 +17,15 @@ _DB_HELP = ("SQLite history file (default: $TOKENMILL_BENCH_DB, else "
             "$XDG_DATA_HOME/tokenmill/bench.db, i.e. ~/.local/share/tokenmill/bench.db).")
 
 
+def _parse_bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    s = text.strip().lower()
+    num = s.rstrip("kmgib")
+    if s[len(num):] not in units or not num:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size; use e.g. 512MiB or 2GiB")
+    return int(float(num) * units[s[len(num):]])
+
+
 def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=None, metavar="PATH", help=_DB_HELP)
 
@@ -187,7 +196,10 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="Weights/activations dtype (default auto: the checkpoint's).")
     p.add_argument("--max-num-seqs", "--batch-size", dest="max_num_seqs", type=int, default=32,
                    help="tokenmill: running-batch cap; hf: static batch size (default %(default)s).")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokenmill: tokens per step.")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokenmill: token budget of one engine step (default: the engine's).")
+    p.add_argument("--kv-cache-memory", type=_parse_bytes, default=None, metavar="BYTES",
+                   help="tokenmill: KV cache budget, e.g. 2GiB or 512MiB (default: the engine's).")
     _add_context(p)
     p.set_defaults(func=commands.cmd_throughput)
 

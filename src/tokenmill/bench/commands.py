@@ -173,7 +173,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         for backend in [b.strip() for b in args.backend.split(",") if b.strip()]:
             spec = ThroughputSpec(model_dir, backend, args.num_prompts, args.input_len, args.output_len,
                                   args.random_range_ratio, args.seed, args.dtype, args.max_num_seqs,
-                                  args.max_num_batched_tokens)
+                                  args.max_num_batched_tokens, args.kv_cache_memory)
             display.err_console.print(f"running {backend} on {model_name}...")
             result = run_throughput(spec)
             record = throughput_record(spec, result, model_name, args.hardware_sku, args.instance_type, args.label)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -10,6 +11,7 @@ from rich.table import Table
 from tokenmill.bench.compare import IMPROVEMENT, REGRESSION, MetricComparison
 from tokenmill.bench.cost import CostRow
 from tokenmill.bench.schema import RunRecord, RunSummary
+from tokenmill.bench.store import config_hash
 
 err_console = Console(stderr=True)
 _NAMES = {"ttft": "Time to first token (TTFT)", "tpot": "Time per output token (TPOT, excl. 1st)",
@@ -60,19 +62,21 @@ def _median(summary: dict, metric: str) -> str:
 
 
 def print_history(runs: Sequence[RunRecord], console: Console | None = None) -> None:
+    """One line per run; --json has everything."""
     t = Table(title="bench history (newest first)")
-    for col in ("id", "time (UTC)", "kind", "hardware", "model", "label", "config", "ok/fail",
-                "req/s", "out tok/s", "TTFT p50", "TPOT p50"):
-        t.add_column(col, justify="right" if col in ("id", "req/s", "out tok/s", "TTFT p50", "TPOT p50")
-                     else "left")
+    for col in ("id", "time (UTC)", "kind", "hardware", "model", "label/series", "config", "ok/fail",
+                "req/s", "out tok/s", "TTFT p50 ms", "TPOT p50 ms"):
+        is_number = col in ("id", "ok/fail", "req/s", "out tok/s", "TTFT p50 ms", "TPOT p50 ms")
+        t.add_column(col, justify="right" if is_number else "left", overflow="fold")
     for r in runs:
         s = r.summary
         ok_fail = f"{s.get('num_completed', '-')}/{s.get('num_failed', '-')}" if r.kind == "serve" else "-"
-        t.add_row(str(r.id), r.created_at, r.kind + (" (int)" if r.interrupted else ""), r.hardware_sku, r.model,
-                  r.label or r.series, (r.server or {}).get("name", "") if r.server else "", ok_fail,
+        t.add_row(str(r.id), r.created_at[:16].replace("T", " "), r.kind + (" (int)" if r.interrupted else ""),
+                  r.hardware_sku, r.model, r.label or r.series, config_hash(r.server) or "-", ok_fail,
                   _f(s.get("request_throughput")), _f(s.get("output_throughput")), _median(s, "ttft"),
                   _median(s, "tpot"))
-    (console or Console()).print(t)
+    # Not a terminal (a pipe, CI logs): do not squeeze the table into 80 columns.
+    (console or Console(width=None if sys.stdout.isatty() else 200)).print(t)
 
 
 def print_comparison(comps: Sequence[MetricComparison], console: Console | None = None) -> None:

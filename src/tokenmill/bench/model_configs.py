@@ -3,7 +3,7 @@
 Speed does not depend on weight values when generation length is fixed (ignore_eos), so a
 benchmark needs the architecture, not the download. `build_checkpoint` writes an HF-layout
 folder (config.json, model.safetensors under HF tensor names, tokenizer files copied from
-the bundled demo model) with torch + safetensors only. Weights are N(0, 0.02) in bf16,
+the bundled demo model, or a placeholder until it has one) with torch + safetensors only. Weights are N(0, 0.02) in bf16,
 norm weights are ones. The demo tokenizer's vocab is smaller than these models'; the
 benchmarks feed token ids, so that does not matter.
 """
@@ -138,7 +138,8 @@ def build_checkpoint(cfg: ArchConfig, out_dir: str | Path, seed: int = 0,
         cfg: the architecture.
         out_dir: created if missing; existing files are overwritten.
         seed: weights are a function of the seed and tensor order only.
-        tokenizer_dir: tokenizer files to copy (skipped when the folder has none).
+        tokenizer_dir: tokenizer files to copy; without a tokenizer.json there, a
+            placeholder vocabulary is written (see sync_tokenizer).
 
     Returns:
         out_dir as a Path.
@@ -160,12 +161,31 @@ def build_checkpoint(cfg: ArchConfig, out_dir: str | Path, seed: int = 0,
     (out / "config.json").write_text(json.dumps(cfg.hf_config(), indent=2) + "\n")
     gen_cfg = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
-    if tokenizer_dir is not None:
-        for fname in _TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / fname
-            if src.is_file():
-                shutil.copyfile(src, out / fname)
+    sync_tokenizer(out, cfg, tokenizer_dir)
     return out
+
+
+def sync_tokenizer(out_dir: Path, cfg: ArchConfig, tokenizer_dir: str | Path | None) -> None:
+    """Give a checkpoint tokenizer files: the demo model's when it has them, else a placeholder.
+
+    The placeholder is a word-level vocabulary "<0>" .. "<vocab_size-1>": engines need a
+    tokenizer.json to load, and benchmarks only feed token ids. Copies are refreshed when the
+    source changes, so a cached checkpoint picks up the demo tokenizer once it exists.
+    """
+    src_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    if src_dir is not None and (src_dir / "tokenizer.json").is_file():
+        for fname in _TOKENIZER_FILES:
+            src, dst = src_dir / fname, out_dir / fname
+            if src.is_file() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
+                shutil.copyfile(src, dst)
+        return
+    if (out_dir / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(cfg.vocab_size)}, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(out_dir / "tokenizer.json"))
 
 
 def default_cache_dir() -> Path:
@@ -193,6 +213,7 @@ def cached_checkpoint(name: str, cache_dir: str | Path | None = None) -> Path:
     stamp = {"build_version": BUILD_VERSION, "config": cfg.hf_config()}
     marker = final / "tokenmill_build.json"
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        sync_tokenizer(final, cfg, DEMO_MODEL_DIR)
         return final
     tmp = final.with_name(f"{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -16,6 +16,7 @@ hence noisy: more prompts per probe make the search steadier.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -27,7 +28,7 @@ Probe = Callable[[ServeSpec], ServeOutcome]
 
 
 def new_series_id(kind: str) -> str:
-    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class ThroughputSpec:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_num_seqs: int = 32  # tokenmill's running-batch cap; the HF backend's batch size
     max_num_batched_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None  # tokenmill: KV budget (None: the engine's default)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -117,6 +118,8 @@ def _run_tokenmill(spec: ThroughputSpec, prompts: list[tuple[list[int], int]], c
     kwargs: dict[str, Any] = {"model": spec.model_dir, "dtype": spec.dtype, "max_num_seqs": spec.max_num_seqs}
     if spec.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
+    if spec.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = spec.kv_cache_memory_bytes
     llm = LLM(**kwargs)
 
     def params(n: int) -> SamplingParams:
@@ -172,7 +175,8 @@ def _run_hf(spec: ThroughputSpec, prompts: list[tuple[list[int], int]], cfg: dic
 def throughput_record(spec: ThroughputSpec, result: ThroughputResult, model_name: str,
                       hardware_sku: str | None = None, instance_type: str = "", label: str = "") -> RunRecord:
     """A history row for a throughput run (kind "throughput", no per-request samples)."""
-    engine = {k: v for k, v in asdict(spec).items() if k in ("dtype", "max_num_seqs", "max_num_batched_tokens")}
+    engine = {k: v for k, v in asdict(spec).items() if k in ("dtype", "max_num_seqs", "max_num_batched_tokens",
+                                                          "kv_cache_memory_bytes")}
     return RunRecord(
         kind="throughput", model=model_name, workload=asdict(spec), summary=result.to_summary(),
         hardware=hardware_fingerprint(hardware_sku), software=software_fingerprint(),

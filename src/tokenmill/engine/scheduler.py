@@ -72,7 +72,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while self.kv.allocate_slots(req, num_new) is None:
+            while (new_blocks := self.kv.allocate_slots(req, num_new)) is None:
                 victim = self.running.pop()  # newest first
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -80,7 +80,7 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break  # it preempted itself; everything after it is gone too
-            scheduled.append(self._make_scheduled(req, num_new))
+            scheduled.append(self._make_scheduled(req, num_new, new_blocks))
             budget -= num_new
             i += 1
 
@@ -90,7 +90,8 @@ class Scheduler:
                 break  # don't re-admit in the step that had to preempt; keep FCFS order
             cached_ids, num_cached = self.kv.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_cached, budget)
-            if self.kv.allocate_slots(req, num_new, cached_ids) is None:
+            new_blocks = self.kv.allocate_slots(req, num_new, cached_ids)
+            if new_blocks is None:
                 break
             self.waiting.popleft()
             req.num_computed_tokens = num_cached
@@ -99,7 +100,7 @@ class Scheduler:
                 req.num_cached_tokens = num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled.append(self._make_scheduled(req, num_new))
+            scheduled.append(self._make_scheduled(req, num_new, new_blocks))
             budget -= num_new
 
         return SchedulerOutput(
@@ -147,7 +148,7 @@ class Scheduler:
         return outputs
 
     # -- helpers --------------------------------------------------------------------------
-    def _make_scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+    def _make_scheduled(self, req: Request, num_new: int, new_block_ids: list[int]) -> ScheduledRequest:
         start = req.num_computed_tokens
         end = start + num_new
         needs_sample = end == req.num_tokens
@@ -160,6 +161,7 @@ class Scheduler:
             token_ids=req.all_token_ids[start:end],
             num_computed_tokens=start,
             block_ids=self.kv.block_ids(req.request_id),
+            new_block_ids=new_block_ids,
             needs_sample=needs_sample,
             params=req.params,
             generator=req.generator,

@@ -17,6 +17,7 @@ class ScheduledRequest:
     token_ids: list[int]  # tokens whose K/V are computed this step (prefill chunk or last sampled token)
     num_computed_tokens: int  # position of token_ids[0]; tokens before it are in the cache
     block_ids: list[int]  # the request's whole block table, covering every token through this step
+    new_block_ids: list[int]  # blocks allocated this step (the runner clears them before use)
     needs_sample: bool  # this chunk reaches the last known token: sample the next one
     params: SamplingParams
     generator: torch.Generator | None

@@ -66,12 +66,25 @@ class ModelRunner:
             )
             for _ in range(m.num_layers)
         ]
+        self._clear_blocks([0])  # padding entries of decode block tables point at block 0
         self.sampler = Sampler()
+
+    def _clear_blocks(self, block_ids: list[int]) -> None:
+        # Decode attention reads whole blocks and masks the unused tail; masked scores
+        # are fine, but uninitialised memory may hold NaN, and 0 * NaN in the weighted
+        # sum of V poisons the output. Zeroing a block when it is handed out is cheap.
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache.index_fill_(0, idx, 0)
+            v_cache.index_fill_(0, idx, 0)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         # Decodes (one query token) first: they share one batched attention call.
         reqs = sorted(sched.scheduled, key=lambda r: len(r.token_ids) != 1)
+        new_blocks = [b for r in reqs for b in r.new_block_ids]
+        if new_blocks:
+            self._clear_blocks(new_blocks)
         input_ids, positions, slots = [], [], []
         starts: list[int] = []
         bs = self.block_size

@@ -1,0 +1,86 @@
+"""`tokenmill serve` options that belong to the HTTP server (engine options live in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenmill.config import DEMO_MODEL_DIR
+
+# The name the bundled demo model is served under (its directory is just "demo_model").
+DEMO_MODEL_NAME = "tokenmill-demo"
+API_KEY_ENV = "TOKENMILL_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the HTTP layer needs besides the engine config."""
+
+    served_model_names: tuple[str, ...]  # the first is reported in responses
+    api_key: str | None = None  # None: no authentication
+    max_waiting_requests: int = 256  # sequences queued beyond running ones, then 503
+    drain_timeout_s: float = 30.0  # SIGTERM: how long running requests may take to finish
+    max_logprobs: int = 20  # most top alternatives per position a request may ask for
+    log_requests: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names:
+            raise ValueError("at least one served model name is needed.")
+        if self.max_waiting_requests < 0:
+            raise ValueError(f"max_waiting_requests must be non-negative, got {self.max_waiting_requests}.")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout must be non-negative, got {self.drain_timeout_s}.")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+
+def default_model_name(model_dir: str | None) -> str:
+    """The checkpoint directory's name, as `--served-model-name` would be set by hand."""
+    if model_dir is None or Path(model_dir).resolve() == Path(DEMO_MODEL_DIR).resolve():
+        return DEMO_MODEL_NAME
+    return Path(model_dir).resolve().name
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """HTTP server options of `tokenmill serve`."""
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="Address to listen on; 0.0.0.0 for every interface. (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on. (default: 8000)")
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="Name(s) clients pass as `model`; the first is reported in responses. "
+                        f"(default: the model directory's name, {DEMO_MODEL_NAME!r} for the demo model)")
+    g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help="Require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize. "
+                        f"(default: ${API_KEY_ENV}, else no key)")
+    g.add_argument("--max-waiting-requests", type=int, default=256,
+                   help="Sequences that may wait for a batch slot (a request counts n per prompt); "
+                        "past this, new requests get 503 with Retry-After. (default: 256)")
+    g.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="On SIGTERM/SIGINT stop accepting, let running requests finish for up to this "
+                        "long, then abort the rest and exit. (default: 30)")
+    g.add_argument("--max-logprobs", type=int, default=20,
+                   help="Most top-logprob alternatives one request may ask for. (default: 20)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="tokenmill's log level. (default: info)")
+    g.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level; info includes one access-log line per request. (default: info)")
+    g.add_argument("--disable-log-requests", action="store_true",
+                   help="Do not log one summary line per finished request.")
+
+
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    names = tuple(args.served_model_name or [default_model_name(args.model)])
+    return ServerSettings(
+        served_model_names=names,
+        api_key=args.api_key or None,
+        max_waiting_requests=args.max_waiting_requests,
+        drain_timeout_s=args.drain_timeout,
+        max_logprobs=args.max_logprobs,
+        log_requests=not args.disable_log_requests,
+    )

@@ -1,0 +1,200 @@
+"""Prometheus metrics with vLLM's names and meanings under the `tokenmill:` prefix.
+
+Request histograms are fed by AsyncLLM.on_output (called on the event loop with each
+delivered output and its RequestTimes). Scheduler gauges and the engine's cumulative
+counters are read from `engine.stats` at scrape time, so they cost nothing between
+scrapes. Each app has its own CollectorRegistry: several servers in one process (tests)
+do not collide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from tokenmill.engine.async_llm import AsyncLLM, RequestTimes
+from tokenmill.outputs import RequestOutput
+
+# vLLM's buckets, so histogram_quantile queries from its dashboards mean the same here.
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+               7.5, 10.0, 20.0, 40.0, 80.0]
+REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                           50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+def buckets_1_2_5(limit: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's token-count buckets)."""
+    out, mantissas, exponent = [], (1, 2, 5), 0
+    while True:
+        for m in mantissas:
+            value = m * 10**exponent
+            if value > limit:
+                return out
+            out.append(value)
+        exponent += 1
+
+
+@dataclass
+class _Tracked:
+    """Per-request progress between outputs (event loop only)."""
+
+    arrival: float
+    num_prompt_tokens: int
+    num_generation_tokens: int = 0
+    tokens_per_sample: dict[int, int] = field(default_factory=dict)
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    num_token_times_seen: int = 0
+    last_token_time: float | None = None
+    ttft_observed: bool = False
+
+
+class _EngineStatsCollector:
+    """Scheduler gauges and cumulative engine counters, read when Prometheus scrapes."""
+
+    def __init__(self, engine: AsyncLLM, model_name: str) -> None:
+        self.engine = engine
+        self.labels = [model_name]
+
+    def collect(self):
+        s = self.engine.stats
+        for name, doc, value in (
+            ("num_requests_running", "Number of requests in model execution batches.", s.num_running),
+            ("num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting),
+            ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage),
+        ):
+            g = GaugeMetricFamily(f"tokenmill:{name}", doc, labels=["model_name"])
+            g.add_metric(self.labels, value)
+            yield g
+        for name, doc, value in (
+            ("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+             s.prefix_cache_queries),
+            ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+             s.prefix_cache_hits),
+            ("num_preemptions", "Cumulative number of preemption from the engine.", s.num_preemptions),
+        ):
+            c = CounterMetricFamily(f"tokenmill:{name}", doc, labels=["model_name"])
+            c.add_metric(self.labels, value)
+            yield c
+
+
+class ServerMetrics:
+    """Owns the app's registry and the per-request tracking behind the histograms."""
+
+    def __init__(self, engine: AsyncLLM, model_name: str, max_model_len: int) -> None:
+        # vLLM turns off the *_created series too; they double the exposition for no use.
+        prometheus_client.disable_created_metrics()
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineStatsCollector(engine, model_name))
+        self._live: dict[str, _Tracked] = {}
+        labels, reg = ["model_name"], self.registry
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"tokenmill:{name}", doc, labels, registry=reg).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: list) -> Histogram:
+            return Histogram(f"tokenmill:{name}", doc, labels, buckets=buckets, registry=reg).labels(model_name)
+
+        token_buckets = buckets_1_2_5(max_model_len)
+        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
+        success = Counter("tokenmill:request_success", "Count of successfully processed requests.",
+                          labels + ["finished_reason"], registry=reg)
+        self.request_success = {r: success.labels(model_name, r) for r in FINISH_REASONS}
+        self.ttft = histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                             ITL_BUCKETS)
+        self.tpot = histogram("request_time_per_output_token_seconds",
+                              "Histogram of time_per_output_token_seconds per request.", ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                             REQUEST_LATENCY_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds",
+                                    "Histogram of time spent in WAITING phase for request.",
+                                    REQUEST_LATENCY_BUCKETS)
+        self.inference_time = histogram("request_inference_time_seconds",
+                                        "Histogram of time spent in RUNNING phase for request.",
+                                        REQUEST_LATENCY_BUCKETS)
+        self.prefill_time = histogram("request_prefill_time_seconds",
+                                      "Histogram of time spent in PREFILL phase for request.",
+                                      REQUEST_LATENCY_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds",
+                                     "Histogram of time spent in DECODE phase for request.",
+                                     REQUEST_LATENCY_BUCKETS)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Number of prefill tokens processed.",
+                                               token_buckets)
+        self.request_generation_tokens = histogram("request_generation_tokens",
+                                                   "Number of generation tokens processed.", token_buckets)
+        self.request_params_n = histogram("request_params_n", "Histogram of the n request parameter.",
+                                          [1, 2, 5, 10, 20])
+        self.request_params_max_tokens = histogram("request_params_max_tokens",
+                                                   "Histogram of the max_tokens request parameter.",
+                                                   token_buckets)
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+    def record_params(self, n: int, max_tokens: int) -> None:
+        self.request_params_n.observe(n)
+        self.request_params_max_tokens.observe(max_tokens)
+
+    def on_output(self, out: RequestOutput, times: RequestTimes) -> None:
+        """AsyncLLM observer: one delivered (delta) output of a request."""
+        st = self._live.get(out.request_id)
+        if st is None:
+            # The first output comes once the prompt has been prefilled.
+            st = self._live[out.request_id] = _Tracked(times.arrival, len(out.prompt_token_ids))
+            self.prompt_tokens.inc(st.num_prompt_tokens)
+        num_new = 0
+        for o in out.outputs:
+            num_new += len(o.token_ids)
+            st.tokens_per_sample[o.index] = st.tokens_per_sample.get(o.index, 0) + len(o.token_ids)
+            if o.finish_reason is not None:
+                st.finish_reasons[o.index] = o.finish_reason
+        if num_new:
+            self.generation_tokens.inc(num_new)
+            st.num_generation_tokens += num_new
+        if times.first_token is not None and not st.ttft_observed:
+            st.ttft_observed = True
+            self.ttft.observe(times.first_token - times.arrival)
+        # token_times has one entry per sample per step; n>1 siblings share a step's time.
+        for t in times.token_times[st.num_token_times_seen:]:
+            if st.last_token_time is not None and t > st.last_token_time:
+                self.itl.observe(t - st.last_token_time)
+            st.last_token_time = t if st.last_token_time is None else max(t, st.last_token_time)
+        st.num_token_times_seen = len(times.token_times)
+        if out.finished:
+            self._finish(out.request_id, st, times)
+
+    def _finish(self, request_id: str, st: _Tracked, times: RequestTimes) -> None:
+        del self._live[request_id]
+        for reason in st.finish_reasons.values():
+            self.request_success[reason].inc()
+        end = times.finished or times.last_token or times.arrival
+        self.e2e.observe(end - times.arrival)
+        self.request_prompt_tokens.observe(st.num_prompt_tokens)
+        self.request_generation_tokens.observe(st.num_generation_tokens)
+        if times.first_scheduled is not None:
+            self.queue_time.observe(max(0.0, times.first_scheduled - times.arrival))
+            self.inference_time.observe(max(0.0, end - times.first_scheduled))
+            if times.first_token is not None:
+                self.prefill_time.observe(max(0.0, times.first_token - times.first_scheduled))
+        if times.first_token is not None and times.last_token is not None:
+            decode_s = times.last_token - times.first_token
+            self.decode_time.observe(decode_s)
+            longest = max(st.tokens_per_sample.values(), default=0)
+            if longest > 1:
+                self.tpot.observe(decode_s / (longest - 1))
+
+    def record_abort(self, request_id: str, n: int) -> None:
+        """A request ended before finishing (client gone, cancelled, drained): count its
+        unfinished samples as finished_reason="abort" and forget it."""
+        st = self._live.pop(request_id, None)
+        num_done = len(st.finish_reasons) if st is not None else 0
+        if n - num_done > 0:
+            self.request_success["abort"].inc(n - num_done)

@@ -1,0 +1,179 @@
+"""POST /v1/chat/completions: the checkpoint's chat template, n samples, streaming with
+the role in the first chunk and usage on request, logprobs with top_logprobs."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tokenmill.server.errors import APIError, bad_request, error_body
+from tokenmill.server.logprobs import chat_logprobs
+from tokenmill.server.protocol import (
+    UNSUPPORTED_CHAT,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    DeltaMessage,
+    UsageInfo,
+)
+from tokenmill.server.serving_engine import OpenAIServing, SampleState
+from tokenmill.server.streaming import SSE_DONE, SSEResponse, run_until_disconnect, sse_event
+
+logger = logging.getLogger("tokenmill.server")
+
+# OpenAI's "developer" role replaces "system" for its newer models; templates know "system".
+_ROLE_ALIASES = {"developer": "system"}
+_ROLES = ("system", "user", "assistant")
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them; 400 for what tokenmill cannot render.
+
+    Text parts stay a list: Tokenizer.apply_chat_template joins them itself.
+    """
+    if not messages:
+        raise bad_request("messages must not be empty.", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        role = _ROLE_ALIASES.get(m.role, m.role)
+        if role not in _ROLES:
+            raise bad_request(f"messages[{i}].role {m.role!r} is not supported (tools are not "
+                              f"implemented yet); use one of system, user, assistant.",
+                              param=f"messages[{i}].role")
+        extra = m.model_extra or {}
+        if extra.get("tool_calls") or extra.get("function_call"):
+            raise bad_request("Assistant tool calls are not supported by tokenmill yet.",
+                              param=f"messages[{i}].tool_calls", code="unsupported_parameter")
+        content = m.content
+        if content is None:
+            if role != "assistant":
+                raise bad_request(f"messages[{i}].content is required for role {role!r}.",
+                                  param=f"messages[{i}].content")
+            content = ""
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(
+                        f"messages[{i}].content[{j}] has type {part.get('type')!r}; only text "
+                        "parts are supported.", param=f"messages[{i}].content[{j}].type")
+        msg: dict[str, Any] = {"role": role, "content": content}
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+class ServingChat(OpenAIServing):
+    async def create(self, raw_request: Request) -> Response:
+        start = time.monotonic()
+        req = await self.parse(raw_request, ChatCompletionRequest, UNSUPPORTED_CHAT)
+        model = self.check_model(req.model)
+        self.check_engine()
+        self.check_common(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        self.check_num_logprobs(req.top_logprobs, "top_logprobs")
+        num_top = (req.top_logprobs or 0) if req.logprobs else None
+        try:
+            prompt = self.tokenizer.apply_chat_template(
+                template_messages(req.messages), add_generation_prompt=req.add_generation_prompt,
+                **(req.chat_template_kwargs or {}))
+        except ValueError as e:
+            raise bad_request(str(e), param="messages") from None
+        # The template writes the special tokens itself (no second BOS).
+        prompt_ids = await self.encode(prompt, add_special_tokens=False)
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self.resolve_max_tokens(len(prompt_ids), requested, "messages", param)
+        params = self.sampling_params(req, max_tokens=max_tokens, logprobs=num_top)
+        self.validate_prompt(prompt_ids, params, "messages")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        reservation = self.reserve(req.n)
+        self.metrics.record_params(req.n, max_tokens)
+        stream = self.generate(prompt_ids, params, request_id, prompt, reservation)
+        created = int(time.time())
+        if req.stream:
+            gen = self._stream(raw_request, req, request_id, model, created, len(prompt_ids), stream,
+                               num_top, start)
+            return SSEResponse(gen, on_close=reservation.release_all)
+        try:
+            return await run_until_disconnect(raw_request, self._full(
+                raw_request, req, request_id, model, created, len(prompt_ids), stream, num_top, start))
+        finally:
+            reservation.release_all()
+
+    async def _full(self, raw_request: Request, req: ChatCompletionRequest, request_id: str, model: str,
+                    created: int, num_prompt: int, stream, num_top: int | None,
+                    start: float) -> Response:
+        samples = [SampleState() for _ in range(req.n)]
+        async with aclosing(stream):
+            async for out in stream:
+                for o in out.outputs:
+                    samples[o.index].add(o)
+        choices = []
+        for i, s in enumerate(samples):
+            logprobs = None
+            if num_top is not None:
+                logprobs = ChatLogprobs(content=chat_logprobs(self.tokenizer, s.token_ids, s.logprobs, num_top))
+            choices.append(ChatChoice(index=i, message=AssistantMessage(content=s.text), logprobs=logprobs,
+                                      finish_reason=s.finish_reason, stop_reason=s.stop_reason))
+        num_completion = sum(len(s.token_ids) for s in samples)
+        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_completion,
+                          total_tokens=num_prompt + num_completion)
+        self.log_request(raw_request, request_id, num_prompt, num_completion,
+                         [c.finish_reason for c in choices], time.monotonic() - start)
+        body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _stream(self, raw_request: Request, req: ChatCompletionRequest, request_id: str, model: str,
+                      created: int, num_prompt: int, stream, num_top: int | None,
+                      start: float) -> AsyncIterator[str]:
+        def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
+            return sse_event(ChatCompletionChunk(id=request_id, created=created, model=model,
+                                                 choices=choices, usage=usage))
+
+        num_completion = 0
+        finish_reasons: dict[int, str | None] = {}
+        try:
+            # The role comes first, before any text, for every choice (as OpenAI sends it).
+            for i in range(req.n):
+                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            async with aclosing(stream):
+                async for out in stream:
+                    for o in out.outputs:
+                        if not o.text and not o.token_ids and o.finish_reason is None:
+                            continue
+                        num_completion += len(o.token_ids)
+                        logprobs = None
+                        if num_top is not None:
+                            logprobs = ChatLogprobs(content=chat_logprobs(
+                                self.tokenizer, o.token_ids, o.logprobs or [], num_top))
+                        if o.finish_reason is not None:
+                            finish_reasons[o.index] = o.finish_reason
+                        yield chunk([ChatChunkChoice(
+                            index=o.index, delta=DeltaMessage(content=o.text or None), logprobs=logprobs,
+                            finish_reason=o.finish_reason, stop_reason=o.stop_reason)])
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield chunk([], UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_completion,
+                                          total_tokens=num_prompt + num_completion))
+            self.log_request(raw_request, request_id, num_prompt, num_completion,
+                             list(finish_reasons.values()), time.monotonic() - start)
+        except APIError as e:
+            yield sse_event(e.body())
+        except Exception:
+            logger.exception("%s failed while streaming", request_id)
+            yield sse_event(error_body(f"Internal server error while streaming {request_id}; "
+                                       "see the server log.", "server_error", code="internal_error"))
+        yield SSE_DONE

@@ -1,0 +1,120 @@
+"""Async plumbing shared by the handlers: SSE responses, disconnect watching, merging
+several engine streams (one per prompt of a completions request) into one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
+
+SSE_DONE = "data: [DONE]\n\n"
+
+# nginx's "client closed request": logged in the access log; never reaches the client.
+STATUS_CLIENT_CLOSED = 499
+
+
+def sse_event(payload: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON object."""
+    if isinstance(payload, BaseModel):
+        data = payload.model_dump_json(exclude_none=False)
+    else:
+        import json
+
+        data = json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream response that always closes its generator and then runs
+    `on_close`, even when the client left before the first byte: the generator's
+    `finally` (which aborts engine requests) and the admission release both run."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        # X-Accel-Buffering: tell nginx-style proxies not to buffer the stream.
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            finally:
+                self._on_close()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read already, so the next ASGI message is the disconnect.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Await `work`; if the client disconnects first, cancel it and answer 499.
+
+    Cancelling the work ends its engine streams, which aborts the engine requests and frees
+    their KV blocks before the next step; no one is left to read a result anyway.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    return Response(status_code=STATUS_CLIENT_CLOSED)
+
+
+_END = object()
+
+
+async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several async iterators as items arrive; yields (stream index, item).
+
+    Closing or cancelling the merged iterator cancels every stream still running.
+    """
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((i, item))
+        except Exception as e:  # handed to the consumer, which re-raises it
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, _END))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        # Not awaited: the cancellation reaches each stream's `finally` on the next loop
+        # iteration, and awaiting here could itself be cancelled by a disconnect.
+        for t in tasks:
+            t.cancel()
