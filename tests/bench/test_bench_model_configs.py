@@ -8,9 +8,19 @@ from dataclasses import replace
 import pytest
 from safetensors import safe_open
 
-from tokenmill.bench.model_configs import MODEL_CONFIGS, ArchConfig, build_checkpoint, cached_checkpoint
+from tokenmill.bench.model_configs import (
+    MODEL_CONFIGS,
+    ArchConfig,
+    build_checkpoint,
+    cached_checkpoint,
+)
 from tokenmill.bench.store import Store
-from tokenmill.bench.throughput import ThroughputSpec, make_prompts, run_throughput, throughput_record
+from tokenmill.bench.throughput import (
+    ThroughputSpec,
+    make_prompts,
+    run_throughput,
+    throughput_record,
+)
 
 TINY_LLAMA = replace(MODEL_CONFIGS["llama-3.2-1b"], name="tiny-llama", hidden_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, vocab_size=300,

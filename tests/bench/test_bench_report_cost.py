@@ -9,7 +9,13 @@ import pytest
 from test_bench_compare import synthetic_run
 
 from tokenmill.bench.compare import compare_runs
-from tokenmill.bench.cost import PriceTable, cost_rows, load_prices, match_instances, usd_per_million
+from tokenmill.bench.cost import (
+    PriceTable,
+    cost_rows,
+    load_prices,
+    match_instances,
+    usd_per_million,
+)
 from tokenmill.bench.report import build_report
 from tokenmill.bench.svg import Series, cdf_series, line_chart, nice_ticks
 

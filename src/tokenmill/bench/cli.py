@@ -198,6 +198,8 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="tokenmill: running-batch cap; hf: static batch size (default %(default)s).")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokenmill: token budget of one engine step (default: the engine's).")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="tokenmill: context length to configure (default: the workload's longest sequence).")
     p.add_argument("--kv-cache-memory", type=_parse_bytes, default=None, metavar="BYTES",
                    help="tokenmill: KV cache budget, e.g. 2GiB or 512MiB (default: the engine's).")
     _add_context(p)

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -35,6 +35,7 @@ class EndpointSpec:
     endpoint: Endpoint = "completions"
     ignore_eos: bool = True  # fixed output lengths; servers that know the field honour it
     openai_strict: bool = False  # send only fields of the OpenAI API (drops vLLM extras)
+    continuous_usage: bool = True  # ask for usage in every chunk (vLLM's continuous_usage_stats)
     extra_body: dict[str, Any] = field(default_factory=dict)
     temperature: float | None = None  # None: the server's default
     request_timeout_s: float = 600.0
@@ -67,7 +68,8 @@ def build_payload(spec: EndpointSpec, req: RequestSpec) -> dict[str, Any]:
         body["temperature"] = spec.temperature
     body["stream_options"] = {"include_usage": True}
     if not spec.openai_strict:
-        body["stream_options"]["continuous_usage_stats"] = True
+        if spec.continuous_usage:
+            body["stream_options"]["continuous_usage_stats"] = True
         if spec.ignore_eos:
             body["ignore_eos"] = True
     body.update(spec.extra_body)
@@ -182,6 +184,47 @@ def _account_tokens(sample: RequestSample, req: RequestSpec, texts: list[str], c
         sample.chunk_tokens = [1] * len(texts)
     else:
         sample.chunk_tokens = [max(1, count_tokens(t)) for t in texts]
+
+
+async def negotiate_fields(
+    client: httpx.AsyncClient, spec: EndpointSpec, req: RequestSpec
+) -> tuple[EndpointSpec, list[str]]:
+    """Drop the non-OpenAI extras a server rejects, so one command works against any server.
+
+    Sends a 2-token probe (not measured; it also fails fast when the server is unreachable);
+    on HTTP 400 naming continuous_usage_stats or ignore_eos, that field is dropped and the
+    probe repeated.
+
+    Args:
+        client: HTTP client.
+        spec: endpoint settings as asked.
+        req: a prompt to probe with.
+
+    Returns:
+        (the spec to use, notes saying what was dropped and what it costs).
+
+    Raises:
+        RuntimeError: the server cannot be reached.
+    """
+    notes: list[str] = []
+    for _ in range(3):
+        try:
+            resp = await client.post(spec.url, json=build_payload(spec, replace(req, output_len=2)),
+                                     headers=_headers(), timeout=spec.request_timeout_s)
+        except httpx.TransportError as exc:
+            raise RuntimeError(f"cannot reach {spec.url}: {type(exc).__name__} {exc}") from exc
+        if resp.status_code != 400 or spec.openai_strict:
+            break
+        if spec.continuous_usage and "continuous_usage_stats" in resp.text:
+            spec = replace(spec, continuous_usage=False)
+            notes.append("server rejects stream_options.continuous_usage_stats: tokens per chunk come "
+                         "from the final usage (exact total) and re-tokenization")
+        elif spec.ignore_eos and "ignore_eos" in resp.text:
+            spec = replace(spec, ignore_eos=False)
+            notes.append("server rejects ignore_eos: output lengths may be shorter than asked")
+        else:
+            break
+    return spec, notes
 
 
 async def fetch_server_info(client: httpx.AsyncClient, root_url: str) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from rich.markup import escape
 
 from tokenmill.bench import display
 from tokenmill.bench.compare import compare_runs, has_regression, parse_run_group
@@ -79,10 +80,12 @@ def _print_cost(records: list[RunRecord], prices_path: str | None) -> None:
 
 
 def _finish_serve(outcome: ServeOutcome, args: argparse.Namespace) -> int:
+    for note in outcome.record.workload.get("notes", []):
+        display.err_console.print(f"[yellow]note:[/] {escape(note)}")
     display.print_summary(outcome.record, outcome.summary)
     errors = [s.error for s in outcome.record.samples if s.status == "error"]
     for err in list(dict.fromkeys(errors))[:5]:  # distinct messages, first few
-        display.err_console.print(f"[red]error:[/] {err}")
+        display.err_console.print(f"[red]error:[/] {escape(err)}")
     _print_cost([outcome.record], args.prices)
     if args.save_result:
         name = args.result_filename or f"tokenmill-bench-run{outcome.record.id}.json"
@@ -173,14 +176,14 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         for backend in [b.strip() for b in args.backend.split(",") if b.strip()]:
             spec = ThroughputSpec(model_dir, backend, args.num_prompts, args.input_len, args.output_len,
                                   args.random_range_ratio, args.seed, args.dtype, args.max_num_seqs,
-                                  args.max_num_batched_tokens, args.kv_cache_memory)
+                                  args.max_num_batched_tokens, args.kv_cache_memory, args.max_model_len)
             display.err_console.print(f"running {backend} on {model_name}...")
             result = run_throughput(spec)
             record = throughput_record(spec, result, model_name, args.hardware_sku, args.instance_type, args.label)
             store.save(record)
             results.append(result)
             display.err_console.print(
-                f"run {record.id} [{backend}]: {result.elapsed_s:.2f} s, {result.requests_per_s:.3g} req/s, "
+                f"run {record.id} ({backend}): {result.elapsed_s:.2f} s, {result.requests_per_s:.3g} req/s, "
                 f"{result.output_tokens_per_s:.4g} output tok/s, {result.total_tokens_per_s:.4g} total tok/s")
             _print_cost([record], args.prices)
             print(record.id)

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tokenmill.bench.compare import IMPROVEMENT, REGRESSION, MetricComparison
@@ -24,7 +25,7 @@ def _f(v: float | None, digits: int = 2) -> str:
 
 def print_summary(record: RunRecord, summary: RunSummary, console: Console = err_console) -> None:
     """The vLLM-style result block of one serve run."""
-    t = Table(title=f"Serving benchmark: {record.model}", show_header=False, box=None)
+    t = Table(title=f"Serving benchmark: {escape(record.model)}", show_header=False, box=None)
     t.add_column(justify="left")
     t.add_column(justify="right")
     load = record.workload.get("load", {})
@@ -72,7 +73,8 @@ def print_history(runs: Sequence[RunRecord], console: Console | None = None) -> 
         s = r.summary
         ok_fail = f"{s.get('num_completed', '-')}/{s.get('num_failed', '-')}" if r.kind == "serve" else "-"
         t.add_row(str(r.id), r.created_at[:16].replace("T", " "), r.kind + (" (int)" if r.interrupted else ""),
-                  r.hardware_sku, r.model, r.label or r.series, config_hash(r.server) or "-", ok_fail,
+                  escape(r.hardware_sku), escape(r.model), escape(r.label or r.series),
+                  config_hash(r.server) or "-", ok_fail,
                   _f(s.get("request_throughput")), _f(s.get("output_throughput")), _median(s, "ttft"),
                   _median(s, "tpot"))
     # Not a terminal (a pipe, CI logs): do not squeeze the table into 80 columns.
@@ -102,4 +104,4 @@ def print_costs(rows: Sequence[CostRow], notes: Sequence[str], as_of: str,
                       _f(c.usd_per_1m_total, 3))
         console.print(t)
     for n in notes:
-        console.print(f"[dim]{n}[/]")
+        console.print(f"[dim]{escape(n)}[/]")

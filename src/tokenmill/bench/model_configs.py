@@ -186,6 +186,11 @@ def sync_tokenizer(out_dir: Path, cfg: ArchConfig, tokenizer_dir: str | Path | N
     tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(cfg.vocab_size)}, unk_token="<0>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(out_dir / "tokenizer.json"))
+    # A bare template (message contents joined) so the chat endpoint can be benchmarked too.
+    template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
+              "eos_token": f"<{cfg.eos_token_id}>", "bos_token": f"<{cfg.bos_token_id}>"}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def default_cache_dir() -> Path:

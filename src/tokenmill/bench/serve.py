@@ -18,6 +18,7 @@ from tokenmill.bench.client import (
     EndpointSpec,
     fetch_first_model,
     fetch_server_info,
+    negotiate_fields,
     split_base_url,
 )
 from tokenmill.bench.hardware import hardware_fingerprint, software_fingerprint
@@ -90,14 +91,17 @@ async def run_serve_async(
         server = await fetch_server_info(client, root)
         model = spec.model or await fetch_first_model(client, api_base)
         endpoint = EndpointSpec(api_base, model, spec.endpoint, spec.ignore_eos, spec.openai_strict,
-                                dict(spec.extra_body), spec.temperature, spec.request_timeout_s)
+                                extra_body=dict(spec.extra_body), temperature=spec.temperature,
+                                request_timeout_s=spec.request_timeout_s)
         workload = spec.workload
         if tok is None and workload.dataset_name != "file":
             raise ValueError("no tokenizer: pass --tokenizer DIR (the demo model has none yet)")
+        warmups = iter_requests(workload, tok, stream=1)
+        endpoint, notes = await negotiate_fields(client, endpoint, next(warmups))
         result = await run_load(
             endpoint,
             iter_requests(workload, tok, stream=0),
-            iter_requests(workload, tok, stream=1),
+            warmups,
             spec.load,
             count_tokens=(lambda text: len(tok.encode(text))) if tok is not None else None,
             show_progress=spec.show_progress,
@@ -117,8 +121,10 @@ async def run_serve_async(
             "endpoint": spec.endpoint,
             "workload": workload.to_dict(),
             "load": spec.load.to_dict(),
-            "ignore_eos": spec.ignore_eos,
+            "ignore_eos": endpoint.ignore_eos,
             "openai_strict": spec.openai_strict,
+            "continuous_usage": endpoint.continuous_usage,
+            "notes": notes,
             "extra_body": spec.extra_body,
             "temperature": spec.temperature,
             "tokenizer": getattr(tok, "path", None),

@@ -37,6 +37,7 @@ class ThroughputSpec:
     max_num_seqs: int = 32  # tokenmill's running-batch cap; the HF backend's batch size
     max_num_batched_tokens: int | None = None
     kv_cache_memory_bytes: int | None = None  # tokenmill: KV budget (None: the engine's default)
+    max_model_len: int | None = None  # tokenmill: None = the workload's longest sequence
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -115,7 +116,11 @@ def run_throughput(spec: ThroughputSpec) -> ThroughputResult:
 def _run_tokenmill(spec: ThroughputSpec, prompts: list[tuple[list[int], int]], cfg: dict) -> tuple[float, int]:
     from tokenmill import LLM, SamplingParams  # lazy: the engine is heavy to import
 
-    kwargs: dict[str, Any] = {"model": spec.model_dir, "dtype": spec.dtype, "max_num_seqs": spec.max_num_seqs}
+    # The longest sequence of the workload is enough context; the model's own maximum (128k for
+    # Llama-3.2) would make the engine demand a KV cache far larger than the run needs.
+    longest = max(len(p) + n for p, n in prompts)
+    kwargs: dict[str, Any] = {"model": spec.model_dir, "dtype": spec.dtype, "max_num_seqs": spec.max_num_seqs,
+                              "max_model_len": spec.max_model_len or longest}
     if spec.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.kv_cache_memory_bytes is not None:
@@ -176,7 +181,7 @@ def throughput_record(spec: ThroughputSpec, result: ThroughputResult, model_name
                       hardware_sku: str | None = None, instance_type: str = "", label: str = "") -> RunRecord:
     """A history row for a throughput run (kind "throughput", no per-request samples)."""
     engine = {k: v for k, v in asdict(spec).items() if k in ("dtype", "max_num_seqs", "max_num_batched_tokens",
-                                                          "kv_cache_memory_bytes")}
+                                                          "kv_cache_memory_bytes", "max_model_len")}
     return RunRecord(
         kind="throughput", model=model_name, workload=asdict(spec), summary=result.to_summary(),
         hardware=hardware_fingerprint(hardware_sku), software=software_fingerprint(),

@@ -142,7 +142,8 @@ class OutputProcessor:
             if state.times.first_scheduled is None:
                 state.times.first_scheduled = out.first_scheduled_time
                 state.num_cached_tokens = out.num_cached_tokens
-            if out.new_prompt_logprobs and state.prompt_logprobs is not None:
+            # Each of the n samples scores the same prompt; keep the first sample's scores.
+            if out.new_prompt_logprobs and state.prompt_logprobs is not None and sample.index == 0:
                 state.prompt_logprobs.extend(self._to_logprobs(x, sample) for x in out.new_prompt_logprobs)
             if out.new_token_ids:
                 self._add_tokens(sample, out)

@@ -62,7 +62,7 @@ def from_validation_error(e: ValidationError) -> APIError:
     # Union members add their type to the path ("prompt.list[int].0"); drop those parts.
     loc = [x for x in loc if "[" not in x and x not in ("str", "int", "float", "bool")]
     param = ".".join(loc) or None
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         return bad_request(f"'{param}' is a required field.", param=param)
     return bad_request(f"Invalid value for '{param}': {msg}.", param=param)

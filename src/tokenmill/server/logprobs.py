@@ -21,6 +21,7 @@ def completion_logprobs(
     num_top: int,
     initial_offset: int = 0,
     out: CompletionLogProbs | None = None,
+    text: str | None = None,
 ) -> CompletionLogProbs:
     """Append tokens to a legacy completions logprobs object.
 
@@ -31,6 +32,8 @@ def completion_logprobs(
         num_top: the request's `logprobs`: how many alternatives to list per position.
         initial_offset: character offset of the first token in the choice's text.
         out: an object to extend (streaming builds one per chunk, so pass None there).
+        text: the echoed prompt text these tokens came from. Special tokens the tokenizer
+            added (BOS) are not in it, so they take no width in text_offset.
 
     Returns:
         `out`, or a new object: tokens, token_logprobs, top_logprobs (the chosen token
@@ -38,21 +41,25 @@ def completion_logprobs(
     """
     out = out or CompletionLogProbs()
     offset = initial_offset
-    for token_id, lp in zip(token_ids, logprobs):
-        text = _token_text(tokenizer, token_id, lp)
-        out.tokens.append(text)
+    special_ids = set(tokenizer.all_special_ids) if text is not None else set()
+    for token_id, lp in zip(token_ids, logprobs, strict=False):
+        token_text = _token_text(tokenizer, token_id, lp)
+        out.tokens.append(token_text)
         out.text_offset.append(offset)
-        offset += len(text)
+        if not (token_id in special_ids and not text.startswith(token_text, offset)):
+            offset += len(token_text)
         if lp is None:
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
             continue
         chosen = lp.get(token_id)
         out.token_logprobs.append(chosen.logprob if chosen is not None else None)
+        # Keyed by text, so two tokens with the same text (e.g. partial UTF-8 bytes, both
+        # "\ufffd") collide: the chosen token, listed first by the engine, keeps its value.
         top: dict[str, float] = {}
         for tid, entry in lp.items():
             if tid == token_id or (entry.rank is not None and entry.rank <= num_top):
-                top[_token_text(tokenizer, tid, lp)] = entry.logprob
+                top.setdefault(_token_text(tokenizer, tid, lp), entry.logprob)
         out.top_logprobs.append(top)
     return out
 
@@ -66,7 +73,7 @@ def chat_logprobs(
         num_top: the request's `top_logprobs`: the k most likely tokens listed per position.
     """
     entries = []
-    for token_id, lp in zip(token_ids, logprobs):
+    for token_id, lp in zip(token_ids, logprobs, strict=False):
         chosen = lp.get(token_id)
         text = _token_text(tokenizer, token_id, lp)
         alternatives = sorted(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 # torch.Generator.manual_seed takes a 64-bit value; n>1 adds the sample index to it.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 1024
@@ -62,6 +62,19 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     echo: bool | None = False
     add_special_tokens: bool = True  # vLLM extra: prepend BOS as the tokenizer does
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt_shape(cls, v: Any) -> Any:
+        # One message for every wrong shape, instead of one per member of the union.
+        def is_ids(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(v, str) or (isinstance(v, list) and (
+                all(isinstance(x, str) for x in v) or is_ids(v) or all(is_ids(x) for x in v))):
+            return v
+        raise ValueError("must be a string, a list of strings, a list of token ids, or a list of "
+                         "token-id lists")
 
 
 class ChatMessage(OpenAIBaseModel):

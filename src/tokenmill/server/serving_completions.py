@@ -118,7 +118,7 @@ class ServingCompletion(OpenAIServing):
                     logprobs = CompletionLogProbs()
                     if req.echo:
                         completion_logprobs(self.tokenizer, p.token_ids, prompt_logprobs[i] or [],
-                                            req.logprobs, out=logprobs)
+                                            req.logprobs, out=logprobs, text=p.text)
                     offset = len(p.text) if req.echo else 0
                     completion_logprobs(self.tokenizer, s.token_ids, s.logprobs, req.logprobs,
                                         initial_offset=offset, out=logprobs)
@@ -188,7 +188,8 @@ class ServingCompletion(OpenAIServing):
             if logprobs is not None and (prompt_lps is None or len(prompt_lps) < len(prompt.token_ids)):
                 return None  # still prefilling: echo once every prompt position is scored
             if logprobs is not None:
-                completion_logprobs(self.tokenizer, prompt.token_ids, prompt_lps, req.logprobs, out=logprobs)
+                completion_logprobs(self.tokenizer, prompt.token_ids, prompt_lps, req.logprobs,
+                                    out=logprobs, text=prompt.text)
             text = prompt.text + text
         elif not text and not o.token_ids and o.finish_reason is None:
             return None

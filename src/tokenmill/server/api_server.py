@@ -1,0 +1,218 @@
+"""The OpenAI-compatible HTTP server: app wiring, lifespan and `run_server` only.
+
+Handlers live in serving_*.py, schemas in protocol.py, metrics in metrics.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+import tokenmill
+from tokenmill.config import EngineConfig
+from tokenmill.engine.async_llm import AsyncLLM
+from tokenmill.server.admission import Admission
+from tokenmill.server.args import ServerSettings, server_settings
+from tokenmill.server.errors import APIError, error_body, unavailable
+from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.middleware import RequestContextMiddleware
+from tokenmill.server.serving_chat import ServingChat
+from tokenmill.server.serving_completions import ServingCompletion
+from tokenmill.server.serving_tokenization import ServingTokenization
+
+logger = logging.getLogger("tokenmill.server")
+
+
+@dataclass
+class ServerState:
+    """What the routes need; one per app, stored in app.state.server."""
+
+    engine: AsyncLLM
+    config: EngineConfig
+    settings: ServerSettings
+    metrics: ServerMetrics
+    admission: Admission
+    completions: ServingCompletion
+    chat: ServingChat
+    tokenization: ServingTokenization
+    created: int
+
+
+def build_app(
+    engine_config: EngineConfig,
+    settings: ServerSettings,
+    engine: AsyncLLM | None = None,
+    url: str | None = None,
+) -> FastAPI:
+    """The FastAPI app serving one engine. The engine thread starts with the app's lifespan.
+
+    Args:
+        engine_config: the engine's configuration (served at /version).
+        settings: the HTTP layer's settings.
+        engine: an already built AsyncLLM (run_server builds it first, to log load time);
+            built from engine_config when None.
+        url: where the server listens, for the startup log.
+    """
+    engine = engine or AsyncLLM(engine_config)
+    metrics = ServerMetrics(engine, settings.model_name, engine_config.scheduler.max_model_len)
+    engine.on_output.append(metrics.on_output)
+    admission = Admission(engine, settings.max_waiting_requests)
+    parts = (engine, settings, metrics, admission)
+    state = ServerState(engine, engine_config, settings, metrics, admission, ServingCompletion(*parts),
+                        ServingChat(*parts), ServingTokenization(*parts), int(time.time()))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        where = f" at {url}/v1" if url else ""
+        logger.info("serving model %r%s", settings.model_name, where)
+        try:
+            yield
+        finally:
+            admission.draining = True
+            engine.shutdown()
+            logger.info("engine stopped")
+
+    app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
+    app.state.server = state
+    app.add_middleware(RequestContextMiddleware, api_key=settings.api_key,
+                       is_draining=lambda: admission.draining)
+    _add_exception_handlers(app)
+    _add_routes(app, state)
+    return app
+
+
+def _add_exception_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> Response:
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> Response:
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error", code=str(e.status_code)),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> Response:
+        return JSONResponse(error_body(f"Invalid request: {e.errors()[0].get('msg')}", "invalid_request_error"),
+                            status_code=400)
+
+
+def _add_routes(app: FastAPI, s: ServerState) -> None:
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await s.completions.create(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await s.chat.create(request)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return Response(s.tokenization.models(s.created).model_dump_json(), media_type="application/json")
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:
+        s.tokenization.check_model(model_id)
+        card = next(c for c in s.tokenization.models(s.created).data if c.id == model_id)
+        return Response(card.model_dump_json(), media_type="application/json")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return await s.tokenization.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return await s.tokenization.detokenize(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not s.engine.is_alive:
+            return unavailable("The engine is not running.", code="engine_dead").response()
+        if s.admission.draining:
+            return unavailable("The server is shutting down.", code="shutting_down").response()
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(s.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> dict[str, Any]:
+        return {"version": tokenmill.__version__, "name": "tokenmill", "config": s.config.to_dict()}
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app when a shutdown signal arrives so it refuses new
+    work (503) while uvicorn lets running requests finish (timeout_graceful_shutdown)."""
+
+    def __init__(self, config: uvicorn.Config, admission: Admission, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self._admission = admission
+        self._drain_timeout_s = drain_timeout_s
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self._admission.draining:
+            logger.info("received %s: draining, running requests get up to %.0f s to finish",
+                        signal.Signals(sig).name, self._drain_timeout_s)
+        self._admission.draining = True
+        super().handle_exit(sig, frame)
+
+
+@contextlib.contextmanager
+def _exit_cleanly_after_signals() -> Iterator[None]:
+    """uvicorn re-raises the shutdown signal once it has shut down gracefully, which would
+    kill the process with it (exit 143 for SIGTERM) after all. A no-op handler in place
+    during run() turns that into a normal return, so `tokenmill serve` exits 0."""
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """`tokenmill serve`: load the model, then serve until SIGTERM/SIGINT. Returns the exit code."""
+    from tokenmill.cli import engine_kwargs
+    from tokenmill.config import create_engine_config
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tokenmill").setLevel(args.log_level.upper())
+    try:
+        settings = server_settings(args)
+        start = time.monotonic()
+        config = create_engine_config(args.model, **engine_kwargs(args))
+        engine = AsyncLLM(config)
+    except (OSError, ValueError) as e:
+        logger.error("cannot start the server: %s", e)
+        return 2
+    core = engine.core
+    logger.info("loaded %s (%s, %s on %s) in %.1f s", config.model_path, config.model.architecture,
+                str(config.dtype).removeprefix("torch."), config.device, time.monotonic() - start)
+    logger.info("KV cache: %d blocks x %d tokens = %d tokens; max_model_len=%d, max_num_seqs=%d, "
+                "max_num_batched_tokens=%d, prefix caching %s", core.num_kv_blocks, config.cache.block_size,
+                core.kv_capacity_tokens, config.scheduler.max_model_len, config.scheduler.max_num_seqs,
+                config.scheduler.max_num_batched_tokens, "on" if config.cache.enable_prefix_caching else "off")
+    url = f"http://{args.host}:{args.port}"
+    app = build_app(config, settings, engine, url=url)
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                               timeout_graceful_shutdown=settings.drain_timeout_s)
+    server = _DrainingServer(uv_config, app.state.server.admission, settings.drain_timeout_s)
+    with _exit_cleanly_after_signals():
+        server.run()
+    return 0 if server.started else 1

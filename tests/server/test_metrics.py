@@ -1,0 +1,94 @@
+"""/metrics: vLLM's names under tokenmill:, values that move with traffic, and a client
+that hangs up (streaming or not) has its request aborted and its KV blocks freed."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from server_harness import MODEL_NAME, metric, running_server, wait_until
+
+# A longer context than the default tiny model, so a request can outlive the disconnect.
+LONG_CONTEXT = 2048
+LONG = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 2000, "ignore_eos": True}
+
+EXPECTED = [
+    "tokenmill:num_requests_running", "tokenmill:num_requests_waiting", "tokenmill:kv_cache_usage_perc",
+    "tokenmill:prefix_cache_queries_total", "tokenmill:prefix_cache_hits_total",
+    "tokenmill:num_preemptions_total", "tokenmill:prompt_tokens_total", "tokenmill:generation_tokens_total",
+    "tokenmill:time_to_first_token_seconds_count", "tokenmill:inter_token_latency_seconds_count",
+    "tokenmill:request_time_per_output_token_seconds_count", "tokenmill:e2e_request_latency_seconds_count",
+    "tokenmill:request_queue_time_seconds_count", "tokenmill:request_inference_time_seconds_count",
+    "tokenmill:request_prefill_time_seconds_count", "tokenmill:request_decode_time_seconds_count",
+    "tokenmill:request_prompt_tokens_count", "tokenmill:request_generation_tokens_count",
+    "tokenmill:request_params_n_count", "tokenmill:request_params_max_tokens_count",
+]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint_factory):
+    model = checkpoint_factory("llama", max_position_embeddings=LONG_CONTEXT)
+    with running_server(model) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with server.client() as c:
+        yield c
+
+
+def scrape(http: httpx.Client) -> str:
+    resp = http.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    return resp.text
+
+
+def test_names_labels_and_values_after_traffic(http):
+    # 40 tokens: two full KV blocks of 16 that the second request finds cached.
+    body = {"model": MODEL_NAME, "prompt": list(range(3, 43)), "max_tokens": 5, "ignore_eos": True}
+    for _ in range(2):  # the second one hits the prefix cache
+        assert http.post("/v1/completions", json=body).status_code == 200
+    text = scrape(http)
+    for name in EXPECTED:
+        metric(text, name, model_name=MODEL_NAME)
+    assert metric(text, "tokenmill:request_success_total", finished_reason="length") == 2
+    assert metric(text, "tokenmill:generation_tokens_total") == 10
+    assert metric(text, "tokenmill:time_to_first_token_seconds_count") == 2
+    assert metric(text, "tokenmill:inter_token_latency_seconds_count") == 8  # 4 gaps per request
+    assert metric(text, "tokenmill:request_time_per_output_token_seconds_count") == 2
+    assert metric(text, "tokenmill:request_generation_tokens_sum") == 10
+    assert metric(text, "tokenmill:prefix_cache_hits_total") > 0
+    assert metric(text, "tokenmill:num_requests_running") == 0
+    assert 0 <= metric(text, "tokenmill:kv_cache_usage_perc") <= 1
+
+
+def _idle_after_abort(http: httpx.Client, num_aborts: int) -> str | None:
+    text = scrape(http)
+    done = (metric(text, "tokenmill:request_success_total", finished_reason="abort") == num_aborts
+            and metric(text, "tokenmill:num_requests_running") == 0
+            and metric(text, "tokenmill:kv_cache_usage_perc") == 0)
+    return text if done else None
+
+
+def test_disconnect_mid_stream_frees_blocks(server, http):
+    with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert next(lines) == ""
+        assert next(lines).startswith("data: ")
+        assert metric(scrape(http), "tokenmill:kv_cache_usage_perc") > 0
+    # Hung up; the engine aborts the request and frees its blocks.
+    text = wait_until(lambda: _idle_after_abort(http, 1), timeout=5)
+    assert metric(text, "tokenmill:generation_tokens_total") < 1000
+    assert server.state.engine.num_unfinished == 0
+    assert server.state.admission.num_inflight_seqs == 0
+
+
+def test_disconnect_while_waiting_for_a_full_response(server, http):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", timeout=0.5,
+                   json={**LONG, "prompt": None, "messages": [{"role": "user", "content": "Hi"}]})
+    wait_until(lambda: _idle_after_abort(http, 2), timeout=5)
+    assert server.state.engine.num_unfinished == 0
+    assert server.state.admission.num_inflight_seqs == 0
+    assert http.post("/v1/completions", json={**LONG, "max_tokens": 3}).status_code == 200
