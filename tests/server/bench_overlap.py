@@ -119,7 +119,7 @@ async def _load(url: str, num_streams: int, max_tokens: int, prompt_len: int) ->
         await prober
 
     def pct(xs: list[float], q: float) -> float:
-        return statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else (xs or [0.0])[0]
+        return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else (xs or [0.0])[0]
 
     return {
         "tokens_per_s": sum(counts) / elapsed,
