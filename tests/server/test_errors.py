@@ -76,7 +76,9 @@ def test_malformed_json_is_400_not_422(http):
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"content": "x"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"content": "x"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"add_generation_prompt": False}},
+     "chat_template_kwargs"),
 ])
 def test_invalid_parameters_are_400_naming_the_parameter(http, path, body, param):
     assert_error(http.post(path, json=body), 400, param=param)
@@ -105,6 +107,16 @@ def test_harmless_values_of_unsupported_fields_are_accepted(http):
     body = {**CHAT, "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {},
             "store": False, "metadata": {"a": "b"}, "some_vendor_field": 1}
     assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_null_optional_fields_mean_the_default(http):
+    nulls = {k: None for k in ("n", "temperature", "top_p", "stop", "seed", "stream", "logprobs", "echo",
+                               "ignore_eos", "min_tokens", "user", "stream_options", "presence_penalty")}
+    resp = http.post("/v1/completions", json={**GOOD, **nulls})
+    assert resp.status_code == 200 and len(resp.json()["choices"]) == 1
+    resp = http.post("/v1/chat/completions", json={**CHAT, **nulls, "echo": None, "logprobs": None,
+                                                    "top_logprobs": None, "max_completion_tokens": None})
+    assert resp.status_code == 200
 
 
 def test_non_text_content_parts_are_400(http):

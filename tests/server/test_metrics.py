@@ -87,7 +87,8 @@ def test_disconnect_mid_stream_frees_blocks(server, http):
 def test_disconnect_while_waiting_for_a_full_response(server, http):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", timeout=0.5,
-                   json={**LONG, "prompt": None, "messages": [{"role": "user", "content": "Hi"}]})
+                   json={"model": MODEL_NAME, "max_tokens": 2000, "ignore_eos": True,
+                         "messages": [{"role": "user", "content": "Hi"}]})
     wait_until(lambda: _idle_after_abort(http, 2), timeout=5)
     assert server.state.engine.num_unfinished == 0
     assert server.state.admission.num_inflight_seqs == 0

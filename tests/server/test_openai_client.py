@@ -8,8 +8,8 @@ import time
 
 import openai
 import pytest
-
 from server_harness import MODEL_NAME, running_server
+
 from tokenmill.engine.llm import LLM
 from tokenmill.sampling_params import SamplingParams
 

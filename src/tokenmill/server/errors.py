@@ -58,10 +58,14 @@ def unavailable(message: str, code: str) -> APIError:
 def from_validation_error(e: ValidationError) -> APIError:
     """A 400 naming the first invalid field, instead of FastAPI's 422 with pydantic's dump."""
     err = e.errors(include_url=False)[0]
-    loc = [str(x) for x in err["loc"]]
-    # Union members add their type to the path ("prompt.list[int].0"); drop those parts.
-    loc = [x for x in loc if "[" not in x and x not in ("str", "int", "float", "bool")]
-    param = ".".join(loc) or None
+    param = ""
+    for part in err["loc"]:
+        if isinstance(part, int):
+            param += f"[{part}]"  # messages[0].role, as OpenAI names list items
+        elif "[" not in part and part not in ("str", "int", "float", "bool"):
+            # (union members add their type to the path, "prompt.list[int]"; dropped)
+            param += f".{part}" if param else part
+    param = param or None
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         return bad_request(f"'{param}' is a required field.", param=param)

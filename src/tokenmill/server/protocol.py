@@ -12,14 +12,36 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 # torch.Generator.manual_seed takes a 64-bit value; n>1 adds the sample index to it.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 1024
 
 
+# Fields where an explicit null means something other than the default (vLLM: no limit).
+_NULL_IS_MEANINGFUL = frozenset({"max_tokens"})
+
+
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # Many clients send every optional field, unset ones as null ("n": null); OpenAI
+        # reads null as "use the default", so do the same instead of failing validation.
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items()
+                    if not (v is None and k in fields and k not in _NULL_IS_MEANINGFUL)}
+        return data
 
 
 class StreamOptions(BaseModel):

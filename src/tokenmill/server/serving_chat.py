@@ -36,6 +36,8 @@ logger = logging.getLogger("tokenmill.server")
 # OpenAI's "developer" role replaces "system" for its newer models; templates know "system".
 _ROLE_ALIASES = {"developer": "system"}
 _ROLES = ("system", "user", "assistant")
+# Template variables the server sets itself; chat_template_kwargs may not override them.
+_RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "chat_template", "tools", "documents"})
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -86,6 +88,10 @@ class ServingChat(OpenAIServing):
             raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
         self.check_num_logprobs(req.top_logprobs, "top_logprobs")
         num_top = (req.top_logprobs or 0) if req.logprobs else None
+        reserved = _RESERVED_TEMPLATE_KWARGS & set(req.chat_template_kwargs or {})
+        if reserved:
+            raise bad_request(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}.",
+                              param="chat_template_kwargs")
         try:
             prompt = self.tokenizer.apply_chat_template(
                 template_messages(req.messages), add_generation_prompt=req.add_generation_prompt,
