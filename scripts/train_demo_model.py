@@ -9,7 +9,8 @@ default, so tests, docs and `make run` work from a fresh clone without any downl
     python scripts/train_demo_model.py --max-steps 50 --output-dir /tmp/demo   # smoke run
 
 transformers is used here only as the training reference implementation; tokenmill never
-imports it at run time. The defaults take ~12 minutes on 2 CPU cores (AVX-512 bf16).
+imports it at run time. The defaults take ~12 minutes on 2 idle CPU cores (AVX-512 bf16,
+~3,300 tokens/s); expect more when other processes share the CPU.
 """
 
 from __future__ import annotations
@@ -407,7 +408,7 @@ anything else.
   ({args.max_steps * args.batch_size * args.seq_len / 1e6:.1f}M tokens), AdamW lr {args.lr} cosine,
   bf16 autocast, {100 * args.chat_fraction:.0f}% of rows chat examples built from consecutive
   speeches (one speech as the user turn, the next as the assistant's reply), seed {args.seed}.
-  Took {train_s / 60:.1f} min on 2 CPU cores.
+  Took {train_s / 60:.1f} min wall time on 2 CPU cores (shared; ~12 min on an idle machine).
 - Validation (last {100 * args.val_fraction:.0f}% of the corpus, held out): loss {val_loss:.3f},
   perplexity {math.exp(val_loss):.1f} per token.
 
