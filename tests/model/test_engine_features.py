@@ -155,7 +155,6 @@ def test_garbage_in_fresh_kv_memory_is_harmless(checkpoint_factory):
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     clean = [o.outputs[0].token_ids for o in LLM(model_dir, dtype="float32", block_size=4).generate(prompts, params, use_tqdm=False)]
     llm = LLM(model_dir, dtype="float32", block_size=4)
-    for k, v in llm.engine.runner.kv_caches:
-        k.fill_(float("nan"))
-        v.fill_(float("nan"))
+    for kv in llm.engine.runner.kv_caches:
+        kv.fill_(float("nan"))
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == clean

@@ -67,6 +67,8 @@ def _serve(args: argparse.Namespace) -> None:
         def shutdown(self) -> None:
             self._stopping.set()
 
+    if args.mode.startswith("thread-"):  # e.g. thread-0.5: GIL switch interval in ms
+        sys.setswitchinterval(float(args.mode.split("-")[1]) / 1e3)
     config = create_engine_config(args.model, dtype=args.dtype, num_kv_blocks=args.num_kv_blocks)
     engine = (InlineAsyncLLM if args.mode == "inline" else AsyncLLM)(config)
     app = build_app(config, ServerSettings(served_model_names=("m",), log_requests=False), engine)
@@ -137,7 +139,10 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--num-kv-blocks", type=int, default=1024)
-    p.add_argument("--modes", default="thread,inline")
+    p.add_argument("--modes", default="thread,inline",
+                   help="comma-separated; thread-X = thread with a GIL switch interval of X ms")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of all modes, interleaved so machine noise hits each alike; medians reported")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="thread", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -149,8 +154,8 @@ def main() -> None:
         from tokenmill.bench.model_configs import cached_checkpoint
 
         args.model = str(cached_checkpoint(args.arch))
-    results = {}
-    for mode in args.modes.split(","):
+    results: dict[str, list[dict]] = {}
+    for mode in args.modes.split(",") * args.repeat:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -165,11 +170,16 @@ def main() -> None:
                         break
                 except httpx.TransportError:
                     time.sleep(0.1)
-            results[mode] = asyncio.run(_load(url, args.streams, args.max_tokens, args.prompt_len))
+            result = asyncio.run(_load(url, args.streams, args.max_tokens, args.prompt_len))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-        print(mode, json.dumps({k: round(v, 1) for k, v in results[mode].items()}), flush=True)
+        results.setdefault(mode, []).append(result)
+        print(mode, json.dumps({k: round(v, 1) for k, v in result.items()}), flush=True)
+    if args.repeat > 1:
+        for mode, runs in results.items():
+            medians = {k: round(statistics.median(r[k] for r in runs), 1) for k in runs[0]}
+            print("median", mode, json.dumps(medians), flush=True)
 
 
 if __name__ == "__main__":

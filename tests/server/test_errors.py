@@ -245,3 +245,5 @@ def test_overload_is_503_with_retry_after_and_no_pile_up(strict_server):
         assert_error(r, 503, code="engine_overloaded")
     with strict_server.client(headers=headers) as c:
         assert_still_serving(c)
+        # More sequences than running batch + queue could ever hold: 400, not a retry loop.
+        assert_error(c.post("/v1/completions", json={**GOOD, "n": 5}), 400, param="n")

@@ -16,7 +16,7 @@ from tokenmill.model.layers.attention import AttentionMetadata, paged_attention,
 from tokenmill.model.layers.norm import RMSNorm
 from tokenmill.model.layers.rotary import RotaryEmbedding
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # K, V: [num_blocks, block_size, Hkv, D] each
+KVCache = torch.Tensor  # [2 (K, V), Hkv, num_blocks, block_size, D], one per layer
 
 
 class Attention(nn.Module):
@@ -44,9 +44,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
+        write_kv(kv_cache, k, v, meta)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
 
 

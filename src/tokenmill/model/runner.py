@@ -9,7 +9,7 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.scheduler_output import ScheduledRequest, SchedulerOutput
-from tokenmill.model.layers.attention import AttentionMetadata
+from tokenmill.model.layers.attention import AttentionMetadata, kv_cache_shape
 from tokenmill.model.layers.sampler import Sampler, SampledLogprobs, SamplingState, gather_logprobs
 from tokenmill.model.loader import load_model
 
@@ -57,15 +57,9 @@ class ModelRunner:
         self.model = load_model(config.model_path, config.model, config.dtype, self.device, max_positions)
         self.num_blocks = num_kv_blocks_for(config)
         m = config.model
-        shape = (self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        shape = kv_cache_shape(self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         # torch.empty: untouched pages cost no RAM on CPU until a block is first written.
-        self.kv_caches = [
-            (
-                torch.empty(shape, dtype=config.dtype, device=self.device),
-                torch.empty(shape, dtype=config.dtype, device=self.device),
-            )
-            for _ in range(m.num_layers)
-        ]
+        self.kv_caches = [torch.empty(shape, dtype=config.dtype, device=self.device) for _ in range(m.num_layers)]
         self._clear_blocks([0])  # padding entries of decode block tables point at block 0
         self.sampler = Sampler()
 
@@ -74,9 +68,8 @@ class ModelRunner:
         # are fine, but uninitialised memory may hold NaN, and 0 * NaN in the weighted
         # sum of V poisons the output. Zeroing a block when it is handed out is cheap.
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        for k_cache, v_cache in self.kv_caches:
-            k_cache.index_fill_(0, idx, 0)
-            v_cache.index_fill_(0, idx, 0)
+        for kv_cache in self.kv_caches:
+            kv_cache.index_fill_(2, idx, 0)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -109,7 +102,7 @@ class ModelRunner:
     ) -> AttentionMetadata:
         dev = self.device
         decodes = [r for r in reqs if len(r.token_ids) == 1]
-        tables = seq_lens = None
+        tables = seq_lens = mask = None
         max_len = 0
         if decodes:
             max_blocks = max(len(r.block_ids) for r in decodes)
@@ -121,6 +114,10 @@ class ModelRunner:
             lens = [r.num_computed_tokens + 1 for r in decodes]
             seq_lens = torch.tensor(lens, dtype=torch.long, device=dev)
             max_len = max(lens)
+            visible = torch.arange(max_len, device=dev)[None, :] < seq_lens[:, None]  # [B, L]
+            # Built once per step, shared by every layer.
+            mask = torch.zeros(visible.shape, dtype=torch.float32, device=dev).masked_fill_(~visible, float("-inf"))
+            mask = mask[None, :, None, :]  # [1, B, 1, L]: broadcast over heads and the group
         prefills = []
         for r, start in zip(reqs[len(decodes) :], starts[len(decodes) :]):
             num_blocks = -(-(r.num_computed_tokens + len(r.token_ids)) // self.block_size)
@@ -131,8 +128,8 @@ class ModelRunner:
             block_size=self.block_size,
             num_decodes=len(decodes),
             decode_block_tables=tables,
-            decode_seq_lens=seq_lens,
             decode_max_seq_len=max_len,
+            decode_mask=mask,
             prefills=prefills,
         )
 

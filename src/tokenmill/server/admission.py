@@ -9,7 +9,7 @@ run high: admission errs towards refusing early, never towards an unbounded pile
 from __future__ import annotations
 
 from tokenmill.engine.async_llm import AsyncLLM
-from tokenmill.server.errors import unavailable
+from tokenmill.server.errors import bad_request, unavailable
 
 
 class Admission:
@@ -29,10 +29,15 @@ class Admission:
         """Admit `num_seqs` new sequences or raise a 503 APIError (with Retry-After).
 
         A request is refused when the waiting queue would exceed the limit; a request larger
-        than the limit alone is still admitted into an empty queue, so it is not refused forever.
+        than the limit alone is still admitted into an empty queue, so it is not refused
+        forever, unless it could not even fit running batch plus queue (400: retrying is futile).
         """
         if self.draining:
             raise unavailable("The server is shutting down.", code="shutting_down")
+        most = self.engine.config.scheduler.max_num_seqs + self.max_waiting_requests
+        if num_seqs > most:
+            raise bad_request(f"The request asks for {num_seqs} sequences (prompts x n); this server "
+                              f"takes at most {most} at once.", param="n")
         waiting = self.num_waiting_estimate
         if waiting > 0 and waiting + num_seqs > self.max_waiting_requests:
             raise unavailable(

@@ -1,8 +1,13 @@
 """Attention over the paged KV cache for one flat batch of tokens.
 
+Cache layout, per layer: ONE tensor [2 (K, V), num_kv_heads, num_blocks, block_size,
+head_dim]. Heads outermost means that gathering a batch's blocks with one index op
+yields [2, Hkv, B, L, D], where every (head, request) pair is a contiguous [L, D]
+matrix: batched matmuls consume it with no further copy.
+
 The runner orders a step's requests decodes first (one query token each), then
-prefill chunks. Decodes are batched in one SDPA call over their gathered blocks;
-each prefill chunk attends causally to its cached context plus its own tokens.
+prefill chunks. Decodes share one gather and two batched matmuls; each prefill chunk
+attends causally to its cached context plus its own tokens.
 """
 
 from __future__ import annotations
@@ -21,39 +26,36 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     block_size: int
     num_decodes: int  # the first num_decodes tokens are single-token decodes, one per request
-    # Decodes: [num_decodes, max_blocks] block tables (padded with 0) and [num_decodes] context lengths
+    # Decodes: [num_decodes, max_blocks] block tables (padded with block 0), longest context
     decode_block_tables: torch.Tensor | None
-    decode_seq_lens: torch.Tensor | None
     decode_max_seq_len: int
+    decode_mask: torch.Tensor | None  # [1, num_decodes, 1, max_seq_len] float: 0 where visible, -inf past the end
     # Prefill chunks, one entry each: (first token index in the batch, number of query
     # tokens, number of tokens already in the cache before this chunk, block ids tensor)
     prefills: list[tuple[int, int, int, torch.Tensor]]
 
 
-def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-) -> None:
-    """Store this step's K/V. Caches: [num_blocks, block_size, Hkv, D]; k, v: [T, Hkv, D]."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    return (2, num_kv_heads, num_blocks, block_size, head_dim)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Store this step's keys and values. k, v: [T, Hkv, D]."""
+    two, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
+    slots = kv_cache.view(two, num_kv_heads, num_blocks * block_size, head_dim)
+    slots[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    slots[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
 
 def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Attention of every query token to its request's context.
 
     Args:
         q: [T, Hq, D] queries; k, v: [T, Hkv, D] this step's keys/values (already written
             to the cache by `write_kv`).
-        k_cache, v_cache: [num_blocks, block_size, Hkv, D].
+        kv_cache: [2, Hkv, num_blocks, block_size, D].
     Returns:
         [T, Hq, D].
     """
@@ -62,16 +64,7 @@ def paged_attention(
     gqa = q.shape[1] != num_kv_heads
     nd = meta.num_decodes
     if nd:
-        tables = meta.decode_block_tables  # [B, max_blocks]
-        max_len = meta.decode_max_seq_len
-        # [B, max_blocks * block_size, Hkv, D] -> trim -> [B, Hkv, L, D]
-        kd = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-        vd = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-        pos = torch.arange(max_len, device=q.device)
-        mask = (pos[None, :] < meta.decode_seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
-        qd = q[:nd].unsqueeze(2)  # [B, Hq, 1, D]
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[:nd] = od.squeeze(2)
+        out[:nd] = _decode_attention(q[:nd], kv_cache, meta, scale)
     for start, q_len, ctx_len, block_ids in meta.prefills:
         qp = q[start : start + q_len].transpose(0, 1)  # [Hq, q_len, D]
         if ctx_len == 0:
@@ -81,11 +74,34 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             seq_len = ctx_len + q_len
-            kp = k_cache[block_ids].view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
-            vp = v_cache[block_ids].view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+            # [2, Hkv, n, block_size, D] -> [2, Hkv, seq_len, D]
+            kvp = kv_cache[:, :, block_ids].flatten(2, 3)[:, :, :seq_len]
             # Query i sits at absolute position ctx_len + i and sees keys 0..ctx_len + i.
             qi = torch.arange(q_len, device=q.device)[:, None] + ctx_len
             kj = torch.arange(seq_len, device=q.device)[None, :]
-            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=kj <= qi, scale=scale, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(qp, kvp[0], kvp[1], attn_mask=kj <= qi, scale=scale, enable_gqa=gqa)
         out[start : start + q_len] = o.transpose(0, 1)
     return out
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query token per request over its gathered blocks. q: [B, Hq, D] -> [B, Hq, D].
+
+    Two batched matmuls instead of SDPA: with one query row and a padding mask the CPU
+    SDPA kernels were 2-3x slower (docs/performance.md). The query heads of a KV group
+    are stacked as rows, so GQA needs no K/V repeat.
+    """
+    num_reqs, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[1]
+    group = num_heads // num_kv_heads
+    max_len = meta.decode_max_seq_len
+    # [2, Hkv, B, max_blocks, block_size, D] -> [2, Hkv * B, L_pad, D], contiguous
+    kv = kv_cache[:, :, meta.decode_block_tables].flatten(3, 4).flatten(1, 2)
+    k, v = kv[0, :, :max_len], kv[1, :, :max_len]  # [Hkv * B, L, D]
+    # [B, Hkv, G, D] -> [Hkv * B, G, D]
+    qg = q.view(num_reqs, num_kv_heads, group, head_dim).transpose(0, 1).reshape(-1, group, head_dim)
+    scores = torch.bmm(qg, k.transpose(1, 2)).float()  # [Hkv * B, G, L]
+    scores = scores.view(num_kv_heads, num_reqs, group, max_len).mul_(scale).add_(meta.decode_mask)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(-1, group, max_len)
+    o = torch.bmm(probs, v)  # [Hkv * B, G, D]
+    return o.view(num_kv_heads, num_reqs, group, head_dim).transpose(0, 1).reshape(num_reqs, num_heads, head_dim)
