@@ -8,17 +8,50 @@ import torch
 from torch import nn
 
 from tokenmill.config import ModelConfig
+from tokenmill.model.layers.linear import Linear
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.weights import iter_weights
 
 # Tensors some checkpoints carry that we recompute instead of loading.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
+# Checkpoint projections that we store stacked in one fused parameter:
+# HF module name -> (our module name, index of the shard in the stack).
+_STACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 
-def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+
+def _shard_sizes(cfg: ModelConfig, fused: str) -> list[int]:
+    if fused == "qkv_proj":
+        return [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+    return [cfg.intermediate_size, cfg.intermediate_size]
+
+
+def _target(cfg: ModelConfig, hf_name: str) -> tuple[str, slice | None]:
+    """Where a checkpoint tensor goes: (our parameter name, rows of it or None for all)."""
+    module_path, _, attr = hf_name.rpartition(".")
+    parent, _, leaf = module_path.rpartition(".")
+    if leaf in _STACKED:
+        fused, index = _STACKED[leaf]
+        sizes = _shard_sizes(cfg, fused)
+        start = sum(sizes[:index])
+        return f"{parent}.{fused}.{attr}", slice(start, start + sizes[index])
+    return hf_name, None
+
+
+def _materialize(model: nn.Module, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    param = module._parameters[attr]
+    if param.device.type == "meta":
+        param = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False)
+        module._parameters[attr] = param
+    return param.data
 
 
 def load_model(
@@ -26,14 +59,25 @@ def load_model(
 ) -> LlamaForCausalLM:
     """Build the model and fill it from the checkpoint's safetensors.
 
-    Weights already in `dtype` on CPU stay memory-mapped (no copy). Raises ValueError
-    naming the tensor when a tensor is missing, unexpected or of the wrong shape.
+    Raises ValueError naming the tensor when a tensor is missing, unexpected or of the
+    wrong shape.
     """
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
-    expected = {n: p.shape for n, p in model.named_parameters()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+    params = dict(model.named_parameters())
+    # Every checkpoint tensor we expect, by its HF name, with the shape it must have.
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, p in params.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        module_path, _, attr = name.rpartition(".")
+        parent, _, leaf = module_path.rpartition(".")
+        shards = [k for k, (fused, _) in _STACKED.items() if fused == leaf]
+        if not shards:
+            expected[name] = tuple(p.shape)
+            continue
+        for hf_leaf, rows in zip(shards, _shard_sizes(cfg, leaf)):
+            expected[f"{parent}.{hf_leaf}.{attr}"] = (rows, *p.shape[1:])
     loaded: set[str] = set()
     for name, tensor in iter_weights(model_dir):
         if name.endswith(_IGNORED_SUFFIXES):
@@ -45,12 +89,19 @@ def load_model(
                 f"{model_dir}: unexpected tensor {name!r} for {cfg.architecture} "
                 "(does config.json match the weights?)."
             )
-        if tuple(tensor.shape) != tuple(expected[name]):
+        if tuple(tensor.shape) != expected[name]:
             raise ValueError(
                 f"{model_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"config.json implies {tuple(expected[name])}."
+                f"config.json implies {expected[name]}."
             )
-        _set_param(model, name, tensor.to(device=device, dtype=dtype))
+        target, rows = _target(cfg, name)
+        if rows is None and tensor.dtype == dtype and device.type == "cpu":
+            # Keep it memory-mapped: no copy at load.
+            module_name, _, attr = target.rpartition(".")
+            model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            dest = _materialize(model, target, dtype, device)
+            (dest if rows is None else dest[rows]).copy_(tensor)
         loaded.add(name)
     missing = sorted(set(expected) - loaded)
     if missing:
@@ -58,7 +109,9 @@ def load_model(
         raise ValueError(f"{model_dir}: checkpoint is missing tensors: {shown}.")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Buffers (rotary cos/sin) were created on meta; rebuild them for real on the device.
     model.model.rotary.materialize(device)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.pack_for_cpu()
     model.eval()
     return model

@@ -26,10 +26,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     block_size: int
     num_decodes: int  # the first num_decodes tokens are single-token decodes, one per request
-    # Decodes: [num_decodes, max_blocks] block tables (padded with block 0), longest context
+    # Decodes: [num_decodes, max_blocks] block tables (padded with block 0)
     decode_block_tables: torch.Tensor | None
-    decode_max_seq_len: int
-    decode_mask: torch.Tensor | None  # [1, num_decodes, 1, max_seq_len] float: 0 where visible, -inf past the end
+    # [1, num_decodes, max_blocks * block_size, 1] float: 0 where visible, -inf past the end
+    decode_mask: torch.Tensor | None
     # Prefill chunks, one entry each: (first token index in the batch, number of query
     # tokens, number of tokens already in the cache before this chunk, block ids tensor)
     prefills: list[tuple[int, int, int, torch.Tensor]]
@@ -94,14 +94,16 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     num_reqs, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[1]
     group = num_heads // num_kv_heads
-    max_len = meta.decode_max_seq_len
-    # [2, Hkv, B, max_blocks, block_size, D] -> [2, Hkv * B, L_pad, D], contiguous
+    # [2, Hkv, B, max_blocks, block_size, D] -> [2, Hkv * B, L, D], contiguous; L covers
+    # whole blocks (the mask hides the tail), so no slice breaks the contiguity.
     kv = kv_cache[:, :, meta.decode_block_tables].flatten(3, 4).flatten(1, 2)
-    k, v = kv[0, :, :max_len], kv[1, :, :max_len]  # [Hkv * B, L, D]
-    # [B, Hkv, G, D] -> [Hkv * B, G, D]
-    qg = q.view(num_reqs, num_kv_heads, group, head_dim).transpose(0, 1).reshape(-1, group, head_dim)
-    scores = torch.bmm(qg, k.transpose(1, 2)).float()  # [Hkv * B, G, L]
-    scores = scores.view(num_kv_heads, num_reqs, group, max_len).mul_(scale).add_(meta.decode_mask)
-    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(-1, group, max_len)
-    o = torch.bmm(probs, v)  # [Hkv * B, G, D]
+    k, v = kv[0], kv[1]
+    seq_len = k.shape[1]
+    # [B, Hkv, G, D] -> [Hkv * B, D, G]
+    qg = q.view(num_reqs, num_kv_heads, group, head_dim).permute(1, 0, 3, 2).reshape(-1, head_dim, group)
+    # K @ q^T keeps K in its stored row-major form; q^K would make BLAS copy K.
+    scores = torch.bmm(k, qg).float()  # [Hkv * B, L, G]
+    scores = scores.view(num_kv_heads, num_reqs, seq_len, group).mul_(scale).add_(meta.decode_mask)
+    probs = torch.softmax(scores, dim=2).to(q.dtype).view(-1, seq_len, group)
+    o = torch.bmm(probs.transpose(1, 2), v)  # [Hkv * B, G, D]
     return o.view(num_kv_heads, num_reqs, group, head_dim).transpose(0, 1).reshape(num_reqs, num_heads, head_dim)
