@@ -108,4 +108,8 @@ class SamplingParams:
         child.all_stop_token_ids = set(self.all_stop_token_ids)
         if self.seed is not None:
             child.seed = self.seed + index
+        if index > 0:
+            # The prompt is scored once, by sample 0; the others may then reuse its
+            # blocks through the prefix cache (prompt logprobs disable cache hits).
+            child.prompt_logprobs = None
         return child

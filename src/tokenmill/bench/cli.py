@@ -11,6 +11,7 @@ import sys
 
 from tokenmill.bench import commands
 from tokenmill.bench.model_configs import MODEL_CONFIGS
+from tokenmill.bench.reference import DEFAULT_CONCURRENCIES as REFERENCE_MODELS
 from tokenmill.bench.workloads import DATASET_NAMES
 
 _DB_HELP = ("SQLite history file (default: $TOKENMILL_BENCH_DB, else "
@@ -132,7 +133,7 @@ def _add_metrics(p: argparse.ArgumentParser) -> None:
 
 
 def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Register serve, sweep, capacity, throughput, history, compare and report.
+    """Register serve, sweep, capacity, throughput, reference, history, compare and report.
 
     Args:
         sub: the subparsers object of the `bench` parser; each command sets `func`, which
@@ -204,6 +205,38 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="tokenmill: KV cache budget, e.g. 2GiB or 512MiB (default: the engine's).")
     _add_context(p)
     p.set_defaults(func=commands.cmd_throughput)
+
+    p = sub.add_parser("reference",
+                       help="Reproduce the performance reference table (tokenmill vs HF, offline and served).",
+                       description="Measure tokenmill offline, HF transformers generate and tokenmill served side "
+                                   "by side on random-weight checkpoints with real models' configs (bf16, "
+                                   "greedy, ignore_eos) and write the tables as Markdown. Progress goes to "
+                                   "stderr; every measurement is also stored in the history (label "
+                                   "'reference'). The full default run takes a long time on a CPU (HF at "
+                                   "concurrency 64 on the 1B model alone can take many minutes).")
+    p.add_argument("--output", "-o", default=None, metavar="FILE",
+                   help="Markdown file to update: only the text between <!-- reference:begin --> and "
+                        "<!-- reference:end --> is replaced (the block is appended when the markers are "
+                        "absent); stdout then gets the run ids. Default: print the Markdown on stdout.")
+    p.add_argument("--models", default=",".join(REFERENCE_MODELS), metavar="M1,M2",
+                   help=f"Model configs to measure, comma-separated (default {','.join(REFERENCE_MODELS)}); "
+                        "served and prefill rows are measured for smollm2-135m only.")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="Measure this HF checkpoint instead of the model configs (with served and prefill rows).")
+    p.add_argument("--concurrency", default=None, metavar="C1,C2",
+                   help="Concurrencies for every model (default 1,16,64 for smollm2-135m and --model, "
+                        "1,64 for the others).")
+    p.add_argument("--no-hf", dest="hf", action="store_false", help="Skip the HF transformers baseline.")
+    p.add_argument("--no-served", dest="served", action="store_false",
+                   help="Skip the served rows (no `tokenmill serve` subprocess).")
+    p.add_argument("--no-prefill", dest="prefill", action="store_false", help="Skip the prefill rows.")
+    p.add_argument("--input-len", type=int, default=128, help="Prompt tokens per request (default %(default)s).")
+    p.add_argument("--output-len", type=int, default=128,
+                   help="Generated tokens per request (ignore_eos) (default %(default)s).")
+    p.add_argument("--prefill-len", type=int, default=1024,
+                   help="Prompt tokens of the prefill rows (default %(default)s).")
+    _add_db(p)
+    p.set_defaults(func=commands.cmd_reference)
 
     p = sub.add_parser("history", help="List stored runs, filtered.")
     _add_db(p)

@@ -194,6 +194,35 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+@_handles_errors
+def cmd_reference(args: argparse.Namespace) -> int:
+    from tokenmill.bench.reference import (
+        ReferenceSpec,
+        command_line,
+        render_markdown,
+        run_reference,
+        write_marked,
+    )
+
+    spec = ReferenceSpec(models=_csv(args.models, str.strip), concurrencies=_csv(args.concurrency, int),
+                         model_dir=args.model, input_len=args.input_len, output_len=args.output_len,
+                         prefill_len=args.prefill_len, with_hf=args.hf, with_served=args.served,
+                         with_prefill=args.prefill)
+    with Store(args.db) as store:
+        result = run_reference(spec, store)
+        display.err_console.print(f"saved {len(result.run_ids)} runs to {store.path}")
+    markdown = render_markdown(result, command_line(spec, args.output))
+    if args.output:
+        write_marked(Path(args.output), markdown)
+        display.err_console.print(f"wrote {args.output}")
+        for run_id in result.run_ids:
+            print(run_id)
+    else:
+        print(markdown, end="")
+    served = [r.served for r in result.decode_rows if r.served]
+    return 1 if any(s.num_completed == 0 for s in served) else 0
+
+
 def run_to_json(r: RunRecord) -> dict:
     """A run as the JSON object `history --json` prints."""
     return {"id": r.id, "time": r.created_at, "kind": r.kind, "hardware_sku": r.hardware_sku,

@@ -42,8 +42,8 @@ class AsyncLLM:
         self.config = config
         self.tokenizer = tokenizer or Tokenizer.from_dir(config.model_path)
         self.core = EngineCore(config)
-        self.processor = OutputProcessor(self.tokenizer)
-        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(config.model.eos_token_ids)
+        eos_ids = set(self.tokenizer.eos_token_ids) | set(config.model.eos_token_ids)
+        self.processor = OutputProcessor(self.tokenizer, eos_ids)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,9 +94,6 @@ class AsyncLLM:
         if not self.is_alive:
             raise EngineDeadError("the engine is not running.")
         self.validate(prompt_token_ids, params)
-        params.all_stop_token_ids = set(params.stop_token_ids) | (
-            set() if params.ignore_eos else self.eos_token_ids
-        )
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
         children = self.processor.add_request(request_id, prompt, prompt_token_ids, params, delta=True)

@@ -48,8 +48,8 @@ class LLM:
         self.config: EngineConfig = create_engine_config(model, **engine_args)
         self.tokenizer = Tokenizer.from_dir(self.config.model_path)
         self.engine = EngineCore(self.config)
-        self.processor = OutputProcessor(self.tokenizer)
-        self._eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.config.model.eos_token_ids)
+        eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.model.eos_token_ids)
+        self.processor = OutputProcessor(self.tokenizer, eos_ids)
         self._defaults = default_sampling_params(self.config.model_path)
         self._counter = itertools.count()
 
@@ -136,9 +136,6 @@ class LLM:
         self, text: str | None, token_ids: list[int], params: SamplingParams, delta: bool = False
     ) -> str:
         request_id = str(next(self._counter))
-        params.all_stop_token_ids = set(params.stop_token_ids) | (
-            set() if params.ignore_eos else self._eos_token_ids
-        )
         children = self.processor.add_request(request_id, text, token_ids, params, delta=delta)
         try:
             for i, (cid, child_params) in enumerate(children):

@@ -61,8 +61,10 @@ class _RequestState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: set[int]) -> None:
         self.tokenizer = tokenizer
+        # The model's end tokens: tokenizer eos plus generation/model config eos ids.
+        self.eos_token_ids = set(eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
         self._children: dict[str, tuple[_RequestState, _Sample]] = {}
 
@@ -76,6 +78,7 @@ class OutputProcessor:
         arrival_time: float | None = None,
     ) -> list[tuple[str, SamplingParams]]:
         """Register a request; returns the (engine request id, params) of each sample."""
+        params.all_stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         samples = []
         for i in range(params.n):
             child = params if params.n == 1 else params.clone_for_child(i)
