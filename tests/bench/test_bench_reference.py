@@ -21,6 +21,7 @@ from tokenmill.bench.reference import (
     MARK_END,
     ReferenceSpec,
     command_line,
+    full_vocab_view,
     write_marked,
 )
 
@@ -103,3 +104,16 @@ def test_command_line_and_spec_validation():
         ReferenceSpec(models=("gpt-5",))
     with pytest.raises(ValueError):
         ReferenceSpec(concurrencies=(0,))
+
+
+def test_full_vocab_view_links_weights_and_covers_vocab(tmp_path):
+    from tokenizers import Tokenizer
+
+    ckpt = build_checkpoint(TINY_LLAMA, tmp_path / "ckpt")  # carries the demo model's tokenizer
+    view = full_vocab_view(ckpt, TINY_LLAMA, tmp_path / "views" / "tiny")
+    assert (view / "model.safetensors").resolve() == (ckpt / "model.safetensors").resolve()
+    assert (view / "config.json").read_text() == (ckpt / "config.json").read_text()
+    tok = Tokenizer.from_file(str(view / "tokenizer.json"))
+    assert tok.get_vocab_size() == TINY_LLAMA.vocab_size
+    assert tok.decode([TINY_LLAMA.vocab_size - 1])  # every id decodes to some text
+    assert (ckpt / "tokenizer.json").read_bytes() != (view / "tokenizer.json").read_bytes()

@@ -26,6 +26,12 @@ from typing import Any
 import httpx
 
 from tokenmill.bench.hardware import hardware_fingerprint, software_fingerprint
+from tokenmill.bench.model_configs import (
+    MODEL_CONFIGS,
+    ArchConfig,
+    cached_checkpoint,
+    sync_tokenizer,
+)
 from tokenmill.bench.schema import LoadSpec, RunRecord
 from tokenmill.bench.serve import ServeSpec, run_serve
 from tokenmill.bench.store import Store
@@ -37,14 +43,17 @@ from tokenmill.bench.throughput import (
 )
 from tokenmill.bench.workloads import WorkloadSpec
 
-# Concurrencies per model config; the first model also gets the served and prefill rows.
+# Concurrencies per model config; PRIMARY_MODEL also gets the served and prefill rows.
 DEFAULT_CONCURRENCIES = {"smollm2-135m": (1, 16, 64), "qwen2.5-0.5b": (1, 64), "llama-3.2-1b": (1, 64)}
 PRIMARY_MODEL = "smollm2-135m"
 LABEL = "reference"
 MARK_BEGIN, MARK_END = "<!-- reference:begin -->", "<!-- reference:end -->"
+DTYPE = "bfloat16"  # the natural CPU dtype here (DESIGN.md); HF runs in it too
+SEED = 0  # workload seed: offline, HF and served rows get the same prompts
 ENGINE_MAX_MODEL_LEN = 512  # context configured for offline and served engines alike
 PREFILL_PROMPTS = 3  # prefill rate = mean over this many prompts, one at a time
 SERVER_START_TIMEOUT_S = 600.0
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 Log = Callable[[str], None]
 
@@ -57,11 +66,9 @@ class ReferenceSpec:
     input_len: int = 128  # prompt tokens per request
     output_len: int = 128  # generated tokens per request (ignore_eos)
     prefill_len: int = 1024  # prompt tokens of the prefill rows
-    dtype: str = "bfloat16"
     with_hf: bool = True
     with_served: bool = True
     with_prefill: bool = True
-    seed: int = 0
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in DEFAULT_CONCURRENCIES]
@@ -87,8 +94,8 @@ class ServedResult:
     num_completed: int
     num_failed: int
     output_tokens_per_s: float
-    ttft_p50_ms: float
-    ttft_p99_ms: float
+    ttft_p50_ms: float | None  # None: no request completed
+    ttft_p99_ms: float | None
 
 
 @dataclass(frozen=True)
@@ -174,9 +181,10 @@ def count_steps(spec: ReferenceSpec) -> int:
 
 def _offline(ctx: _Context, model: str, model_dir: str, backend: str, concurrency: int) -> ThroughputResult:
     spec = ctx.spec
+    max_model_len = max(ENGINE_MAX_MODEL_LEN, spec.input_len + spec.output_len)
     tp = ThroughputSpec(model_dir, backend, num_prompts=concurrency if concurrency > 1 else 2,
-                        input_len=spec.input_len, output_len=spec.output_len, seed=spec.seed, dtype=spec.dtype,
-                        max_num_seqs=concurrency, max_model_len=max(ENGINE_MAX_MODEL_LEN, spec.input_len + spec.output_len))
+                        input_len=spec.input_len, output_len=spec.output_len, seed=SEED, dtype=DTYPE,
+                        max_num_seqs=concurrency, max_model_len=max_model_len)
     what = "tokenmill offline (LLM.generate)" if backend == "tokenmill" else "HF transformers generate, static batch"
     is_large = model in DEFAULT_CONCURRENCIES and model != PRIMARY_MODEL
     slow = " (HF on a large model: this can take many minutes)" if backend == "hf" and is_large else ""
@@ -242,27 +250,45 @@ def _served(ctx: _Context, model: str, model_dir: str, concurrency: int) -> Serv
                    f"{num_prompts} x ({spec.input_len} in + {spec.output_len} out), 1 warm-up")
     # Token-id prompts give every request exactly input_len prompt tokens, as offline.
     workload = WorkloadSpec("random", random_input_len=spec.input_len, random_output_len=spec.output_len,
-                            random_range_ratio=0.0, prompt_format="token-ids", seed=spec.seed)
-    load = LoadSpec(max_concurrency=concurrency, num_prompts=num_prompts, num_warmups=1, seed=spec.seed)
+                            random_range_ratio=0.0, prompt_format="token-ids", seed=SEED)
+    load = LoadSpec(max_concurrency=concurrency, num_prompts=num_prompts, num_warmups=1, seed=SEED)
     max_model_len = max(ENGINE_MAX_MODEL_LEN, spec.input_len + spec.output_len)
-    with tokenmill_server(model_dir, spec.dtype, max_model_len, concurrency) as base:
+    with tokenmill_server(model_dir, DTYPE, max_model_len, concurrency) as base:
         serve = ServeSpec(base_url=base, workload=workload, load=load, tokenizer_path=model_dir, ignore_eos=True,
                           temperature=0.0, label=LABEL, series=ctx.series)
         outcome = run_serve(serve)
-    if outcome.record.interrupted:
-        raise KeyboardInterrupt
     ctx.save(outcome.record)
+    if outcome.record.interrupted:  # Ctrl-C: the partial run is stored, the reference stops
+        raise KeyboardInterrupt
     s = outcome.summary
     ctx.log(f"    {s.output_throughput:,.1f} output tok/s, TTFT p50 {s.ttft.median_ms:,.1f} ms, "
             f"{s.num_completed} ok / {s.num_failed} failed ({time.perf_counter() - t0:.1f} s)")
+    for error in dict.fromkeys(x.error for x in outcome.record.samples if x.status == "error"):
+        ctx.log(f"    error: {error}")
+    ok = s.num_completed > 0
     return ServedResult(outcome.record.id, s.num_completed, s.num_failed, s.output_throughput,
-                        s.ttft.median_ms, s.ttft.percentiles_ms.get("p99", s.ttft.max_ms))
+                        s.ttft.median_ms if ok else None, s.ttft.percentiles_ms.get("p99") if ok else None)
+
+
+def full_vocab_view(checkpoint: Path, cfg: ArchConfig, out_dir: Path) -> Path:
+    """The checkpoint with a placeholder tokenizer that covers the model's whole vocabulary.
+
+    Cached model-config checkpoints carry the demo model's tokenizer (4,096 tokens), which
+    decodes most ids of a 49k-152k vocabulary to nothing: the server would then stream empty
+    chunks that no client can time. Weights and config are linked, not copied.
+    """
+    out_dir.mkdir(parents=True)
+    for f in checkpoint.iterdir():
+        if f.name not in _TOKENIZER_FILES:
+            (out_dir / f.name).symlink_to(f.resolve())
+    sync_tokenizer(out_dir, cfg, None)
+    return out_dir
 
 
 def _prefill(ctx: _Context, model: str, model_dir: str, backend: str) -> ThroughputResult:
     spec = ctx.spec
     tp = ThroughputSpec(model_dir, backend, num_prompts=PREFILL_PROMPTS, input_len=spec.prefill_len, output_len=1,
-                        seed=spec.seed, dtype=spec.dtype, max_num_seqs=1,
+                        seed=SEED, dtype=DTYPE, max_num_seqs=1,
                         max_model_len=max(ENGINE_MAX_MODEL_LEN, spec.prefill_len + 1))
     name = "tokenmill offline" if backend == "tokenmill" else "HF transformers"
     t0 = ctx.start(f"prefill, {name}, {model}: {PREFILL_PROMPTS} prompts of {spec.prefill_len} tokens, "
@@ -287,38 +313,44 @@ def run_reference(spec: ReferenceSpec, store: Store | None = None, log: Log | No
         ReferenceResult with one DecodeRow per (model, concurrency) and the prefill rows.
     """
     from tokenmill.bench.display import err_console
-    from tokenmill.bench.model_configs import cached_checkpoint
     from tokenmill.bench.sweep import new_series_id
 
     log = log or (lambda line: err_console.print(line, markup=False, highlight=False, soft_wrap=True))
     ctx = _Context(spec, store, series or new_series_id(LABEL), log, count_steps(spec))
     result = ReferenceResult(spec, datetime.now(timezone.utc), hardware_fingerprint(), software_fingerprint(),
                              ctx.series, run_ids=ctx.run_ids)
-    for model, concurrencies, primary in spec.targets():
-        if spec.model_dir is None:
-            log(f"checkpoint {model} (random weights, built once and cached)")
-        model_dir = spec.model_dir or str(cached_checkpoint(model))
-        for c in concurrencies:
-            row = DecodeRow(model, c, _offline(ctx, model, model_dir, "tokenmill", c))
-            if spec.with_hf:
-                row = replace(row, hf=_offline(ctx, model, model_dir, "hf", c))
-            if spec.with_served and primary:
-                row = replace(row, served=_served(ctx, model, model_dir, c))
-            result.decode_rows.append(row)
-        if spec.with_prefill and primary:
-            row = PrefillRow(model, spec.prefill_len, _prefill(ctx, model, model_dir, "tokenmill"))
-            if spec.with_hf:
-                row = replace(row, hf=_prefill(ctx, model, model_dir, "hf"))
-            result.prefill_rows.append(row)
+    with tempfile.TemporaryDirectory(prefix="tokenmill-reference-") as views:
+        for model, concurrencies, primary in spec.targets():
+            model_dir = spec.model_dir
+            if model_dir is None:
+                log(f"checkpoint {model} (random weights, built once and cached)")
+                model_dir = str(full_vocab_view(cached_checkpoint(model), MODEL_CONFIGS[model], Path(views) / model))
+            _measure_model(ctx, result, model, model_dir, concurrencies, primary)
     return result
+
+
+def _measure_model(ctx: _Context, result: ReferenceResult, model: str, model_dir: str,
+                   concurrencies: tuple[int, ...], primary: bool) -> None:
+    spec = ctx.spec
+    for c in concurrencies:
+        row = DecodeRow(model, c, _offline(ctx, model, model_dir, "tokenmill", c))
+        if spec.with_hf:
+            row = replace(row, hf=_offline(ctx, model, model_dir, "hf", c))
+        if spec.with_served and primary:
+            row = replace(row, served=_served(ctx, model, model_dir, c))
+        result.decode_rows.append(row)
+    if spec.with_prefill and primary:
+        prefill = PrefillRow(model, spec.prefill_len, _prefill(ctx, model, model_dir, "tokenmill"))
+        if spec.with_hf:
+            prefill = replace(prefill, hf=_prefill(ctx, model, model_dir, "hf"))
+        result.prefill_rows.append(prefill)
 
 
 def command_line(spec: ReferenceSpec, output: str | None = None) -> str:
     """The `tokenmill bench reference` command that reproduces spec (default flags left out)."""
     default = ReferenceSpec()
     flags = {"models": "--models", "concurrencies": "--concurrency", "model_dir": "--model",
-             "input_len": "--input-len", "output_len": "--output-len", "prefill_len": "--prefill-len",
-             "dtype": "--dtype", "seed": "--seed"}
+             "input_len": "--input-len", "output_len": "--output-len", "prefill_len": "--prefill-len"}
     switches = {"with_hf": "--no-hf", "with_served": "--no-served", "with_prefill": "--no-prefill"}
     args = ["tokenmill", "bench", "reference"] + (["--output", output] if output else [])
     for f in fields(spec):
@@ -364,15 +396,19 @@ def _machine_lines(hw: dict[str, Any], sw: dict[str, Any]) -> list[str]:
 def render_markdown(result: ReferenceResult, command: str) -> str:
     """The reference as a Markdown block between MARK_BEGIN and MARK_END."""
     spec = result.spec
-    source = "the checkpoint given" if spec.model_dir else "random-weight checkpoints with published configs"
+    source = f"checkpoint `{Path(spec.model_dir).name}`" if spec.model_dir else \
+        "random-weight checkpoints with published configs"
+    method = "Offline: one wave of `concurrency` requests (2 at concurrency 1)."
+    if spec.with_hf:
+        method += " HF runs the same prompts as left-padded static batches of that size."
+    if any(r.served for r in result.decode_rows):
+        method += (" Served: closed-loop `bench serve` against `tokenmill serve --max-num-seqs <concurrency>`, "
+                   "2 x concurrency requests (4 at concurrency 1) after 1 warm-up.")
     lines = [MARK_BEGIN, "", f"Measured {result.started_at:%Y-%m-%d %H:%M} UTC with", "",
              f"    {command}", "", *_machine_lines(result.hardware, result.software),
-             f"- Workload: {source}, {spec.dtype}, {spec.input_len} prompt + {spec.output_len} output tokens "
+             f"- Workload: {source}, {DTYPE}, {spec.input_len} prompt + {spec.output_len} output tokens "
              "per request, greedy, ignore_eos. Throughput is output tokens/s.", "",
-             "Offline: one wave of `concurrency` requests (2 requests at concurrency 1); HF runs them as "
-             "left-padded static batches of that size. Served: closed-loop `bench serve` against "
-             "`tokenmill serve --max-num-seqs <concurrency>` with 2 x concurrency requests (4 at "
-             "concurrency 1) after 1 warm-up.", "",
+             method, "",
              "### Decode throughput", "",
              _table(["model", "concurrency", "tokenmill offline", "HF generate", "tokenmill / HF",
                      "tokenmill served", "served / offline", "TTFT p50 (ms)", "TTFT p99 (ms)"],
