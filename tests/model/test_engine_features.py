@@ -158,3 +158,41 @@ def test_garbage_in_fresh_kv_memory_is_harmless(checkpoint_factory):
     for kv in llm.engine.runner.kv_caches:
         kv.fill_(float("nan"))
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == clean
+
+
+def test_prompt_logprobs_survive_preemption(checkpoint_factory):
+    # A tiny pool forces the long-prompt request to be preempted and recomputed; its
+    # prompt must still be scored exactly once per position, with the same values.
+    model_dir = str(checkpoint_factory("llama"))
+    prompts = make_prompts(320, [40, 30, 35], seed=13)
+    params = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, prompt_logprobs=1)] * 3
+    ref = LLM(model_dir, dtype="float32", block_size=4).generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+    )
+    llm = LLM(model_dir, dtype="float32", block_size=4, num_kv_blocks=24, max_model_len=64, max_num_batched_tokens=16)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for out, r, p in zip(outs, ref, prompts):
+        assert len(out.prompt_logprobs) == len(p)
+        for pos in range(1, len(p)):
+            assert out.prompt_logprobs[pos][p[pos]].logprob == pytest.approx(r.prompt_logprobs[pos][p[pos]].logprob, abs=1e-4)
+        assert out.outputs[0].token_ids == r.outputs[0].token_ids
+
+
+def test_stop_token_text_is_not_returned(llm):
+    tok = llm.get_tokenizer()
+    p = make_prompts(320, [6], seed=14)[0]
+    greedy = gen(llm, [p], temperature=0.0, max_tokens=8, ignore_eos=True)[0][0]
+    stop_tok = greedy.token_ids[2]
+    out = gen(llm, [p], temperature=0.0, max_tokens=8, stop_token_ids=[stop_tok])[0][0]
+    first = greedy.token_ids.index(stop_tok)
+    assert out.token_ids[-1] == stop_tok  # the id is reported...
+    assert out.text == tok.decode(greedy.token_ids[:first])  # ...its text is not (vLLM)
+
+
+def test_stream_stopped_early_frees_its_request(llm):
+    it = llm.stream([5, 6, 7, 8], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    next(it)
+    it.close()
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_kv_blocks

@@ -73,7 +73,7 @@ def test_prefix_lookup_never_serves_last_token():
     assert (ids, num) == ([0], 4)
     c = make_request("c", list(range(9)))
     assert kv.get_computed_blocks(c) == ([0, 1], 8)
-    assert (kv.prefix_queries, kv.prefix_hits) == (17, 12)
+    assert (kv.prefix_queries, kv.prefix_hits) == (0, 0)  # counted on admission, by the scheduler
 
 
 def test_allocate_with_prefix_hit_references_cached_blocks():

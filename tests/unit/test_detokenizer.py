@@ -221,3 +221,31 @@ def test_decode_token(sentencepiece, bytelevel):
     assert all(detok.decode_token(t).startswith(" ") for t in word_starts)
     detok = IncrementalDetokenizer(bytelevel, [], SamplingParams())
     assert detok.decode_token(bytelevel.token_to_id("<|im_end|>")) == "<|im_end|>"
+
+
+def test_stop_string_ignored_below_min_tokens():
+    from tokenmill.engine.detokenizer import IncrementalDetokenizer
+    from tokenmill.sampling_params import SamplingParams
+
+    tok = _min_tokens_tokenizer()
+    ids = tok.encode("ab ab ab ab", add_special_tokens=False)
+    params = SamplingParams(stop=["ab"], min_tokens=len(ids) - 1, max_tokens=50)
+    detok = IncrementalDetokenizer(tok, [], params)
+    stops = [detok.update([t]) for t in ids]
+    # Every "ab" before min_tokens tokens exist is ignored; the last one stops.
+    assert stops[:-1] == [None] * (len(ids) - 1)
+    assert stops[-1] == "ab"
+    assert detok.output_text == tok.decode(ids[:-1]) + " "  # the last token is " ab"
+
+
+def _min_tokens_tokenizer():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from tokenmill.tokenizer import Tokenizer
+
+    vocab = {"ab": 0, "Ġ": 1, "Ġab": 2, "a": 3, "b": 4}
+    backend = HFTokenizer(models.BPE(vocab, [("a", "b"), ("Ġ", "ab")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return Tokenizer(backend)

@@ -18,10 +18,10 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hashes: list[int | None] = [None] * num_blocks
+        self.block_hashes: list[bytes | None] = [None] * num_blocks
         # Free block ids in eviction order (head evicted first); values unused.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self._hash_to_block: dict[int, int] = {}
+        self._hash_to_block: dict[bytes, int] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -36,7 +36,7 @@ class BlockPool:
         """Free blocks in eviction order (for tests and debugging)."""
         return list(self._free)
 
-    def get_cached_block(self, block_hash: int) -> int | None:
+    def get_cached_block(self, block_hash: bytes) -> int | None:
         """The block holding this hash, or None."""
         return self._hash_to_block.get(block_hash)
 
@@ -69,7 +69,7 @@ class BlockPool:
             if self.ref_counts[block_id] == 0:
                 self._free[block_id] = None
 
-    def cache_block(self, block_id: int, block_hash: int) -> None:
+    def cache_block(self, block_id: int, block_hash: bytes) -> None:
         """Record that `block_id` holds the full block identified by `block_hash`."""
         if not self.enable_caching or self.block_hashes[block_id] is not None:
             return

@@ -32,6 +32,10 @@ class EngineCore:
             )
         self.kv = KVCacheManager(self.num_kv_blocks, bs, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
+        logger.info(
+            "KV cache holds %d tokens (%d blocks of %d); max_model_len=%d",
+            capacity, self.num_kv_blocks, bs, config.scheduler.max_model_len,
+        )
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -58,7 +62,7 @@ class EngineCore:
         self.validate_prompt(req.prompt_token_ids)
         room = self.config.scheduler.max_model_len - len(req.prompt_token_ids)
         max_tokens = room if req.params.max_tokens is None else min(req.params.max_tokens, room)
-        self.scheduler.add_request(Request(req, max_tokens, self.config.cache.block_size))
+        self.scheduler.add_request(Request(req, max_tokens, self.config.cache.block_size, self.config.device))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)

@@ -43,6 +43,7 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = params.skip_special_tokens
         self.stop: list[str] = list(params.stop or [])
         self.include_stop_str_in_output = params.include_stop_str_in_output
+        self.min_tokens = params.min_tokens
         self.token_ids: list[int] = []
         self.output_text = ""
         # The stop string that ended the sequence; set once, the text is final after it.
@@ -53,13 +54,17 @@ class IncrementalDetokenizer:
         # the stop string stays in the output nothing before it is ever cut.
         self._holdback_chars = 0 if self.include_stop_str_in_output else max(self._max_stop_chars - 1, 0)
         self._num_sent_chars = 0
+        self._min_tokens_chars = 0  # output text length when min_tokens was last unmet
         self._stream = self._new_stream(prompt_token_ids)
 
-    def update(self, new_token_ids: list[int]) -> str | None:
+    def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None:
         """Append newly sampled tokens and extend the output text.
 
         Args:
             new_token_ids: the tokens sampled for this sequence since the last call.
+            stop_terminated: the engine ended the sequence on its last token (eos or a
+                stop token id); that token's text is left out, as vLLM does, unless
+                include_stop_str_in_output.
 
         Returns:
             The stop string that fired (output_text is then cut before it, or after it with
@@ -69,11 +74,17 @@ class IncrementalDetokenizer:
             return None
         self.token_ids.extend(new_token_ids)
         num_chars_before = len(self.output_text)
-        pieces = [p for p in (self._step(t) for t in new_token_ids) if p]
+        to_decode = new_token_ids
+        if stop_terminated and not self.include_stop_str_in_output:
+            to_decode = new_token_ids[:-1]
+        pieces = [p for p in (self._step(t) for t in to_decode) if p]
         if not pieces:
             return None
         self.output_text += "".join(pieces)
-        if self.stop:
+        if len(self.token_ids) <= self.min_tokens:
+            # Text made below min_tokens cannot hold a stop string (as vLLM).
+            self._min_tokens_chars = len(self.output_text)
+        elif self.stop:
             self._check_stop(num_chars_before)
         return self.stop_str
 
@@ -143,7 +154,7 @@ class IncrementalDetokenizer:
         best: tuple[int, int, str] | None = None  # (end, start, stop)
         for stop in self.stop:
             # An occurrence must end in the new text; earlier ones were checked before.
-            start = text.find(stop, max(0, num_chars_before - len(stop) + 1))
+            start = text.find(stop, max(self._min_tokens_chars, num_chars_before - len(stop) + 1))
             if start < 0:
                 continue
             candidate = (start + len(stop), start, stop)

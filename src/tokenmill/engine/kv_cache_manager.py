@@ -41,10 +41,12 @@ class KVCacheManager:
             if block_id is None:
                 break
             block_ids.append(block_id)
-        num_tokens = len(block_ids) * self.block_size
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += num_tokens
-        return block_ids, num_tokens
+        return block_ids, len(block_ids) * self.block_size
+
+    def record_prefix_lookup(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted request's lookup (not every retry while it waits for room)."""
+        self.prefix_queries += num_queried_tokens
+        self.prefix_hits += num_hit_tokens
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, computed_block_ids: list[int] | None = None

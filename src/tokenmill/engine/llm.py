@@ -29,9 +29,11 @@ def default_sampling_params(model_dir: str) -> dict[str, Any]:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}).") from None
-    if cfg.get("do_sample") is False:
-        return {"temperature": 0.0}
-    return {k: cfg[k] for k in _GEN_CONFIG_KEYS if k in cfg}
+    # Like vLLM: only these keys; do_sample is ignored.
+    defaults = {k: cfg[k] for k in _GEN_CONFIG_KEYS if k in cfg}
+    if "max_new_tokens" in cfg:
+        defaults["max_tokens"] = cfg["max_new_tokens"]
+    return defaults
 
 
 class LLM:
@@ -72,11 +74,7 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params_list = self._params_for(len(prompts), sampling_params)
-        ids = []
-        for prompt, params in zip(prompts, params_list):
-            text, token_ids = self._tokenize(prompt)
-            ids.append(self._add_request(text, token_ids, params))
-        return self._run(ids, use_tqdm)
+        return self._generate([self._tokenize(p) for p in prompts], params_list, use_tqdm)
 
     def chat(
         self,
@@ -88,12 +86,12 @@ class LLM:
         """Apply the checkpoint's chat template to one conversation or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params_list = self._params_for(len(conversations), sampling_params)
-        ids = []
-        for conv, params in zip(conversations, params_list):
+        prompts = []
+        for conv in conversations:
+            # The template writes BOS itself when the model wants one (HF's tokenize=True).
             text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
-            token_ids = self.tokenizer.encode_chat(conv, add_generation_prompt=add_generation_prompt)
-            ids.append(self._add_request(text, token_ids, params))
-        return self._run(ids, use_tqdm)
+            prompts.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
+        return self._generate(prompts, params_list, use_tqdm)
 
     def stream(self, prompt: PromptType | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Generate for one prompt (text, prompt dict, or token ids), yielding text as it
@@ -102,16 +100,19 @@ class LLM:
         if params.n != 1:
             raise ValueError("stream() takes n=1; use generate() for several samples.")
         text, token_ids = (None, list(prompt)) if isinstance(prompt, list) else self._tokenize(prompt)
+        self.engine.validate_prompt(token_ids)
         rid = self._add_request(text, token_ids, params, delta=True)
         done = False
-        while not done and self.engine.has_unfinished_requests():
-            outputs, to_abort = self.processor.process_outputs(self.engine.step())
-            if to_abort:
-                self.engine.abort_requests(to_abort)
-            for out, _times in outputs:
-                if out.request_id == rid:
-                    done = out.finished
-                    yield out.outputs[0].text
+        try:
+            while not done and self.engine.has_unfinished_requests():
+                for out in self._step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out.outputs[0].text
+        finally:
+            if not done:  # the caller stopped early: drop the request, free its blocks
+                self.engine.abort_requests(self.processor.engine_ids(rid))
+                self.processor.abort_request(rid)
 
     # ------------------------------------------------------------------------------------
     def _params_for(self, n: int, sp: SamplingParams | Sequence[SamplingParams] | None) -> list[SamplingParams]:
@@ -132,20 +133,31 @@ class LLM:
             return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
         raise ValueError("a prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}.")
 
+    def _generate(
+        self, prompts: list[tuple[str | None, list[int]]], params_list: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        # Validate every prompt before queueing any, so a bad one leaves nothing behind.
+        for _, token_ids in prompts:
+            self.engine.validate_prompt(token_ids)
+        ids = [self._add_request(text, token_ids, params) for (text, token_ids), params in zip(prompts, params_list)]
+        return self._run(ids, use_tqdm)
+
     def _add_request(
         self, text: str | None, token_ids: list[int], params: SamplingParams, delta: bool = False
     ) -> str:
         request_id = str(next(self._counter))
         children = self.processor.add_request(request_id, text, token_ids, params, delta=delta)
-        try:
-            for i, (cid, child_params) in enumerate(children):
-                leader = children[0][0] if i > 0 else None
-                self.engine.add_request(EngineCoreRequest(cid, token_ids, child_params, group_leader_id=leader))
-        except ValueError:
-            self.processor.abort_request(request_id)
-            self.engine.abort_requests([cid for cid, _ in children])
-            raise
+        for i, (cid, child_params) in enumerate(children):
+            leader = children[0][0] if i > 0 else None
+            self.engine.add_request(EngineCoreRequest(cid, token_ids, child_params, group_leader_id=leader))
         return request_id
+
+    def _step(self) -> list[RequestOutput]:
+        """One engine step; returns the outputs it produced (stop-string hits aborted)."""
+        outputs, to_abort = self.processor.process_outputs(self.engine.step())
+        if to_abort:
+            self.engine.abort_requests(to_abort)
+        return [out for out, _times in outputs]
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         from rich.progress import Progress
@@ -154,10 +166,7 @@ class LLM:
         with Progress(disable=not use_tqdm, transient=True) as progress:
             task = progress.add_task("Generating", total=len(request_ids))
             while self.engine.has_unfinished_requests():
-                outputs, to_abort = self.processor.process_outputs(self.engine.step())
-                if to_abort:
-                    self.engine.abort_requests(to_abort)
-                for out, _times in outputs:
+                for out in self._step():
                     if out.finished:
                         finished[out.request_id] = out
                         progress.advance(task)

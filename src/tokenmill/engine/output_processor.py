@@ -101,8 +101,9 @@ class OutputProcessor:
     def has_request(self, request_id: str) -> bool:
         return request_id in self._requests
 
-    def engine_ids(self, request_id: str) -> list[str]:
-        state = self._requests.get(request_id)
+    def engine_ids(self, request_id: str, state: _RequestState | None = None) -> list[str]:
+        """Engine-side ids of a request's samples ([] for an unknown request)."""
+        state = state or self._requests.get(request_id)
         if state is None:
             return []
         n = len(state.samples)
@@ -113,17 +114,13 @@ class OutputProcessor:
         state = self._requests.pop(request_id, None)
         if state is None:
             return None
-        for cid in self.engine_ids_of(state):
+        for cid in self.engine_ids(request_id, state):
             self._children.pop(cid, None)
         for s in state.samples:
             if s.finish_reason is None:
                 s.finish_reason = "abort"
         state.times.finished = time.monotonic()
         return self._make_output(state, changed=state.samples)
-
-    def engine_ids_of(self, state: _RequestState) -> list[str]:
-        n = len(state.samples)
-        return [child_request_id(state.request_id, s.index, n) for s in state.samples]
 
     def process_outputs(
         self, outputs: list[EngineCoreOutput]
@@ -142,6 +139,8 @@ class OutputProcessor:
             if entry is None:
                 continue  # aborted by the front end while this step ran
             state, sample = entry
+            if sample.finish_reason is not None:
+                continue  # finished by a stop string; the core's abort is on its way
             if state.times.first_scheduled is None:
                 state.times.first_scheduled = out.first_scheduled_time
                 state.num_cached_tokens = out.num_cached_tokens
@@ -165,7 +164,7 @@ class OutputProcessor:
             if state.finished:
                 state.times.finished = now
                 del self._requests[rid]
-                for cid in self.engine_ids_of(state):
+                for cid in self.engine_ids(rid, state):
                     self._children.pop(cid, None)
             if state.delta or state.finished:
                 results.append((self._make_output(state, changed), state.times))
@@ -180,7 +179,7 @@ class OutputProcessor:
             for lp in out.new_logprobs:
                 sample.logprobs.append(self._to_logprobs(lp, sample))
                 sample.cumulative_logprob += lp.logprobs[0]
-        stop = sample.detok.update(out.new_token_ids)
+        stop = sample.detok.update(out.new_token_ids, stop_terminated=out.finish_reason == "stop")
         if stop is not None:
             sample.finish_reason, sample.stop_reason = "stop", stop
 

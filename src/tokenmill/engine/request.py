@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
+from array import array
 from dataclasses import dataclass
 
 import torch
 
+from tokenmill.model.layers.sampler import make_generator
 from tokenmill.sampling_params import SamplingParams
 
-_ROOT_HASH = 0x70C3  # parent "hash" of a sequence's first block
+_ROOT_HASH = b""  # parent "hash" of a sequence's first block
 
 
 class RequestStatus(enum.Enum):
@@ -42,7 +45,9 @@ class EngineCoreRequest:
 class Request:
     """Mutable per-request state. Owned by the scheduler; read by the KV cache manager."""
 
-    def __init__(self, req: EngineCoreRequest, max_tokens: int, block_size: int) -> None:
+    def __init__(
+        self, req: EngineCoreRequest, max_tokens: int, block_size: int, device: torch.device | str = "cpu"
+    ) -> None:
         self.request_id = req.request_id
         self.params = req.params
         self.prompt_token_ids = req.prompt_token_ids
@@ -52,18 +57,17 @@ class Request:
         self.max_tokens = max_tokens  # resolved against the context length
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache (first schedule)
+        self.num_prompt_positions_scored = 0  # prompt logprobs handed out so far (survives preemption)
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.group_leader_id = req.group_leader_id
         self.block_size = block_size
         # Hashes of this request's full blocks, chained; extended as tokens arrive.
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []
         self._update_block_hashes()
         # Per-request RNG so a seeded request samples the same whatever the batch.
-        self.generator: torch.Generator | None = None
-        if req.params.seed is not None:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(req.params.seed)
+        # On the sampling device: the sampler draws this request's noise with it.
+        self.generator = make_generator(req.params.seed, device) if req.params.seed is not None else None
         self.arrival_time = req.arrival_time or time.monotonic()
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0
@@ -87,5 +91,8 @@ class Request:
         while len(self.block_hashes) < num_full:
             i = len(self.block_hashes)
             parent = self.block_hashes[-1] if self.block_hashes else _ROOT_HASH
-            # Chained: a block's identity includes every token before it.
-            self.block_hashes.append(hash((parent, tuple(self.all_token_ids[i * bs : (i + 1) * bs]))))
+            # Chained: a block's identity includes every token before it. A cryptographic
+            # hash, because a collision would serve one request another's KV (vLLM moved
+            # to sha256 for the same reason); one per filled block is cheap.
+            tokens = array("q", self.all_token_ids[i * bs : (i + 1) * bs]).tobytes()
+            self.block_hashes.append(hashlib.blake2b(parent + tokens, digest_size=16).digest())

@@ -86,13 +86,14 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if preempted or self._waits_for_leader(req):
+            if preempted or (self.kv.enable_caching and self._waits_for_leader(req)):
                 break  # don't re-admit in the step that had to preempt; keep FCFS order
             cached_ids, num_cached = self.kv.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_cached, budget)
             new_blocks = self.kv.allocate_slots(req, num_new, cached_ids)
             if new_blocks is None:
                 break
+            self.kv.record_prefix_lookup(req.num_tokens, num_cached)
             self.waiting.popleft()
             req.num_computed_tokens = num_cached
             if req.first_scheduled_time is None:
@@ -152,10 +153,13 @@ class Scheduler:
         start = req.num_computed_tokens
         end = start + num_new
         needs_sample = end == req.num_tokens
-        num_scored = 0
+        num_scored = first_scored = 0
         if req.params.prompt_logprobs is not None:
             # Position p scores prompt token p + 1; the last prompt position predicts output.
-            num_scored = max(0, min(end, req.num_prompt_tokens - 1) - start)
+            # After a preemption the prompt is recomputed: score only what is not yet scored.
+            first_scored = max(start, req.num_prompt_positions_scored)
+            num_scored = max(0, min(end, req.num_prompt_tokens - 1) - first_scored)
+            req.num_prompt_positions_scored = first_scored + num_scored
         return ScheduledRequest(
             request_id=req.request_id,
             token_ids=req.all_token_ids[start:end],
@@ -168,6 +172,7 @@ class Scheduler:
             prompt_token_ids=req.prompt_token_ids,
             output_token_ids=req.output_token_ids,
             num_prompt_logprob_positions=num_scored,
+            first_prompt_logprob_position=first_scored,
         )
 
     def _waits_for_leader(self, req: Request) -> bool:

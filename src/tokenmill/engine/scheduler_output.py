@@ -23,9 +23,10 @@ class ScheduledRequest:
     generator: torch.Generator | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # generated so far (penalties, min_tokens)
-    # The prompt positions of this chunk whose next prompt token should be scored
-    # (prompt_logprobs); 0 when not requested.
+    # Prompt positions of this chunk whose next prompt token should be scored
+    # (prompt_logprobs): how many (0 when not requested) and the first one.
     num_prompt_logprob_positions: int = 0
+    first_prompt_logprob_position: int = 0
 
 
 @dataclass

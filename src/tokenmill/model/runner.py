@@ -68,16 +68,19 @@ class ModelRunner:
         # are fine, but uninitialised memory may hold NaN, and 0 * NaN in the weighted
         # sum of V poisons the output. Zeroing a block when it is handed out is cheap.
         for kv_cache in self.kv_caches:
-            for block_id in block_ids:  # a few per step; faster than index_fill_ on dim 2
+            for block_id in block_ids:  # at most one per request; faster than index_fill_ on dim 2
                 kv_cache[:, :, block_id].zero_()
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         # Decodes (one query token) first: they share one batched attention call.
         reqs = sorted(sched.scheduled, key=lambda r: len(r.token_ids) != 1)
-        new_blocks = [b for r in reqs for b in r.new_block_ids]
-        if new_blocks:
-            self._clear_blocks(new_blocks)
+        # A new block this step leaves partly unwritten is read whole by later decodes.
+        partial = [
+            r.block_ids[-1] for r in reqs if r.new_block_ids and (r.num_computed_tokens + len(r.token_ids)) % self.block_size
+        ]
+        if partial:
+            self._clear_blocks(partial)
         input_ids, positions, slots = [], [], []
         starts: list[int] = []
         bs = self.block_size
@@ -138,7 +141,8 @@ class ModelRunner:
         for r, s in zip(reqs, starts):
             if r.num_prompt_logprob_positions:
                 prompt_rows.append((r, len(rows), r.num_prompt_logprob_positions))
-                rows.extend(range(s, s + r.num_prompt_logprob_positions))
+                first = s + r.first_prompt_logprob_position - r.num_computed_tokens
+                rows.extend(range(first, first + r.num_prompt_logprob_positions))
         out = ModelRunnerOutput({}, {}, {})
         if not rows:
             return out
@@ -154,8 +158,9 @@ class ModelRunner:
                 if lp is not None:
                     out.logprobs[r.request_id] = lp
         for r, first, count in prompt_rows:
-            p0 = r.num_computed_tokens
+            p0 = r.first_prompt_logprob_position
             targets = torch.tensor(r.prompt_token_ids[p0 + 1 : p0 + 1 + count], device=self.device)
             lps = torch.log_softmax(logits[first : first + count], dim=-1)
-            out.prompt_logprobs[r.request_id] = gather_logprobs(lps, targets, r.params.prompt_logprobs)
+            num_top = min(r.params.prompt_logprobs, lps.shape[-1])
+            out.prompt_logprobs[r.request_id] = gather_logprobs(lps, targets, num_top)
         return out

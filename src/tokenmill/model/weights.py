@@ -1,8 +1,8 @@
 """Memory-mapped safetensors reading: single file or sharded with an index.
 
 We parse the (tiny) safetensors header ourselves and wrap the mapped file with
-`torch.frombuffer`, so a checkpoint in the run dtype is never copied at load; the OS
-pages weights in on first use. Errors name the file and what is wrong with it.
+`torch.frombuffer`: nothing is read up front, the OS pages weights in on first use, and
+tensors already in the run dtype can stay mapped. Errors name the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -99,6 +99,6 @@ def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF tensor name, tensor) for every tensor of the checkpoint, zero-copy."""
+    """Yield (HF tensor name, tensor) for every tensor of the checkpoint, memory-mapped."""
     for path in checkpoint_files(model_dir):
         yield from _read_file(path)
