@@ -10,7 +10,7 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from tokenmill.model.layers.attention import AttentionMetadata, kv_cache_shape
-from tokenmill.model.layers.sampler import Sampler, SampledLogprobs, SamplingState, gather_logprobs
+from tokenmill.model.layers.sampler import SampledLogprobs, Sampler, SamplingState, gather_logprobs
 from tokenmill.model.loader import load_model
 
 logger = logging.getLogger(__name__)
