@@ -12,7 +12,7 @@ AB, SPACE_AB = 0, 2  # token ids of "ab" and " ab" in the test tokenizer
 
 
 def test_sample_finished_by_stop_string_reports_once():
-    proc = OutputProcessor(_min_tokens_tokenizer(), eos_token_ids={4})
+    proc = OutputProcessor(_min_tokens_tokenizer(), model_eos_token_ids={4})
     children = proc.add_request("r", None, [3], SamplingParams(n=2, stop=[" ab"], max_tokens=10), delta=True)
     (c0, _), (c1, _) = children
     outs, to_abort = proc.process_outputs([EngineCoreOutput(c0, [AB]), EngineCoreOutput(c1, [AB])])
@@ -29,7 +29,7 @@ def test_sample_finished_by_stop_string_reports_once():
 
 
 def test_stop_set_includes_eos_unless_ignored():
-    proc = OutputProcessor(_min_tokens_tokenizer(), eos_token_ids={4})
+    proc = OutputProcessor(_min_tokens_tokenizer(), model_eos_token_ids={4})
     p = SamplingParams(stop_token_ids=[3])
     proc.add_request("a", None, [3], p)
     assert p.all_stop_token_ids == {3, 4}

@@ -6,6 +6,7 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import EngineCoreRequest, Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.scheduler_output import ModelRunnerOutput
 from tokenmill.sampling_params import SamplingParams
 
 BS = 4
@@ -32,7 +33,7 @@ def add(s: Scheduler, rid: str, num_prompt: int, max_tokens: int = 8, **params) 
 def step(s: Scheduler, token: int = 5):
     out = s.schedule()
     sampled = {r.request_id: token for r in out.scheduled if r.needs_sample}
-    return out, s.update_from_output(out, sampled, {}, {})
+    return out, s.update_from_output(out, ModelRunnerOutput(sampled, {}, {}))
 
 
 def test_decodes_first_then_prefill_chunks_within_budget():

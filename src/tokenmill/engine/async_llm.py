@@ -42,8 +42,7 @@ class AsyncLLM:
         self.config = config
         self.tokenizer = tokenizer or Tokenizer.from_dir(config.model_path)
         self.core = EngineCore(config)
-        eos_ids = set(self.tokenizer.eos_token_ids) | set(config.model.eos_token_ids)
-        self.processor = OutputProcessor(self.tokenizer, eos_ids)
+        self.processor = OutputProcessor(self.tokenizer, config.model.eos_token_ids)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None

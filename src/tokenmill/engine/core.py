@@ -80,5 +80,4 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
-        out = self.runner.execute(sched)
-        return self.scheduler.update_from_output(sched, out.sampled, out.logprobs, out.prompt_logprobs)
+        return self.scheduler.update_from_output(sched, self.runner.execute(sched))

@@ -50,8 +50,7 @@ class LLM:
         self.config: EngineConfig = create_engine_config(model, **engine_args)
         self.tokenizer = Tokenizer.from_dir(self.config.model_path)
         self.engine = EngineCore(self.config)
-        eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.model.eos_token_ids)
-        self.processor = OutputProcessor(self.tokenizer, eos_ids)
+        self.processor = OutputProcessor(self.tokenizer, self.config.model.eos_token_ids)
         self._defaults = default_sampling_params(self.config.model_path)
         self._counter = itertools.count()
 

@@ -4,6 +4,7 @@ stop strings, n>1 aggregation). Shared by the offline LLM and the async server f
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
@@ -53,7 +54,6 @@ class _RequestState:
     times: RequestTimes
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
-    num_generation_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -61,10 +61,13 @@ class _RequestState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer, eos_token_ids: set[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer, model_eos_token_ids: Iterable[int] = ()) -> None:
+        """Args:
+            tokenizer: the model's tokenizer (its eos ids include generation_config's).
+            model_eos_token_ids: eos ids from config.json, which may add to those.
+        """
         self.tokenizer = tokenizer
-        # The model's end tokens: tokenizer eos plus generation/model config eos ids.
-        self.eos_token_ids = set(eos_token_ids)
+        self.eos_token_ids = set(tokenizer.eos_token_ids) | set(model_eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
         self._children: dict[str, tuple[_RequestState, _Sample]] = {}
 
@@ -97,9 +100,6 @@ class OutputProcessor:
             self._children[cid] = (state, s)
             ids.append((cid, s.params))
         return ids
-
-    def has_request(self, request_id: str) -> bool:
-        return request_id in self._requests
 
     def engine_ids(self, request_id: str, state: _RequestState | None = None) -> list[str]:
         """Engine-side ids of a request's samples ([] for an unknown request)."""
@@ -144,12 +144,11 @@ class OutputProcessor:
             if state.times.first_scheduled is None:
                 state.times.first_scheduled = out.first_scheduled_time
                 state.num_cached_tokens = out.num_cached_tokens
-            # Each of the n samples scores the same prompt; keep the first sample's scores.
-            if out.new_prompt_logprobs and state.prompt_logprobs is not None and sample.index == 0:
+            # Only sample 0 scores the prompt (SamplingParams.clone_for_child).
+            if out.new_prompt_logprobs and state.prompt_logprobs is not None:
                 state.prompt_logprobs.extend(self._to_logprobs(x, sample) for x in out.new_prompt_logprobs)
             if out.new_token_ids:
                 self._add_tokens(sample, out)
-                state.num_generation_tokens += len(out.new_token_ids)
                 state.times.first_token = state.times.first_token or now
                 state.times.last_token = now
                 state.times.token_times.append(now)
@@ -172,8 +171,6 @@ class OutputProcessor:
 
     # ------------------------------------------------------------------------------------
     def _add_tokens(self, sample: _Sample, out: EngineCoreOutput) -> None:
-        if sample.finish_reason is not None:
-            return
         sample.token_ids.extend(out.new_token_ids)
         if sample.logprobs is not None and out.new_logprobs:
             for lp in out.new_logprobs:

@@ -17,6 +17,7 @@ from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler_output import (
     EngineCoreOutput,
+    ModelRunnerOutput,
     ScheduledRequest,
     SchedulerOutput,
     SchedulerStats,
@@ -106,20 +107,11 @@ class Scheduler:
 
         return SchedulerOutput(
             scheduled=scheduled,
-            num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
             preempted_req_ids=preempted,
         )
 
-    def update_from_output(
-        self, sched: SchedulerOutput, sampled: dict[str, int], logprobs: dict, prompt_logprobs: dict
-    ) -> list[EngineCoreOutput]:
-        """Advance each scheduled request past this step; return what is new per request.
-
-        Args:
-            sampled: request id -> sampled token id, for requests with needs_sample.
-            logprobs: request id -> SampledLogprobs of the sampled token (when asked).
-            prompt_logprobs: request id -> [SampledLogprobs] for scored prompt positions.
-        """
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Advance each scheduled request past this step; return what is new per request."""
         outputs: list[EngineCoreOutput] = []
         for sr in sched.scheduled:
             req = self.requests[sr.request_id]
@@ -131,14 +123,14 @@ class Scheduler:
                 num_cached_tokens=req.num_cached_tokens,
                 first_scheduled_time=req.first_scheduled_time,
             )
-            out.new_prompt_logprobs = prompt_logprobs.get(req.request_id)
+            out.new_prompt_logprobs = result.prompt_logprobs.get(req.request_id)
             if sr.needs_sample:
                 if req.max_tokens > 0:
-                    token = sampled[req.request_id]
+                    token = result.sampled[req.request_id]
                     req.append_output_token(token)
                     out.new_token_ids = [token]
-                    if req.request_id in logprobs:
-                        out.new_logprobs = [logprobs[req.request_id]]
+                    if req.request_id in result.logprobs:
+                        out.new_logprobs = [result.logprobs[req.request_id]]
                 status = self._check_stop(req)
                 if status is not None:
                     self.running.remove(req)

@@ -34,8 +34,16 @@ class SchedulerOutput:
     """What to compute in one engine step."""
 
     scheduled: list[ScheduledRequest]
-    num_scheduled_tokens: int  # sum of len(token_ids) over `scheduled`
     preempted_req_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What the runner computed in one step (all on the host)."""
+
+    sampled: dict[str, int]  # request id -> new token, for requests that sampled
+    logprobs: dict  # request id -> SampledLogprobs of the sampled token (when asked)
+    prompt_logprobs: dict  # request id -> [SampledLogprobs], one per scored prompt position
 
 
 @dataclass

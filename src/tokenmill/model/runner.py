@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from tokenmill.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenmill.model.layers.attention import AttentionMetadata, kv_cache_shape
-from tokenmill.model.layers.sampler import SampledLogprobs, Sampler, SamplingState, gather_logprobs
+from tokenmill.model.layers.sampler import Sampler, SamplingState, gather_logprobs
 from tokenmill.model.loader import load_model
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelRunnerOutput:
-    sampled: dict[str, int]  # request id -> new token, for requests that sampled
-    logprobs: dict[str, SampledLogprobs]  # request id -> logprobs of the sampled token
-    prompt_logprobs: dict[str, list[SampledLogprobs]]  # request id -> one per scored position
 
 
 def kv_bytes_per_block(config: EngineConfig) -> int:
@@ -74,7 +66,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         # Decodes (one query token) first: they share one batched attention call.
-        reqs = sorted(sched.scheduled, key=lambda r: len(r.token_ids) != 1)
+        decodes = [r for r in sched.scheduled if len(r.token_ids) == 1]
+        reqs = decodes + [r for r in sched.scheduled if len(r.token_ids) != 1]
         # A new block this step leaves partly unwritten is read whole by later decodes.
         partial = [
             r.block_ids[-1] for r in reqs if r.new_block_ids and (r.num_computed_tokens + len(r.token_ids)) % self.block_size
@@ -83,15 +76,14 @@ class ModelRunner:
             self._clear_blocks(partial)
         input_ids, positions, slots = [], [], []
         starts: list[int] = []
-        bs = self.block_size
         for r in reqs:
             starts.append(len(input_ids))
             input_ids.extend(r.token_ids)
-            for p in range(r.num_computed_tokens, r.num_computed_tokens + len(r.token_ids)):
-                positions.append(p)
-                slots.append(r.block_ids[p // bs] * bs + p % bs)
+            start = r.num_computed_tokens
+            positions.extend(range(start, start + len(r.token_ids)))
+            slots.extend(self._slots(r.block_ids, start, start + len(r.token_ids)))
         dev = self.device
-        meta = self._attention_metadata(reqs, starts, torch.tensor(slots, dtype=torch.long, device=dev))
+        meta = self._attention_metadata(reqs, len(decodes), starts, torch.tensor(slots, dtype=torch.long, device=dev))
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
@@ -100,11 +92,20 @@ class ModelRunner:
         )  # [T, hidden]
         return self._sample(reqs, starts, hidden)
 
+    def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
+        """Flat cache slots of positions start..end-1, built a block run at a time."""
+        bs = self.block_size
+        slots: list[int] = []
+        for i in range(start // bs, (end - 1) // bs + 1):
+            base = block_ids[i] * bs - i * bs  # slot of position p in block i: base + p
+            slots.extend(range(base + max(start, i * bs), base + min(end, (i + 1) * bs)))
+        return slots
+
     def _attention_metadata(
-        self, reqs: list[ScheduledRequest], starts: list[int], slot_mapping: torch.Tensor
+        self, reqs: list[ScheduledRequest], num_decodes: int, starts: list[int], slot_mapping: torch.Tensor
     ) -> AttentionMetadata:
         dev = self.device
-        decodes = [r for r in reqs if len(r.token_ids) == 1]
+        decodes = reqs[:num_decodes]
         tables = mask = None
         if decodes:
             max_blocks = max(len(r.block_ids) for r in decodes)
@@ -125,7 +126,6 @@ class ModelRunner:
             prefills.append((start, len(r.token_ids), r.num_computed_tokens, ids))
         return AttentionMetadata(
             slot_mapping=slot_mapping,
-            block_size=self.block_size,
             num_decodes=len(decodes),
             decode_block_tables=tables,
             decode_mask=mask,

@@ -24,7 +24,6 @@ class AttentionMetadata:
 
     # [num_tokens] flat cache slot (block_id * block_size + offset) each new token's K/V goes to
     slot_mapping: torch.Tensor
-    block_size: int
     num_decodes: int  # the first num_decodes tokens are single-token decodes, one per request
     # Decodes: [num_decodes, max_blocks] block tables (padded with block 0)
     decode_block_tables: torch.Tensor | None
