@@ -83,25 +83,14 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """The decoder stack; a container whose names match the checkpoint's `model.*`."""
+
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[KVCache],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [T, hidden]
-        cos_sin = self.rotary.lookup(positions, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta)
-        return self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -119,7 +108,12 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Returns final hidden states [T, hidden]; logits are computed only where needed."""
-        return self.model(input_ids, positions, kv_caches, meta)
+        m = self.model
+        x = m.embed_tokens(input_ids)  # [T, hidden]
+        cos_sin = m.rotary.lookup(positions, x.dtype)  # once per step, shared by every layer
+        for layer, kv_cache in zip(m.layers, kv_caches):
+            x = layer(x, cos_sin, kv_cache, meta)
+        return m.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""

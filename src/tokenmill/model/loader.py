@@ -15,14 +15,14 @@ from tokenmill.model.weights import iter_weights
 # Tensors some checkpoints carry that we recompute instead of loading.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-# Checkpoint projections that we store stacked in one fused parameter:
-# HF module name -> (our module name, index of the shard in the stack).
+# Checkpoint projections that we store stacked in one fused parameter, in stack order:
+# HF module name -> our module name.
 _STACKED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
 }
 
 
@@ -32,16 +32,24 @@ def _shard_sizes(cfg: ModelConfig, fused: str) -> list[int]:
     return [cfg.intermediate_size, cfg.intermediate_size]
 
 
-def _target(cfg: ModelConfig, hf_name: str) -> tuple[str, slice | None]:
-    """Where a checkpoint tensor goes: (our parameter name, rows of it or None for all)."""
-    module_path, _, attr = hf_name.rpartition(".")
-    parent, _, leaf = module_path.rpartition(".")
-    if leaf in _STACKED:
-        fused, index = _STACKED[leaf]
-        sizes = _shard_sizes(cfg, fused)
-        start = sum(sizes[:index])
-        return f"{parent}.{fused}.{attr}", slice(start, start + sizes[index])
-    return hf_name, None
+def _checkpoint_layout(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, slice | None, tuple[int, ...]]]:
+    """Every checkpoint tensor we expect, by HF name: (our parameter, its rows or None for
+    the whole of it, the shape the checkpoint tensor must have)."""
+    layout = {}
+    for name, p in model.named_parameters():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        module_path, _, attr = name.rpartition(".")
+        parent, _, leaf = module_path.rpartition(".")
+        shards = [hf_leaf for hf_leaf, fused in _STACKED.items() if fused == leaf]
+        if not shards:
+            layout[name] = (name, None, tuple(p.shape))
+            continue
+        start = 0
+        for hf_leaf, rows in zip(shards, _shard_sizes(cfg, leaf)):
+            layout[f"{parent}.{hf_leaf}.{attr}"] = (name, slice(start, start + rows), (rows, *p.shape[1:]))
+            start += rows
+    return layout
 
 
 def _materialize(model: nn.Module, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -64,20 +72,7 @@ def load_model(
     """
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
-    params = dict(model.named_parameters())
-    # Every checkpoint tensor we expect, by its HF name, with the shape it must have.
-    expected: dict[str, tuple[int, ...]] = {}
-    for name, p in params.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        module_path, _, attr = name.rpartition(".")
-        parent, _, leaf = module_path.rpartition(".")
-        shards = [k for k, (fused, _) in _STACKED.items() if fused == leaf]
-        if not shards:
-            expected[name] = tuple(p.shape)
-            continue
-        for hf_leaf, rows in zip(shards, _shard_sizes(cfg, leaf)):
-            expected[f"{parent}.{hf_leaf}.{attr}"] = (rows, *p.shape[1:])
+    expected = _checkpoint_layout(model, cfg)
     loaded: set[str] = set()
     for name, tensor in iter_weights(model_dir):
         if name.endswith(_IGNORED_SUFFIXES):
@@ -89,12 +84,11 @@ def load_model(
                 f"{model_dir}: unexpected tensor {name!r} for {cfg.architecture} "
                 "(does config.json match the weights?)."
             )
-        if tuple(tensor.shape) != expected[name]:
+        target, rows, shape = expected[name]
+        if tuple(tensor.shape) != shape:
             raise ValueError(
-                f"{model_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"config.json implies {expected[name]}."
+                f"{model_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {shape}."
             )
-        target, rows = _target(cfg, name)
         if rows is None and tensor.dtype == dtype and device.type == "cpu":
             # Keep it memory-mapped: no copy at load.
             module_name, _, attr = target.rpartition(".")
