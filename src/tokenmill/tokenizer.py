@@ -8,15 +8,12 @@ is what transformers 5 does too: its post-processor alone decides whether BOS is
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import tokenizers
+
+from tokenmill.chat_template import pick_chat_template, render_chat_template
 
 # transformers uses a huge sentinel (1e30) for "no limit"; anything this large means none.
 _NO_MAX_LENGTH = 10**12
@@ -44,64 +41,6 @@ def _read_json(path: Path, required: bool) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
-
-
-def _pick_chat_template(value: Any) -> str | None:
-    """tokenizer_config's chat_template: a string, or a list of {name, template}."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        if "default" in named:
-            return named["default"]
-        # No "default": the first named template is the best guess a user would make.
-        return next(iter(named.values()), None)
-    raise ValueError(f"chat_template must be a string or a list of templates, got {type(value).__name__}")
-
-
-@lru_cache(maxsize=32)
-def _compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template in the environment transformers renders them in.
-
-    Templates from the Hub are untrusted code, hence the immutable sandbox; trim_blocks and
-    lstrip_blocks change the whitespace of the output, so they must match transformers.
-    """
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
-
-    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-               separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-        # jinja's own tojson escapes <, > and & for HTML, which would change the prompt.
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                          separators=separators, sort_keys=sort_keys)
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env.from_string(source)
-
-
-def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:
-    """Drop None fields (templates test for presence) and flatten list content to a string."""
-    out = {k: v for k, v in message.items() if v is not None}
-    content = out.get("content")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"only text content parts are supported, got {kind!r}")
-            texts.append(part.get("text", ""))
-        # Newline-joined, as vLLM does for templates that expect string content.
-        out["content"] = "\n".join(texts)
-    return out
 
 
 class Tokenizer:
@@ -149,7 +88,7 @@ class Tokenizer:
         self._eos_token_id = eos_id
         self._eos_token_ids = set(gen_eos_ids) | ({eos_id} if eos_id is not None else set())
 
-        self._chat_template = chat_template or _pick_chat_template(config.get("chat_template"))
+        self._chat_template = chat_template or pick_chat_template(config.get("chat_template"))
         max_len = config.get("model_max_length")
         self.model_max_length: int | None = (
             int(max_len) if isinstance(max_len, (int, float)) and max_len < _NO_MAX_LENGTH else None
@@ -303,15 +242,7 @@ class Tokenizer:
             if getattr(self, name) is not None:
                 variables[name] = getattr(self, name)
         variables.update(extra)
-        template = _compile_chat_template(source)
-        try:
-            return template.render(
-                messages=[_normalize_message(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                **variables,
-            )
-        except jinja2.exceptions.TemplateError as e:
-            raise ValueError(f"chat template error: {e}") from e
+        return render_chat_template(source, messages, add_generation_prompt, variables)
 
     def encode_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
