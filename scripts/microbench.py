@@ -1,0 +1,195 @@
+"""Micro-benchmarks behind the numbers in docs/performance.md.
+
+Each subcommand times the alternatives side by side in one process (interleaved
+repetitions), so the ratios hold even when absolute times drift:
+
+    python scripts/microbench.py gemm        # bf16 vs fp32 GEMM throughput by row count
+    python scripts/microbench.py linear      # F.linear vs fused vs oneDNN-packed, one layer
+    python scripts/microbench.py attention   # decode attention: SDPA vs batched matmuls
+    python scripts/microbench.py rotary      # rotate_half vs roll
+    python scripts/microbench.py step        # torch.profiler of engine decode steps
+    python scripts/microbench.py prefill     # one 1,024-token prompt through the engine
+
+Shapes are SmolLM2-135M's (hidden 576, 9 heads, 3 KV heads, head_dim 64, intermediate
+1536, vocab 49152). `step` and `prefill` use the random-weight checkpoint of
+`tokenmill bench throughput --model-config smollm2-135m` (built on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+BF16 = torch.bfloat16
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 576, 1536, 9, 3, 64, 49152
+
+
+def compare(fns: dict[str, Callable[[], object]], reps: int = 5, calls: int = 20) -> dict[str, float]:
+    """Mean ms per call of each fn, repetitions interleaved so drift hits all alike."""
+    total = dict.fromkeys(fns, 0.0)
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            total[name] += (time.perf_counter() - t) / calls
+    return {name: t / reps * 1e3 for name, t in total.items()}
+
+
+def show(title: str, ms: dict[str, float]) -> None:
+    base = next(iter(ms.values()))
+    print(title)
+    for name, t in ms.items():
+        print(f"  {name:<28} {t:9.3f} ms   x{base / t:5.2f} vs first")
+
+
+def cmd_gemm() -> None:
+    w32 = torch.randn(INTER, HIDDEN)
+    for rows in (1, 16, 64, 512):
+        x32 = torch.randn(rows, HIDDEN)
+        w, x = w32.to(BF16), x32.to(BF16)
+        ms = compare({"bf16": lambda: F.linear(x, w), "fp32": lambda: F.linear(x32, w32)})
+        gflop = 2 * rows * HIDDEN * INTER / 1e9
+        print(f"{rows:4d} rows: bf16 {gflop / ms['bf16'] * 1e3:6.1f} GFLOP/s, fp32 {gflop / ms['fp32'] * 1e3:6.1f} GFLOP/s")
+
+
+def cmd_linear() -> None:
+    """The four projections of one decoder layer, three ways."""
+    w = {k: torch.randn(*s, dtype=BF16) for k, s in dict(
+        q=(HIDDEN, HIDDEN), k=(KV_HEADS * HEAD_DIM, HIDDEN), v=(KV_HEADS * HEAD_DIM, HIDDEN),
+        o=(HIDDEN, HIDDEN), g=(INTER, HIDDEN), u=(INTER, HIDDEN), d=(HIDDEN, INTER)).items()}
+    qkv, gate_up = torch.cat([w["q"], w["k"], w["v"]]), torch.cat([w["g"], w["u"]])
+    pack = torch.ops.mkldnn._reorder_linear_weight
+    packed = {k: pack(t, None) for k, t in dict(qkv=qkv, o=w["o"], gu=gate_up, d=w["d"]).items()}
+    lp = torch.ops.mkldnn._linear_pointwise
+    for rows in (1, 64):
+        x, h = torch.randn(rows, HIDDEN, dtype=BF16), torch.randn(rows, INTER, dtype=BF16)
+        show(f"one layer's linears, {rows} rows", compare({
+            "7 x F.linear": lambda: [F.linear(x, w[k]) for k in "qkvogu"] + [F.linear(h, w["d"])],
+            "4 x F.linear (fused)": lambda: [F.linear(x, qkv), F.linear(x, w["o"]), F.linear(x, gate_up), F.linear(h, w["d"])],
+            "4 x oneDNN packed": lambda: [lp(x, packed["qkv"], None, "none", [], ""), lp(x, packed["o"], None, "none", [], ""),
+                                          lp(x, packed["gu"], None, "none", [], ""), lp(h, packed["d"], None, "none", [], "")],
+        }))
+
+
+def cmd_attention(batch: int = 64, context: int = 256, block_size: int = 16) -> None:
+    """Decode attention of `batch` requests over `context` cached tokens each."""
+    group, num_blocks = HEADS // KV_HEADS, 4096
+    per_req = context // block_size
+    tables = torch.stack([torch.randperm(num_blocks)[:per_req] for _ in range(batch)])
+    q = torch.randn(batch, HEADS, HEAD_DIM, dtype=BF16)
+    mask_bool = torch.ones(batch, context, dtype=torch.bool)
+    mask = torch.zeros(batch, context)
+    token_major = torch.randn(num_blocks, block_size, KV_HEADS, HEAD_DIM, dtype=BF16)  # K (and V)
+    head_major = torch.randn(2, KV_HEADS, num_blocks, block_size, HEAD_DIM, dtype=BF16)
+
+    def sdpa():
+        k = token_major[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+        v = token_major[tables].flatten(1, 2).transpose(1, 2)
+        return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask_bool[:, None, None, :], enable_gqa=True)
+
+    def bmm_token_major():
+        k = token_major[tables].flatten(1, 2).transpose(1, 2)
+        v = token_major[tables].flatten(1, 2).transpose(1, 2)
+        s = torch.matmul(q.view(batch, KV_HEADS, group, HEAD_DIM), k.transpose(-1, -2)).float()
+        p = torch.softmax(s.mul_(HEAD_DIM**-0.5).add_(mask[:, None, None, :]), -1).to(BF16)
+        return torch.matmul(p, v)
+
+    def bmm_head_major():  # what tokenmill does (layers/attention.py)
+        kv = head_major[:, :, tables].flatten(3, 4).flatten(1, 2)  # [2, Hkv * B, L, D]
+        qg = q.view(batch, KV_HEADS, group, HEAD_DIM).permute(1, 0, 3, 2).reshape(-1, HEAD_DIM, group)
+        s = torch.bmm(kv[0], qg).float().view(KV_HEADS, batch, context, group)
+        p = torch.softmax(s.mul_(HEAD_DIM**-0.5).add_(mask[None, :, :, None]), dim=2).to(BF16)
+        return torch.bmm(p.view(-1, context, group).transpose(1, 2), kv[1])
+
+    def bmm_q_kt():  # the other orientation: BLAS copies the transposed K
+        kv = head_major[:, :, tables].flatten(3, 4).flatten(1, 2)
+        qg = q.view(batch, KV_HEADS, group, HEAD_DIM).transpose(0, 1).reshape(-1, group, HEAD_DIM)
+        s = torch.bmm(qg, kv[0].transpose(1, 2)).float().view(KV_HEADS, batch, group, context)
+        p = torch.softmax(s.mul_(HEAD_DIM**-0.5).add_(mask[None, :, None, :]), dim=-1).to(BF16)
+        return torch.bmm(p.view(-1, group, context), kv[1])
+
+    def bmm_fp32():  # the head-major path computed in float32
+        kv = head_major[:, :, tables].flatten(3, 4).flatten(1, 2).float()
+        qg = q.float().view(batch, KV_HEADS, group, HEAD_DIM).permute(1, 0, 3, 2).reshape(-1, HEAD_DIM, group)
+        s = torch.bmm(kv[0], qg).view(KV_HEADS, batch, context, group)
+        p = torch.softmax(s.mul_(HEAD_DIM**-0.5).add_(mask[None, :, :, None]), dim=2)
+        return torch.bmm(p.view(-1, context, group).transpose(1, 2), kv[1])
+
+    show(f"decode attention, {batch} requests x {context} tokens, one layer", compare({
+        "SDPA + padding mask": sdpa,
+        "bmm, token-major cache": bmm_token_major,
+        "bmm, head-major cache": bmm_head_major,
+        "bmm, head-major, q @ K^T": bmm_q_kt,
+        "bmm, head-major, float32": bmm_fp32,
+        "gather only (head-major)": lambda: head_major[:, :, tables],
+    }))
+
+
+def cmd_rotary() -> None:
+    for tokens in (1, 64):
+        x = torch.randn(tokens, HEADS + KV_HEADS, HEAD_DIM, dtype=BF16)
+        cos, sin = torch.randn(tokens, 1, HEAD_DIM, dtype=BF16), torch.randn(tokens, 1, HEAD_DIM, dtype=BF16)
+        half = HEAD_DIM // 2
+        show(f"rotary, {tokens} tokens", compare({
+            "rotate_half (cat)": lambda: x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin,
+            "roll + signed sin": lambda: x * cos + x.roll(half, -1) * sin,
+        }, calls=500))
+
+
+def _engine(**kwargs):
+    from tokenmill import LLM
+    from tokenmill.bench.model_configs import cached_checkpoint
+
+    return LLM(str(cached_checkpoint("smollm2-135m")), dtype="bfloat16", **kwargs)
+
+
+def cmd_step(batch: int = 64, steps: int = 5) -> None:
+    """Self CPU time per op over `steps` decode steps after a batch's prefill."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tokenmill import SamplingParams
+
+    llm = _engine(max_model_len=512, max_num_seqs=batch, max_num_batched_tokens=batch * 128)
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
+    for _ in range(batch):
+        llm._add_request(None, torch.randint(10, 4000, (128,), generator=g).tolist(), params)
+    llm.engine.step()  # the whole batch's prefill in one step
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            llm.engine.step()
+    print(f"decode steps of {batch} requests (context ~130), {steps} steps; divide by {steps} for per-step time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def cmd_prefill(prompt_len: int = 1024) -> None:
+    from tokenmill import SamplingParams
+
+    llm = _engine(max_model_len=2 * prompt_len, enable_prefix_caching=False)
+    ids = torch.randint(10, 4000, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    run = lambda: llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)  # noqa: E731
+    ms = compare({"prefill": run}, reps=3, calls=1)["prefill"]
+    print(f"prefill of {prompt_len} tokens: {ms:.0f} ms = {prompt_len / ms * 1e3:.0f} tokens/s")
+
+
+def main() -> None:
+    commands = {"gemm": cmd_gemm, "linear": cmd_linear, "attention": cmd_attention,
+                "rotary": cmd_rotary, "step": cmd_step, "prefill": cmd_prefill}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=commands)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        commands[args.command]()
+
+
+if __name__ == "__main__":
+    main()
