@@ -50,13 +50,16 @@ def show(title: str, ms: dict[str, float]) -> None:
 
 
 def cmd_gemm() -> None:
-    w32 = torch.randn(INTER, HIDDEN)
     for rows in (1, 16, 64, 512):
-        x32 = torch.randn(rows, HIDDEN)
-        w, x = w32.to(BF16), x32.to(BF16)
-        ms = compare({"bf16": lambda: F.linear(x, w), "fp32": lambda: F.linear(x32, w32)})
-        gflop = 2 * rows * HIDDEN * INTER / 1e9
-        print(f"{rows:4d} rows: bf16 {gflop / ms['bf16'] * 1e3:6.1f} GFLOP/s, fp32 {gflop / ms['fp32'] * 1e3:6.1f} GFLOP/s")
+        _gemm(rows)
+
+
+def _gemm(rows: int) -> None:
+    w32, x32 = torch.randn(INTER, HIDDEN), torch.randn(rows, HIDDEN)
+    w, x = w32.to(BF16), x32.to(BF16)
+    ms = compare({"bf16": lambda: F.linear(x, w), "fp32": lambda: F.linear(x32, w32)})
+    gflop = 2 * rows * HIDDEN * INTER / 1e9
+    print(f"{rows:4d} rows: bf16 {gflop / ms['bf16'] * 1e3:6.1f} GFLOP/s, fp32 {gflop / ms['fp32'] * 1e3:6.1f} GFLOP/s")
 
 
 def cmd_linear() -> None:
@@ -67,15 +70,19 @@ def cmd_linear() -> None:
     qkv, gate_up = torch.cat([w["q"], w["k"], w["v"]]), torch.cat([w["g"], w["u"]])
     pack = torch.ops.mkldnn._reorder_linear_weight
     packed = {k: pack(t, None) for k, t in dict(qkv=qkv, o=w["o"], gu=gate_up, d=w["d"]).items()}
-    lp = torch.ops.mkldnn._linear_pointwise
     for rows in (1, 64):
-        x, h = torch.randn(rows, HIDDEN, dtype=BF16), torch.randn(rows, INTER, dtype=BF16)
-        show(f"one layer's linears, {rows} rows", compare({
-            "7 x F.linear": lambda: [F.linear(x, w[k]) for k in "qkvogu"] + [F.linear(h, w["d"])],
-            "4 x F.linear (fused)": lambda: [F.linear(x, qkv), F.linear(x, w["o"]), F.linear(x, gate_up), F.linear(h, w["d"])],
-            "4 x oneDNN packed": lambda: [lp(x, packed["qkv"], None, "none", [], ""), lp(x, packed["o"], None, "none", [], ""),
-                                          lp(x, packed["gu"], None, "none", [], ""), lp(h, packed["d"], None, "none", [], "")],
-        }))
+        _linear_layer(rows, w, qkv, gate_up, packed)
+
+
+def _linear_layer(rows: int, w: dict, qkv: torch.Tensor, gate_up: torch.Tensor, packed: dict) -> None:
+    lp = torch.ops.mkldnn._linear_pointwise
+    x, h = torch.randn(rows, HIDDEN, dtype=BF16), torch.randn(rows, INTER, dtype=BF16)
+    show(f"one layer's linears, {rows} rows", compare({
+        "7 x F.linear": lambda: [F.linear(x, w[k]) for k in "qkvogu"] + [F.linear(h, w["d"])],
+        "4 x F.linear (fused)": lambda: [F.linear(x, qkv), F.linear(x, w["o"]), F.linear(x, gate_up), F.linear(h, w["d"])],
+        "4 x oneDNN packed": lambda: [lp(x, packed["qkv"], None, "none", [], ""), lp(x, packed["o"], None, "none", [], ""),
+                                      lp(x, packed["gu"], None, "none", [], ""), lp(h, packed["d"], None, "none", [], "")],
+    }))
 
 
 def cmd_attention(batch: int = 64, context: int = 256, block_size: int = 16) -> None:
@@ -134,13 +141,17 @@ def cmd_attention(batch: int = 64, context: int = 256, block_size: int = 16) -> 
 
 def cmd_rotary() -> None:
     for tokens in (1, 64):
-        x = torch.randn(tokens, HEADS + KV_HEADS, HEAD_DIM, dtype=BF16)
-        cos, sin = torch.randn(tokens, 1, HEAD_DIM, dtype=BF16), torch.randn(tokens, 1, HEAD_DIM, dtype=BF16)
-        half = HEAD_DIM // 2
-        show(f"rotary, {tokens} tokens", compare({
-            "rotate_half (cat)": lambda: x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin,
-            "roll + signed sin": lambda: x * cos + x.roll(half, -1) * sin,
-        }, calls=500))
+        _rotary(tokens)
+
+
+def _rotary(tokens: int) -> None:
+    x = torch.randn(tokens, HEADS + KV_HEADS, HEAD_DIM, dtype=BF16)
+    cos, sin = torch.randn(tokens, 1, HEAD_DIM, dtype=BF16), torch.randn(tokens, 1, HEAD_DIM, dtype=BF16)
+    half = HEAD_DIM // 2
+    show(f"rotary, {tokens} tokens", compare({
+        "rotate_half (cat)": lambda: x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin,
+        "roll + signed sin": lambda: x * cos + x.roll(half, -1) * sin,
+    }, calls=500))
 
 
 def _engine(**kwargs):
