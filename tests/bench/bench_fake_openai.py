@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
+
+from tokenmill.bench.server_process import free_port
 
 
 @dataclass
@@ -184,12 +185,6 @@ def make_asgi_app(state: FakeState):
             state.in_flight -= 1
 
     return app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RealServer:

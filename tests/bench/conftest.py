@@ -1,6 +1,9 @@
-"""Shared fixtures of the bench tests: a real `tokenizers` word tokenizer built in-test."""
+"""Shared fixtures of the bench tests: a real `tokenizers` word tokenizer built in-test, a
+history database path, and an HTML parser for the reports."""
 
 from __future__ import annotations
+
+from html.parser import HTMLParser
 
 import pytest
 
@@ -29,3 +32,28 @@ def word_tokenizer(tmp_path_factory) -> HFTokenizer:
 @pytest.fixture
 def db_path(tmp_path):
     return tmp_path / "bench.db"
+
+
+class ParsedHTML(HTMLParser):
+    """Start tags (name, attributes) and text of an HTML document."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.feed(html)
+
+    @property
+    def tag_names(self) -> list[str]:
+        return [t for t, _ in self.tags]
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+@pytest.fixture
+def parse_html():
+    return ParsedHTML

@@ -98,3 +98,23 @@ def test_parse_run_group():
     assert parse_run_group("3,4,5") == [3, 4, 5] == parse_run_group("3-5")
     with pytest.raises(ValueError):
         parse_run_group("x")
+
+
+def test_tests_agree_with_scipy_on_random_inputs():
+    """docs/bench.md's claim; run it with scipy installed (it is not a dependency)."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        nx, ny = (int(n) for n in rng.integers(2, 40, size=2))
+        x, y = rng.normal(size=nx), rng.normal(0.5, size=ny)
+        if i % 2:  # half the cases with ties
+            x, y = np.round(x, 1), np.round(y, 1)
+        ours = mann_whitney_u(x, y)
+        method = "exact" if ours.method == "mwu-exact" else "asymptotic"
+        ref = scipy_stats.mannwhitneyu(x, y, alternative="two-sided", method=method, use_continuity=True)
+        assert ours.statistic == pytest.approx(ref.statistic)
+        assert ours.p_value == pytest.approx(ref.pvalue, rel=1e-6, abs=1e-12)
+        ours = welch_t_test(x, y)
+        ref = scipy_stats.ttest_ind(x, y, equal_var=False)
+        assert ours.statistic == pytest.approx(-ref.statistic)  # ours is new (y) minus base (x)
+        assert ours.p_value == pytest.approx(ref.pvalue, rel=1e-6, abs=1e-12)

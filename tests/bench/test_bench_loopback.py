@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from html.parser import HTMLParser
 
 import pytest
 from bench_fake_openai import FakeState, RealServer, uniform_script
@@ -82,19 +81,7 @@ def test_stop_keeps_partial_results(server, word_tokenizer):
     assert out.summary.num_completed + out.summary.num_incomplete == len(out.record.samples) < 1000
 
 
-class _Collector(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.tags, self.text = [], []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
-def test_cli_serve_history_compare_report(server, word_tokenizer, db_path, tmp_path, capsys):
+def test_cli_serve_history_compare_report(server, word_tokenizer, db_path, tmp_path, capsys, parse_html):
     common = ["--base-url", server.base_url, "--tokenizer", word_tokenizer.path, "--db", str(db_path),
               "--random-input-len", "8", "--random-output-len", "4", "--num-prompts", "6",
               "--max-concurrency", "3", "--disable-tqdm", "--goodput", "ttft:500", "tpot:100"]
@@ -124,9 +111,8 @@ def test_cli_serve_history_compare_report(server, word_tokenizer, db_path, tmp_p
     assert bench_main(["report", "--db", str(db_path), "--output", str(report),
                        "--compare", str(first), str(second)]) == 0
     html = report.read_text()
-    parser = _Collector()
-    parser.feed(html)
-    tags = [t for t, _ in parser.tags]
+    parser = parse_html(html)
+    tags = parser.tag_names
     assert tags.count("svg") >= 4 and "table" in tags
     text = " ".join(parser.text)
     for section in ("Latency CDFs", "Percentiles", "A/B comparison", "Cost per million tokens"):

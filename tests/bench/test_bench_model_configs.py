@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from tokenizers import Tokenizer
 
+from tokenmill.bench import model_configs
 from tokenmill.bench.model_configs import (
     MODEL_CONFIGS,
     ArchConfig,
@@ -45,8 +49,6 @@ def test_published_configs():
 
 @pytest.mark.parametrize("cfg", [TINY_LLAMA, TINY_QWEN], ids=lambda c: c.name)
 def test_checkpoint_layout_and_hf_loading(cfg: ArchConfig, tmp_path, word_tokenizer):
-    from pathlib import Path
-
     out = build_checkpoint(cfg, tmp_path / cfg.name, tokenizer_dir=Path(word_tokenizer.path).parent)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         names = set(f.keys())
@@ -65,6 +67,37 @@ def test_checkpoint_layout_and_hf_loading(cfg: ArchConfig, tmp_path, word_tokeni
     model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert model.config.num_key_value_heads == 2
+
+
+def test_tokenizer_is_copied_only_when_it_covers_the_vocabulary(tmp_path, word_tokenizer):
+    src = Path(word_tokenizer.path).parent  # 502 tokens
+    covered = build_checkpoint(TINY_LLAMA, tmp_path / "covered", tokenizer_dir=src)  # 300-token model
+    assert (covered / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    # A tokenizer smaller than the model's vocabulary (the demo model's 4,096 tokens against
+    # 49k-152k) would decode most generated ids to nothing: the placeholder covers them all.
+    big = replace(TINY_LLAMA, vocab_size=1024)
+    ckpt = build_checkpoint(big, tmp_path / "big", tokenizer_dir=src)
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    assert tok.get_vocab_size() == big.vocab_size
+    assert tok.decode([big.vocab_size - 1])  # every id decodes to some text
+    assert (ckpt / "tokenizer.json").read_bytes() != (src / "tokenizer.json").read_bytes()
+
+
+def test_cached_checkpoint_moves_to_a_full_vocab_tokenizer(tmp_path, monkeypatch, word_tokenizer):
+    src = Path(word_tokenizer.path).parent  # stands in for the demo model: 502 tokens
+    cfg = replace(TINY_LLAMA, name="tiny-big-vocab", vocab_size=1024)
+    monkeypatch.setitem(model_configs.MODEL_CONFIGS, cfg.name, cfg)
+    monkeypatch.setattr(model_configs, "DEMO_MODEL_DIR", src)
+    ckpt = cached_checkpoint(cfg.name, tmp_path)
+    # As cached before the fix: the small tokenizer copied in, with its special-tokens map.
+    shutil.copyfile(src / "tokenizer.json", ckpt / "tokenizer.json")
+    (ckpt / "special_tokens_map.json").write_text("{}")
+    weights = (ckpt / "model.safetensors").stat()
+
+    assert cached_checkpoint(cfg.name, tmp_path) == ckpt
+    assert Tokenizer.from_file(str(ckpt / "tokenizer.json")).get_vocab_size() == cfg.vocab_size
+    assert not (ckpt / "special_tokens_map.json").exists()
+    assert (ckpt / "model.safetensors").stat().st_mtime_ns == weights.st_mtime_ns  # refreshed, not rebuilt
 
 
 def test_cached_checkpoint_rejects_unknown_name(tmp_path):
@@ -89,11 +122,6 @@ def test_hf_throughput_backend_on_tiny_model(tmp_path, db_path):
 
 
 def test_tokenmill_throughput_backend_on_tiny_model(tmp_path):
-    pytest.importorskip("tokenmill.engine.llm", reason="the offline engine has not landed yet")
-    try:
-        from tokenmill import LLM  # noqa: F401
-    except ImportError:
-        pytest.skip("tokenmill.LLM is not exported yet")
     model_dir = build_checkpoint(TINY_LLAMA, tmp_path / "tiny", tokenizer_dir=None)  # placeholder vocab
     spec = ThroughputSpec(str(model_dir), backend="tokenmill", num_prompts=4, input_len=8, output_len=5,
                           max_num_seqs=2, dtype="float32", kv_cache_memory_bytes=8 * 2**20)

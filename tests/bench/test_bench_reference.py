@@ -1,7 +1,7 @@
 """`bench reference` end to end on a tiny random checkpoint: offline, HF and served rows.
 
-Starts real `tokenmill serve` subprocesses (one per concurrency), so it is skipped until the
-server module exists; HF rows need transformers (a dev dependency).
+Starts real `tokenmill serve` subprocesses (one per concurrency); HF rows need transformers
+(a dev dependency).
 """
 
 from __future__ import annotations
@@ -16,20 +16,8 @@ from test_bench_model_configs import TINY_LLAMA
 
 from tokenmill.bench.cli import main as bench_main
 from tokenmill.bench.model_configs import build_checkpoint
-from tokenmill.bench.reference import (
-    MARK_BEGIN,
-    MARK_END,
-    ReferenceSpec,
-    command_line,
-    full_vocab_view,
-    write_marked,
-)
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("tokenmill.server.api_server") is None
-    or importlib.util.find_spec("transformers") is None,
-    reason="needs tokenmill serve (tokenmill.server.api_server) and transformers",
-)
+from tokenmill.bench.reference import ReferenceSpec
+from tokenmill.bench.reference_md import MARK_BEGIN, MARK_END, command_line, write_marked
 
 
 def _table_rows(markdown: str, heading: str) -> list[list[str]]:
@@ -43,6 +31,8 @@ def _number(cell: str) -> float:
     return float(cell.replace(",", "").rstrip("x"))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                    reason="the HF rows need transformers (a dev dependency)")
 def test_reference_tiny_checkpoint(tmp_path, capsys):
     ckpt = build_checkpoint(TINY_LLAMA, tmp_path / "tiny", tokenizer_dir=None)
     out_file, db = tmp_path / "performance.md", tmp_path / "bench.db"
@@ -104,16 +94,3 @@ def test_command_line_and_spec_validation():
         ReferenceSpec(models=("gpt-5",))
     with pytest.raises(ValueError):
         ReferenceSpec(concurrencies=(0,))
-
-
-def test_full_vocab_view_links_weights_and_covers_vocab(tmp_path):
-    from tokenizers import Tokenizer
-
-    ckpt = build_checkpoint(TINY_LLAMA, tmp_path / "ckpt")  # carries the demo model's tokenizer
-    view = full_vocab_view(ckpt, TINY_LLAMA, tmp_path / "views" / "tiny")
-    assert (view / "model.safetensors").resolve() == (ckpt / "model.safetensors").resolve()
-    assert (view / "config.json").read_text() == (ckpt / "config.json").read_text()
-    tok = Tokenizer.from_file(str(view / "tokenizer.json"))
-    assert tok.get_vocab_size() == TINY_LLAMA.vocab_size
-    assert tok.decode([TINY_LLAMA.vocab_size - 1])  # every id decodes to some text
-    assert (ckpt / "tokenizer.json").read_bytes() != (view / "tokenizer.json").read_bytes()

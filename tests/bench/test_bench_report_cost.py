@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from html.parser import HTMLParser
 
 import pytest
 from test_bench_compare import synthetic_run
@@ -68,19 +67,7 @@ def test_svg_charts_are_well_formed():
     assert len(big.xs) == 400 and big.ys[-1] == 1.0
 
 
-class _Parser(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.tags, self.text = [], []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-
-def test_report_has_every_section_and_no_external_references():
+def test_report_has_every_section_and_no_external_references(parse_html):
     base, new = synthetic_run(1), synthetic_run(2, slowdown=1.2)
     sweep = []
     for i, rate in enumerate((1.0, 2.0, 4.0)):
@@ -93,8 +80,7 @@ def test_report_has_every_section_and_no_external_references():
         r.summary.update(ttft=_stats(), tpot=_stats(), itl=_stats(), e2el=_stats())
         r.instance_type = "cpu-box"
     html = build_report([new, base, *sweep], PRICES, ([base], [new], compare_runs([base], [new])))
-    p = _Parser()
-    p.feed(html)
+    p = parse_html(html)
     text = " ".join(p.text)
     for needle in ("Latency CDFs", "Throughput and latency vs load", "sweep-x", "Percentiles",
                    "A/B comparison", "regression", "Cost per million tokens", "list-price assumptions"):

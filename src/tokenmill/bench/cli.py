@@ -132,6 +132,19 @@ def _add_metrics(p: argparse.ArgumentParser) -> None:
                    help="No progress bar.")
 
 
+def _add_run_filters(p: argparse.ArgumentParser, with_kind: bool, limit: int, limit_help: str) -> None:
+    """The history filters (RunFilter), shared by `history` and `report`."""
+    p.add_argument("--sku", default=None, help="Hardware SKU substring.")
+    p.add_argument("--model", default=None, help="Model name substring.")
+    p.add_argument("--config", default=None, help="Server config hash prefix, or substring of config/label.")
+    if with_kind:
+        p.add_argument("--kind", choices=("serve", "throughput", "capacity"), default=None, help="Run kind.")
+    p.add_argument("--series", default=None, help="Sweep/capacity series id substring.")
+    p.add_argument("--since", default=None, metavar="DATE", help="Runs at or after this ISO date/time (UTC).")
+    p.add_argument("--until", default=None, metavar="DATE", help="Runs before this ISO date/time (UTC).")
+    p.add_argument("--limit", type=int, default=limit, help=limit_help + " (default %(default)s).")
+
+
 def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
     """Register serve, sweep, capacity, throughput, reference, history, compare and report.
 
@@ -241,14 +254,7 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("history", help="List stored runs, filtered.")
     _add_db(p)
     p.add_argument("--json", action="store_true", help="Print a JSON array of run objects on stdout.")
-    p.add_argument("--sku", default=None, help="Hardware SKU substring.")
-    p.add_argument("--model", default=None, help="Model name substring.")
-    p.add_argument("--config", default=None, help="Server config hash prefix, or substring of config/label.")
-    p.add_argument("--kind", choices=("serve", "throughput", "capacity"), default=None, help="Run kind.")
-    p.add_argument("--series", default=None, help="Sweep/capacity series id substring.")
-    p.add_argument("--since", default=None, metavar="DATE", help="Runs at or after this ISO date/time (UTC).")
-    p.add_argument("--until", default=None, metavar="DATE", help="Runs before this ISO date/time (UTC).")
-    p.add_argument("--limit", type=int, default=50, help="At most this many runs (0: all) (default %(default)s).")
+    _add_run_filters(p, with_kind=True, limit=50, limit_help="At most this many runs (0: all)")
     p.set_defaults(func=commands.cmd_history)
 
     p = sub.add_parser("compare",
@@ -269,13 +275,7 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", required=True, metavar="FILE", help="HTML file to write.")
     _add_db(p)
     p.add_argument("--runs", default=None, metavar="IDS", help="Run ids (comma list/ranges); default: filters.")
-    p.add_argument("--sku", default=None, help="Hardware SKU substring.")
-    p.add_argument("--model", default=None, help="Model name substring.")
-    p.add_argument("--config", default=None, help="Server config hash prefix, or substring of config/label.")
-    p.add_argument("--series", default=None, help="Sweep/capacity series id substring.")
-    p.add_argument("--since", default=None, metavar="DATE", help="Runs at or after this ISO date/time (UTC).")
-    p.add_argument("--until", default=None, metavar="DATE", help="Runs before this ISO date/time (UTC).")
-    p.add_argument("--limit", type=int, default=20, help="At most this many runs from the filters (default %(default)s).")
+    _add_run_filters(p, with_kind=False, limit=20, limit_help="At most this many runs from the filters")
     p.add_argument("--compare", nargs=2, default=None, metavar=("BASE", "NEW"),
                    help="Add an A/B section for these run ids/groups.")
     p.add_argument("--alpha", type=float, default=0.05, help="Significance level for --compare (default %(default)s).")

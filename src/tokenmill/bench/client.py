@@ -45,6 +45,12 @@ class EndpointSpec:
         return f"{self.api_base}/{'chat/completions' if self.endpoint == 'chat' else 'completions'}"
 
 
+def http_client(max_concurrency: int | None, timeout_s: float) -> httpx.AsyncClient:
+    """An HTTP client with a connection per request in flight (no pool queueing in timings)."""
+    limits = httpx.Limits(max_connections=max_concurrency or 1000, max_keepalive_connections=None)
+    return httpx.AsyncClient(limits=limits, timeout=timeout_s)
+
+
 def split_base_url(base_url: str) -> tuple[str, str]:
     """(server root, API base ending in /v1) from a URL given with or without /v1."""
     root = base_url.rstrip("/")
@@ -111,8 +117,8 @@ async def send_request(
     Returns:
         The same sample, with status "ok" or "error".
     """
-    texts: list[str] = []
-    cumulative: list[int] = []  # completion_tokens seen in each token chunk (continuous usage)
+    texts: list[str] = []  # text of each token chunk
+    cumulative: list[int] = []  # completion_tokens at each token chunk (continuous usage only)
     usage: dict[str, Any] = {}
     is_finished = False
     is_continuous: bool | None = None  # decided by the first chunk that has choices
@@ -148,11 +154,14 @@ async def send_request(
                 if is_continuous is None:
                     is_continuous = done is not None
                 # With per-chunk usage trust the count; else a token chunk is one with text.
-                prev = cumulative[-1] if cumulative else 0
-                if (done is not None and done > prev) if is_continuous else bool(text):
-                    sample.chunk_times_s.append(now_s)
-                    texts.append(text)
-                    cumulative.append(done if is_continuous else -1)
+                if is_continuous:
+                    if done is None or done <= (cumulative[-1] if cumulative else 0):
+                        continue
+                    cumulative.append(done)
+                elif not text:
+                    continue
+                sample.chunk_times_s.append(now_s)
+                texts.append(text)
     except asyncio.CancelledError:
         sample.status, sample.error = "incomplete", "cancelled before the stream finished"
         raise
@@ -171,6 +180,11 @@ async def send_request(
 
 def _account_tokens(sample: RequestSample, req: RequestSpec, texts: list[str], cumulative: list[int],
                     usage: dict[str, Any], count_tokens: Callable[[str], int] | None) -> None:
+    """Fill the token counts of a finished stream.
+
+    cumulative: completion_tokens at each token chunk when the server sent usage in every
+    chunk, else empty.
+    """
     sample.prompt_tokens = int(usage.get("prompt_tokens") or req.prompt_len)
     if usage.get("completion_tokens") is not None:
         sample.output_tokens, sample.token_count_source = int(usage["completion_tokens"]), "usage"
@@ -178,7 +192,7 @@ def _account_tokens(sample: RequestSample, req: RequestSpec, texts: list[str], c
         sample.output_tokens, sample.token_count_source = count_tokens("".join(texts)), "tokenizer"
     else:
         sample.output_tokens, sample.token_count_source = len(texts), "chunks"
-    if cumulative and all(c >= 0 for c in cumulative):
+    if cumulative:
         sample.chunk_tokens = [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]], strict=True)]
     elif sample.output_tokens == len(texts) or count_tokens is None:
         sample.chunk_tokens = [1] * len(texts)

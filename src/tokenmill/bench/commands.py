@@ -196,13 +196,8 @@ def cmd_throughput(args: argparse.Namespace) -> int:
 
 @_handles_errors
 def cmd_reference(args: argparse.Namespace) -> int:
-    from tokenmill.bench.reference import (
-        ReferenceSpec,
-        command_line,
-        render_markdown,
-        run_reference,
-        write_marked,
-    )
+    from tokenmill.bench.reference import ReferenceSpec, run_reference
+    from tokenmill.bench.reference_md import command_line, render_markdown, write_marked
 
     spec = ReferenceSpec(models=_csv(args.models, str.strip), concurrencies=_csv(args.concurrency, int),
                          model_dir=args.model, input_len=args.input_len, output_len=args.output_len,
@@ -269,7 +264,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     with Store(args.db) as store:
         if args.runs:
-            runs = [store.get_run(i) for i in parse_run_group(args.runs)]
+            runs = _load_group(store, args.runs)
         else:
             runs = [store.get_run(r.id) for r in store.list_runs(_filter(args)) if r.id is not None]
         comparison = None

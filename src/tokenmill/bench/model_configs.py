@@ -2,10 +2,10 @@
 
 Speed does not depend on weight values when generation length is fixed (ignore_eos), so a
 benchmark needs the architecture, not the download. `build_checkpoint` writes an HF-layout
-folder (config.json, model.safetensors under HF tensor names, tokenizer files copied from
-the bundled demo model, or a placeholder until it has one) with torch + safetensors only. Weights are N(0, 0.02) in bf16,
-norm weights are ones. The demo tokenizer's vocab is smaller than these models'; the
-benchmarks feed token ids, so that does not matter.
+folder (config.json, model.safetensors under HF tensor names, tokenizer files) with torch +
+safetensors only. Weights are N(0, 0.02) in bf16, norm weights are ones. The tokenizer is the
+bundled demo model's when it covers the model's vocabulary, else a word-level placeholder
+that does (see sync_tokenizer).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 
 from tokenmill.bench.tokenizer import DEMO_MODEL_DIR
 
-# Bump when the files written change, so stale cached checkpoints are rebuilt.
+# Bump when the weight or config files written change, so stale cached checkpoints are
+# rebuilt. Tokenizer files need no bump: sync_tokenizer refreshes them on every cache hit.
 BUILD_VERSION = 1
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -138,8 +139,8 @@ def build_checkpoint(cfg: ArchConfig, out_dir: str | Path, seed: int = 0,
         cfg: the architecture.
         out_dir: created if missing; existing files are overwritten.
         seed: weights are a function of the seed and tensor order only.
-        tokenizer_dir: tokenizer files to copy; without a tokenizer.json there, a
-            placeholder vocabulary is written (see sync_tokenizer).
+        tokenizer_dir: tokenizer files to copy; without a tokenizer.json there, or with one
+            smaller than cfg.vocab_size, a placeholder vocabulary is written (see tokenizer_files).
 
     Returns:
         out_dir as a Path.
@@ -165,32 +166,58 @@ def build_checkpoint(cfg: ArchConfig, out_dir: str | Path, seed: int = 0,
     return out
 
 
-def sync_tokenizer(out_dir: Path, cfg: ArchConfig, tokenizer_dir: str | Path | None) -> None:
-    """Give a checkpoint tokenizer files: the demo model's when it has them, else a placeholder.
+def tokenizer_files(cfg: ArchConfig, tokenizer_dir: str | Path | None) -> dict[str, bytes]:
+    """The tokenizer files (name -> contents) a checkpoint of cfg should carry.
 
-    The placeholder is a word-level vocabulary "<0>" .. "<vocab_size-1>": engines need a
-    tokenizer.json to load, and benchmarks only feed token ids. Copies are refreshed when the
-    source changes, so a cached checkpoint picks up the demo tokenizer once it exists.
+    The files of tokenizer_dir when its tokenizer.json covers cfg.vocab_size; otherwise a
+    placeholder. A smaller tokenizer (the demo model's 4,096 tokens against 49k-152k) would
+    decode most generated ids to nothing, so a server would stream empty chunks that no
+    client can time.
     """
     src_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
     if src_dir is not None and (src_dir / "tokenizer.json").is_file():
-        for fname in _TOKENIZER_FILES:
-            src, dst = src_dir / fname, out_dir / fname
-            if src.is_file() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
-                shutil.copyfile(src, dst)
-        return
-    if (out_dir / "tokenizer.json").is_file():
-        return
+        from tokenizers import Tokenizer
+
+        src_tokenizer = Tokenizer.from_file(str(src_dir / "tokenizer.json"))
+        if src_tokenizer.get_vocab_size(with_added_tokens=True) >= cfg.vocab_size:
+            return {f: (src_dir / f).read_bytes() for f in _TOKENIZER_FILES if (src_dir / f).is_file()}
+    return _placeholder_tokenizer_files(cfg)
+
+
+def _placeholder_tokenizer_files(cfg: ArchConfig) -> dict[str, bytes]:
+    """A word-level vocabulary "<0>" .. "<vocab_size-1>": every id decodes to text.
+
+    Engines need a tokenizer.json to load, and benchmarks feed token ids; deterministic, so
+    a checkpoint that already has it is left untouched.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(cfg.vocab_size)}, unk_token="<0>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(out_dir / "tokenizer.json"))
     # A bare template (message contents joined) so the chat endpoint can be benchmarked too.
     template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
               "eos_token": f"<{cfg.eos_token_id}>", "bos_token": f"<{cfg.bos_token_id}>"}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {"tokenizer.json": tok.to_str(pretty=True).encode(),
+            "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode()}
+
+
+def sync_tokenizer(out_dir: Path, cfg: ArchConfig, tokenizer_dir: str | Path | None) -> None:
+    """Make a checkpoint's tokenizer files those of tokenizer_files(cfg, tokenizer_dir).
+
+    Only changed files are written (each atomically: a server may be reading them) and
+    tokenizer files of another tokenizer are removed, so a cached checkpoint follows the
+    demo model's tokenizer, or moves to the placeholder when that tokenizer is too small.
+    """
+    wanted = tokenizer_files(cfg, tokenizer_dir)
+    for fname in _TOKENIZER_FILES:
+        dst = out_dir / fname
+        if fname not in wanted:
+            dst.unlink(missing_ok=True)
+        elif not dst.is_file() or dst.read_bytes() != wanted[fname]:
+            tmp = dst.with_name(f"{fname}.tmp-{os.getpid()}")
+            tmp.write_bytes(wanted[fname])
+            os.replace(tmp, dst)
 
 
 def default_cache_dir() -> Path:
@@ -222,7 +249,7 @@ def cached_checkpoint(name: str, cache_dir: str | Path | None = None) -> Path:
         return final
     tmp = final.with_name(f"{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_checkpoint(cfg, tmp)
+    build_checkpoint(cfg, tmp, tokenizer_dir=DEMO_MODEL_DIR)
     (tmp / "tokenmill_build.json").write_text(json.dumps(stamp))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from html import escape
 
-from tokenmill.bench.compare import MetricComparison
+from tokenmill.bench.compare import LATENCY_NAMES, MetricComparison
 from tokenmill.bench.cost import PriceTable, cost_rows
 from tokenmill.bench.metrics import LATENCY_METRICS, per_request_values_s
 from tokenmill.bench.schema import RunRecord
@@ -29,7 +29,6 @@ td.l,th.l{text-align:left}.regression{color:#b00;font-weight:bold}.improvement{c
 svg.chart{background:#fff;border:1px solid #eee}svg text{font-size:11px;fill:#333}
 svg .title{font-size:13px;font-weight:bold}svg .grid{stroke:#eee}svg .plot{fill:none;stroke:#ccc}
 """
-_LATENCY_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
 
 
 def _num(v: object, digits: int = 4) -> str:
@@ -92,7 +91,7 @@ def _cdfs(runs: Sequence[RunRecord]) -> str:
     charts = []
     for m in LATENCY_METRICS:
         series = [cdf_series(run_label(r), values[r.id][m] * 1e3) for r in with_samples if len(values[r.id][m])]
-        charts.append(line_chart(series, f"{_LATENCY_NAMES[m]} CDF", f"{_LATENCY_NAMES[m]} (ms)",
+        charts.append(line_chart(series, f"{LATENCY_NAMES[m]} CDF", f"{LATENCY_NAMES[m]} (ms)",
                                  "fraction of samples", legend_bottom=True))
     return f'<div class="charts">{"".join(charts)}</div>'
 
@@ -107,31 +106,33 @@ def _load_x(run: RunRecord) -> tuple[float, str] | None:
     return None
 
 
+def _pct_series(summaries: Sequence[dict], metric: str, key: str) -> list[float]:
+    """One percentile of one metric across the points of a sweep (nan where not reported)."""
+    return [x[metric]["percentiles_ms"].get(key, math.nan) for x in summaries]
+
+
 def _sweeps(runs: Sequence[RunRecord]) -> str:
-    groups: dict[str, list[RunRecord]] = defaultdict(list)
+    groups: dict[str, list[tuple[float, str, RunRecord]]] = defaultdict(list)  # series -> (x, x label, run)
     for r in runs:
-        if r.kind == "serve" and r.series and _load_x(r):
-            groups[r.series].append(r)
+        x = _load_x(r) if r.kind == "serve" and r.series else None
+        if x:
+            groups[r.series].append((*x, r))
     parts = []
-    for series, members in groups.items():
-        if len(members) < 2:
+    for series, points in groups.items():
+        if len(points) < 2:
             continue
-        members.sort(key=lambda r: _load_x(r)[0])  # type: ignore[index]
-        xs = [_load_x(r)[0] for r in members]  # type: ignore[index]
-        x_label = _load_x(members[0])[1]  # type: ignore[index]
-        s = [r.summary for r in members]
-
-        def pct(metric: str, key: str, summaries: list = s) -> list[float]:
-            return [x[metric]["percentiles_ms"].get(key, math.nan) for x in summaries]
-
+        points.sort(key=lambda p: p[0])
+        xs = [x for x, _, _ in points]
+        x_label = points[0][1]
+        s = [r.summary for _, _, r in points]
         charts = [
             line_chart([Series("output tok/s", xs, [x["output_throughput"] for x in s], True),
                         Series("total tok/s", xs, [x["total_token_throughput"] for x in s], True)],
                        "Throughput", x_label, "tokens/s"),
-            line_chart([Series("TTFT p50", xs, pct("ttft", "p50"), True),
-                        Series("TTFT p99", xs, pct("ttft", "p99"), True)], "TTFT", x_label, "ms"),
-            line_chart([Series("TPOT p50", xs, pct("tpot", "p50"), True),
-                        Series("TPOT p99", xs, pct("tpot", "p99"), True)], "TPOT", x_label, "ms"),
+            line_chart([Series("TTFT p50", xs, _pct_series(s, "ttft", "p50"), True),
+                        Series("TTFT p99", xs, _pct_series(s, "ttft", "p99"), True)], "TTFT", x_label, "ms"),
+            line_chart([Series("TPOT p50", xs, _pct_series(s, "tpot", "p50"), True),
+                        Series("TPOT p99", xs, _pct_series(s, "tpot", "p99"), True)], "TPOT", x_label, "ms"),
         ]
         parts.append(f"<h3>{escape(series)}</h3><div class=\"charts\">{''.join(charts)}</div>")
     return "".join(parts) or '<p class="note">No sweep with two or more load points in the selection.</p>'
@@ -144,7 +145,7 @@ def _percentiles(runs: Sequence[RunRecord]) -> str:
             continue
         s = r.summary
         keys = list(s["ttft"]["percentiles_ms"])
-        rows = [[_LATENCY_NAMES[m], s[m]["count"], s[m]["mean_ms"], s[m]["median_ms"], s[m]["std_ms"],
+        rows = [[LATENCY_NAMES[m], s[m]["count"], s[m]["mean_ms"], s[m]["median_ms"], s[m]["std_ms"],
                  *[s[m]["percentiles_ms"].get(k) for k in keys], s[m]["max_ms"]] for m in LATENCY_METRICS]
         parts.append(f"<h3>{escape(run_label(r))}</h3>" + _table(
             ["metric (ms)", "n", "mean", "median", "std", *keys, "max"], rows))

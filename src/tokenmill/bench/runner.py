@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
 
 from tokenmill.bench.arrivals import iter_arrival_offsets
-from tokenmill.bench.client import Clock, EndpointSpec, send_request
+from tokenmill.bench.client import Clock, EndpointSpec, http_client, send_request
 from tokenmill.bench.schema import LoadSpec, RequestSample, RequestSpec
 
 
@@ -66,16 +67,29 @@ async def run_load(
     """
     stop = stop or asyncio.Event()
     own_client = client is None
-    limits = httpx.Limits(max_connections=load.max_concurrency or 1000, max_keepalive_connections=None)
-    client = client or httpx.AsyncClient(limits=limits, timeout=endpoint.request_timeout_s)
+    client = client or http_client(load.max_concurrency, endpoint.request_timeout_s)
+    send = functools.partial(_send_within_timeout, client, endpoint, count_tokens=count_tokens, clock=clock)
     with _sigint_sets(stop):
         try:
-            num_warmup_errors = await _warm_up(client, endpoint, warmups, load, count_tokens, clock)
-            return await _measure(client, endpoint, requests, load, count_tokens, show_progress,
-                                  stop, clock, num_warmup_errors)
+            num_warmup_errors = await _warm_up(send, warmups, load)
+            return await _measure(send, requests, load, show_progress, stop, clock, num_warmup_errors)
         finally:
             if own_client:
                 await client.aclose()
+
+
+Send = Callable[[RequestSpec, RequestSample], Awaitable[None]]
+
+
+async def _send_within_timeout(client: httpx.AsyncClient, endpoint: EndpointSpec, req: RequestSpec,
+                               sample: RequestSample, count_tokens: Callable[[str], int] | None,
+                               clock: Clock) -> None:
+    """send_request, cut off after the endpoint's request timeout (the sample then failed)."""
+    try:
+        await asyncio.wait_for(send_request(client, endpoint, req, sample, count_tokens, clock),
+                               endpoint.request_timeout_s)
+    except asyncio.TimeoutError:
+        sample.status, sample.error = "error", f"timed out after {endpoint.request_timeout_s:g} s"
 
 
 @contextlib.contextmanager
@@ -94,8 +108,7 @@ def _sigint_sets(stop: asyncio.Event):
             loop.remove_signal_handler(signal.SIGINT)
 
 
-async def _warm_up(client: httpx.AsyncClient, endpoint: EndpointSpec, warmups: Iterator[RequestSpec],
-                   load: LoadSpec, count_tokens: Callable[[str], int] | None, clock: Clock) -> int:
+async def _warm_up(send: Send, warmups: Iterator[RequestSpec], load: LoadSpec) -> int:
     if load.num_warmups == 0:
         return 0
     width = min(load.num_warmups, load.max_concurrency or load.num_warmups)
@@ -104,19 +117,14 @@ async def _warm_up(client: httpx.AsyncClient, endpoint: EndpointSpec, warmups: I
     async def one(req: RequestSpec) -> str:
         async with sem:
             sample = RequestSample(index=req.index, start_s=0.0)
-            try:
-                await asyncio.wait_for(send_request(client, endpoint, req, sample, count_tokens, clock),
-                                       endpoint.request_timeout_s)
-            except asyncio.TimeoutError:
-                return "error"
+            await send(req, sample)
             return sample.status
 
     statuses = await asyncio.gather(*(one(next(warmups)) for _ in range(load.num_warmups)))
     return sum(s != "ok" for s in statuses)
 
 
-async def _measure(client: httpx.AsyncClient, endpoint: EndpointSpec, requests: Iterator[RequestSpec],
-                   load: LoadSpec, count_tokens: Callable[[str], int] | None, show_progress: bool,
+async def _measure(send: Send, requests: Iterator[RequestSpec], load: LoadSpec, show_progress: bool,
                    stop: asyncio.Event, clock: Clock, num_warmup_errors: int) -> LoadResult:
     from tokenmill.bench.progress import RunProgress
 
@@ -130,11 +138,7 @@ async def _measure(client: httpx.AsyncClient, endpoint: EndpointSpec, requests: 
 
     async def one(req: RequestSpec, sample: RequestSample) -> None:
         try:
-            await asyncio.wait_for(send_request(client, endpoint, req, sample, count_tokens, clock),
-                                   endpoint.request_timeout_s)
-        except asyncio.TimeoutError:
-            sample.status = "error"
-            sample.error = f"timed out after {endpoint.request_timeout_s:g} s"
+            await send(req, sample)
         finally:
             if sem:
                 sem.release()
@@ -149,6 +153,8 @@ async def _measure(client: httpx.AsyncClient, endpoint: EndpointSpec, requests: 
 
     with progress:
         while not stop.is_set() and (load.num_prompts is None or len(samples) < load.num_prompts):
+            # Made before waiting for its send time and slot: tokenizing never delays a send.
+            req = next(requests)
             send_at = run_start + next(arrivals)
             if deadline is not None and send_at >= deadline:
                 await wait(deadline - clock())
@@ -157,11 +163,10 @@ async def _measure(client: httpx.AsyncClient, endpoint: EndpointSpec, requests: 
                 break
             if sem and not await _acquire(sem, stop, None if deadline is None else deadline - clock()):
                 break
-            req = next(requests)
             sample = RequestSample(index=req.index, start_s=clock() - run_start)
             samples.append(sample)
             tasks.append(asyncio.create_task(one(req, sample)))
-            progress.sent(clock() - run_start)
+            progress.sent(sample.start_s)
         stopper = asyncio.create_task(stop.wait())
         while not stop.is_set():  # drain: in-flight requests finish unless Ctrl-C
             running = [t for t in tasks if not t.done()]

@@ -130,13 +130,6 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> RunSummary:
-        d = dict(d)
-        for key in ("ttft", "tpot", "itl", "e2el"):
-            d[key] = LatencyStats(**d[key])
-        return RunSummary(**d)
-
 
 @dataclass
 class RunRecord:

@@ -18,6 +18,7 @@ from tokenmill.bench.client import (
     EndpointSpec,
     fetch_first_model,
     fetch_server_info,
+    http_client,
     negotiate_fields,
     split_base_url,
 )
@@ -85,8 +86,7 @@ async def run_serve_async(
     root, api_base = split_base_url(spec.base_url)
     tok = tokenizer if tokenizer is not None else load_tokenizer(spec.tokenizer_path)
     own_client = client is None
-    limits = httpx.Limits(max_connections=spec.load.max_concurrency or 1000, max_keepalive_connections=None)
-    client = client or httpx.AsyncClient(limits=limits, timeout=spec.request_timeout_s)
+    client = client or http_client(spec.load.max_concurrency, spec.request_timeout_s)
     try:
         server = await fetch_server_info(client, root)
         model = spec.model or await fetch_first_model(client, api_base)

@@ -178,10 +178,6 @@ class Store:
             for r in rows
         ]
 
-    def latest_id(self) -> int | None:
-        rows = self._query("SELECT MAX(id) AS id FROM runs", [])
-        return rows[0]["id"] if rows else None
-
     def _query(self, sql: str, args: list[Any]) -> list[sqlite3.Row]:
         self._db.row_factory = sqlite3.Row
         try:

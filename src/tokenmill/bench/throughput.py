@@ -20,6 +20,7 @@ import numpy as np
 
 from tokenmill.bench.hardware import hardware_fingerprint, software_fingerprint
 from tokenmill.bench.schema import RunRecord
+from tokenmill.bench.workloads import sample_length, sampleable_ids
 
 BACKENDS = ("tokenmill", "hf")
 
@@ -59,6 +60,11 @@ class ThroughputResult:
         return self.num_requests / self.elapsed_s
 
     @property
+    def input_tokens_per_s(self) -> float:
+        """Prompt tokens/s: the prefill rate when output_len is 1."""
+        return self.total_input_tokens / self.elapsed_s
+
+    @property
     def output_tokens_per_s(self) -> float:
         return self.total_output_tokens / self.elapsed_s
 
@@ -76,15 +82,11 @@ class ThroughputResult:
 def make_prompts(spec: ThroughputSpec, vocab_size: int, avoid_ids: set[int]) -> list[tuple[list[int], int]]:
     """(prompt token ids, output length) per request; depends on the seed only."""
     rng = np.random.default_rng([spec.seed, 11])
-    ids = np.array([i for i in range(vocab_size) if i not in avoid_ids], dtype=np.int64)
-
-    def length(mean: int) -> int:
-        lo = max(1, int(mean * (1 - spec.range_ratio)))
-        return int(rng.integers(lo, max(lo, int(mean * (1 + spec.range_ratio))) + 1))
-
+    ids = sampleable_ids(vocab_size, avoid_ids)
     prompts = []
     for _ in range(spec.num_prompts):
-        n_in, n_out = length(spec.input_len), length(spec.output_len)
+        n_in = sample_length(rng, spec.input_len, spec.range_ratio)
+        n_out = sample_length(rng, spec.output_len, spec.range_ratio)
         prompts.append((rng.choice(ids, size=n_in).tolist(), n_out))
     return prompts
 

@@ -90,12 +90,15 @@ def iter_requests(
     return _prefix_requests(spec, tokenizer, rng)
 
 
-def _sampleable_ids(tokenizer: TokenizerLike) -> np.ndarray:
-    special = tokenizer.special_ids
-    return np.array([i for i in range(tokenizer.vocab_size) if i not in special], dtype=np.int64)
+def sampleable_ids(vocab_size: int, avoid_ids: set[int]) -> np.ndarray:
+    """Ids 0..vocab_size-1 but avoid_ids: random prompts must not hold BOS/EOS/chat markers,
+    a server could stop on them."""
+    ids = np.arange(vocab_size, dtype=np.int64)
+    return ids[~np.isin(ids, np.fromiter(avoid_ids, dtype=np.int64, count=len(avoid_ids)))]
 
 
-def _lengths(rng: np.random.Generator, mean_len: int, ratio: float) -> int:
+def sample_length(rng: np.random.Generator, mean_len: int, ratio: float) -> int:
+    """A length uniform in [mean_len*(1-ratio), mean_len*(1+ratio)], at least 1."""
     lo = max(1, int(mean_len * (1 - ratio)))
     hi = max(lo, int(mean_len * (1 + ratio)))
     return int(rng.integers(lo, hi + 1))
@@ -112,18 +115,18 @@ def _make(index: int, ids: list[int], output_len: int | None, spec: WorkloadSpec
 
 def _random_requests(spec: WorkloadSpec, tokenizer: TokenizerLike,
                      rng: np.random.Generator) -> Iterator[RequestSpec]:
-    vocab = _sampleable_ids(tokenizer)
+    vocab = sampleable_ids(tokenizer.vocab_size, tokenizer.special_ids)
     prefix = rng.choice(vocab, size=spec.random_prefix_len).tolist()
     for index in itertools.count():
-        input_len = _lengths(rng, spec.random_input_len, spec.random_range_ratio)
-        output_len = _lengths(rng, spec.random_output_len, spec.random_range_ratio)
+        input_len = sample_length(rng, spec.random_input_len, spec.random_range_ratio)
+        output_len = sample_length(rng, spec.random_output_len, spec.random_range_ratio)
         ids = prefix + rng.choice(vocab, size=input_len).tolist()
         yield _make(index, ids, output_len, spec, tokenizer)
 
 
 def _prefix_requests(spec: WorkloadSpec, tokenizer: TokenizerLike,
                      rng: np.random.Generator) -> Iterator[RequestSpec]:
-    vocab = _sampleable_ids(tokenizer)
+    vocab = sampleable_ids(tokenizer.vocab_size, tokenizer.special_ids)
     prefixes = [rng.choice(vocab, size=spec.prefix_prefix_len).tolist()
                 for _ in range(spec.prefix_num_prefixes)]
     for index in itertools.count():
@@ -173,13 +176,23 @@ def _file_requests(spec: WorkloadSpec, tokenizer: TokenizerLike | None,
                    rng: np.random.Generator) -> Iterator[RequestSpec]:
     records = load_prompt_file(spec.dataset_path or "")
     order = rng.permutation(len(records))  # shuffled like vLLM's ShareGPT sampling
+    measured: dict[int, tuple[int, int | None]] = {}  # record -> lengths: cycled records are not re-tokenized
     for index in itertools.count():
-        rec = records[int(order[index % len(records)])]
-        prompt = rec["prompt"]
-        flat = prompt if isinstance(prompt, str) else " ".join(str(m.get("content", "")) for m in prompt)
-        prompt_len = len(tokenizer.encode(flat)) if tokenizer else len(flat.split())
-        output_len = spec.file_output_len or rec.get("output_len")
-        if output_len is None and rec.get("output_text"):
-            text = rec["output_text"]
-            output_len = max(1, len(tokenizer.encode(text)) if tokenizer else len(text.split()))
-        yield RequestSpec(index, prompt, prompt_len, output_len)
+        i = int(order[index % len(records)])
+        if i not in measured:
+            measured[i] = _record_lengths(records[i], spec, tokenizer)
+        prompt_len, output_len = measured[i]
+        yield RequestSpec(index, records[i]["prompt"], prompt_len, output_len)
+
+
+def _record_lengths(rec: dict[str, Any], spec: WorkloadSpec,
+                    tokenizer: TokenizerLike | None) -> tuple[int, int | None]:
+    """(prompt tokens, output tokens to ask for) of a prompt-file record; words without a tokenizer."""
+    prompt = rec["prompt"]
+    flat = prompt if isinstance(prompt, str) else " ".join(str(m.get("content", "")) for m in prompt)
+    prompt_len = len(tokenizer.encode(flat)) if tokenizer else len(flat.split())
+    output_len = spec.file_output_len or rec.get("output_len")
+    if output_len is None and rec.get("output_text"):
+        text = rec["output_text"]
+        output_len = max(1, len(tokenizer.encode(text)) if tokenizer else len(text.split()))
+    return prompt_len, output_len
