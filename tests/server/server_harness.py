@@ -1,7 +1,7 @@
 """A real tokenmill server on loopback, run by uvicorn in a background thread.
 
-One server per test module (module-scoped fixtures): building the app takes ~0.1 s on the
-tiny checkpoints, but tests share it to keep the suite quick.
+One server per test module (module-scoped fixtures in conftest.py): starting and stopping
+one takes ~0.2 s on the tiny checkpoints, so tests share it to keep the suite quick.
 """
 
 from __future__ import annotations

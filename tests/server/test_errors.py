@@ -4,28 +4,19 @@ keeps answering good requests after each one."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from contextlib import aclosing
 
 import httpx
 import pytest
-from server_harness import MODEL_NAME, running_server
+from server_harness import MODEL_NAME, running_server, wait_until
 
+from tokenmill.engine.async_llm import EngineDeadError
 from tokenmill.server.args import ServerSettings
 
 GOOD = {"model": MODEL_NAME, "prompt": "ROMEO:", "max_tokens": 2}
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    with running_server(tiny_model) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
 
 
 def assert_error(resp: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
@@ -171,6 +162,34 @@ def test_internal_error_is_500_without_traceback_and_logged(server, http, monkey
     assert any("trace-me-42" in r.getMessage() and r.exc_info for r in caplog.records)
     monkeypatch.undo()
     assert http.get("/v1/models").status_code == 200
+    assert_still_serving(http)
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (EngineDeadError("engine thread gone"), "engine_dead"),
+    (RuntimeError("secret internals"), "internal_error"),
+])
+def test_error_after_the_stream_started_is_one_event_then_done(server, http, monkeypatch, error, code):
+    real_generate = server.state.engine.generate
+
+    async def fail_after_first_output(*args, **kwargs):
+        async with aclosing(real_generate(*args, **kwargs)) as stream:
+            async for out in stream:
+                yield out
+                raise error
+
+    monkeypatch.setattr(server.state.engine, "generate", fail_after_first_output)
+    body = {**GOOD, "max_tokens": 8, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200  # sent before the error happened
+        events = [line.removeprefix("data: ") for line in resp.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    first = json.loads(events[0])
+    assert list(first) == ["id", "object", "created", "model", "choices", "usage", "system_fingerprint"]
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == code and "secret" not in err["message"]
+    monkeypatch.undo()
+    wait_until(lambda: server.state.admission.num_inflight_seqs == 0 and server.state.engine.num_unfinished == 0)
     assert_still_serving(http)
 
 

@@ -26,15 +26,10 @@ EXPECTED = [
 
 @pytest.fixture(scope="module")
 def server(checkpoint_factory):
+    """Overrides conftest's: this module's model has the longer context."""
     model = checkpoint_factory("llama", max_position_embeddings=LONG_CONTEXT)
     with running_server(model) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
 
 
 def scrape(http: httpx.Client) -> str:

@@ -74,7 +74,7 @@ class AsyncLLM:
         return len(self._queues)
 
     # -- requests -------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError for a request the engine would refuse (front-end check)."""
         self.core.validate_prompt(prompt_token_ids)
 
@@ -92,7 +92,7 @@ class AsyncLLM:
         """
         if not self.is_alive:
             raise EngineDeadError("the engine is not running.")
-        self.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
         children = self.processor.add_request(request_id, prompt, prompt_token_ids, params, delta=True)
@@ -146,10 +146,7 @@ class AsyncLLM:
                 return
             block = False
             if kind == "add":
-                try:
-                    self.core.add_request(arg)
-                except ValueError as e:  # validated up front; this is a race-free fallback
-                    self._loop.call_soon_threadsafe(self._fail_one, arg.request_id, e)
+                self.core.add_request(arg)  # validated in generate()
             elif kind == "abort":
                 self.core.abort_requests(arg)
 
@@ -164,12 +161,6 @@ class AsyncLLM:
             q = self._queues.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
-
-    def _fail_one(self, engine_request_id: str, error: Exception) -> None:
-        for rid, q in list(self._queues.items()):
-            if engine_request_id in self.processor.engine_ids(rid):
-                self.abort(rid)
-                q.put_nowait(error)
 
     def _fail_all(self, error: BaseException) -> None:
         for q in self._queues.values():

@@ -58,8 +58,11 @@ class EngineCore:
             raise ValueError(f"prompt token id {bad} is out of range for vocab size {vocab}.")
 
     def add_request(self, req: EngineCoreRequest) -> None:
-        """Queue a tokenized request. Raises ValueError if it cannot fit the context."""
-        self.validate_prompt(req.prompt_token_ids)
+        """Queue a tokenized request whose prompt passed `validate_prompt`.
+
+        The front ends validate once per user request, before any of its n samples is
+        queued (and, for the server, on the event loop rather than the engine thread).
+        """
         room = self.config.scheduler.max_model_len - len(req.prompt_token_ids)
         max_tokens = room if req.params.max_tokens is None else min(req.params.max_tokens, room)
         self.scheduler.add_request(Request(req, max_tokens, self.config.cache.block_size, self.config.device))

@@ -29,6 +29,7 @@ from tokenmill.server.args import ServerSettings, server_settings
 from tokenmill.server.errors import APIError, error_body, unavailable
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.middleware import RequestContextMiddleware
+from tokenmill.server.prompt_encoder import PromptEncoder
 from tokenmill.server.serving_chat import ServingChat
 from tokenmill.server.serving_completions import ServingCompletion
 from tokenmill.server.serving_tokenization import ServingTokenization
@@ -41,7 +42,6 @@ class ServerState:
     """What the routes need; one per app, stored in app.state.server."""
 
     engine: AsyncLLM
-    config: EngineConfig
     settings: ServerSettings
     metrics: ServerMetrics
     admission: Admission
@@ -60,18 +60,19 @@ def build_app(
     """The FastAPI app serving one engine. The engine thread starts with the app's lifespan.
 
     Args:
-        engine_config: the engine's configuration (served at /version).
+        engine_config: the engine's configuration, to build the engine from.
         settings: the HTTP layer's settings.
-        engine: an already built AsyncLLM (run_server builds it first, to log load time);
-            built from engine_config when None.
+        engine: an already built AsyncLLM of `engine_config` (run_server builds it first, to
+            log the load time); built here when None.
         url: where the server listens, for the startup log.
     """
     engine = engine or AsyncLLM(engine_config)
-    metrics = ServerMetrics(engine, settings.model_name, engine_config.scheduler.max_model_len)
+    metrics = ServerMetrics(engine, settings.model_name, engine.config.scheduler.max_model_len)
     engine.on_output.append(metrics.on_output)
     admission = Admission(engine, settings.max_waiting_requests)
-    parts = (engine, settings, metrics, admission)
-    state = ServerState(engine, engine_config, settings, metrics, admission, ServingCompletion(*parts),
+    encoder = PromptEncoder(engine.tokenizer)
+    parts = (engine, settings, metrics, admission, encoder)
+    state = ServerState(engine, settings, metrics, admission, ServingCompletion(*parts),
                         ServingChat(*parts), ServingTokenization(*parts), int(time.time()))
 
     @contextlib.asynccontextmanager
@@ -84,6 +85,7 @@ def build_app(
         finally:
             admission.draining = True
             engine.shutdown()
+            encoder.shutdown()
             logger.info("engine stopped")
 
     app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
@@ -152,7 +154,7 @@ def _add_routes(app: FastAPI, s: ServerState) -> None:
 
     @app.get("/version")
     async def version() -> dict[str, Any]:
-        return {"version": tokenmill.__version__, "name": "tokenmill", "config": s.config.to_dict()}
+        return {"version": tokenmill.__version__, "name": "tokenmill", "config": s.engine.config.to_dict()}
 
 
 class _DrainingServer(uvicorn.Server):

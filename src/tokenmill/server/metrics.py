@@ -44,10 +44,8 @@ def buckets_1_2_5(limit: int) -> list[int]:
 class _Tracked:
     """Per-request progress between outputs (event loop only)."""
 
-    arrival: float
     num_prompt_tokens: int
-    num_generation_tokens: int = 0
-    tokens_per_sample: dict[int, int] = field(default_factory=dict)
+    tokens_per_sample: dict[int, int] = field(default_factory=dict)  # sample index -> tokens
     finish_reasons: dict[int, str] = field(default_factory=dict)
     num_token_times_seen: int = 0
     last_token_time: float | None = None
@@ -100,12 +98,12 @@ class ServerMetrics:
         def histogram(name: str, doc: str, buckets: list) -> Histogram:
             return Histogram(f"tokenmill:{name}", doc, labels, buckets=buckets, registry=reg).labels(model_name)
 
-        token_buckets = buckets_1_2_5(max_model_len)
         self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
         success = Counter("tokenmill:request_success", "Count of successfully processed requests.",
                           labels + ["finished_reason"], registry=reg)
         self.request_success = {r: success.labels(model_name, r) for r in FINISH_REASONS}
+
         self.ttft = histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds.",
                               TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
@@ -114,18 +112,19 @@ class ServerMetrics:
                               "Histogram of time_per_output_token_seconds per request.", ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
                              REQUEST_LATENCY_BUCKETS)
-        self.queue_time = histogram("request_queue_time_seconds",
-                                    "Histogram of time spent in WAITING phase for request.",
-                                    REQUEST_LATENCY_BUCKETS)
-        self.inference_time = histogram("request_inference_time_seconds",
-                                        "Histogram of time spent in RUNNING phase for request.",
-                                        REQUEST_LATENCY_BUCKETS)
-        self.prefill_time = histogram("request_prefill_time_seconds",
-                                      "Histogram of time spent in PREFILL phase for request.",
-                                      REQUEST_LATENCY_BUCKETS)
-        self.decode_time = histogram("request_decode_time_seconds",
-                                     "Histogram of time spent in DECODE phase for request.",
-                                     REQUEST_LATENCY_BUCKETS)
+
+        def phase_time(name: str, phase: str) -> Histogram:
+            return histogram(name, f"Histogram of time spent in {phase} phase for request.",
+                             REQUEST_LATENCY_BUCKETS)
+
+        # A request's phases, with vLLM's help texts: queue (WAITING), then inference (RUNNING),
+        # which is prefill + decode.
+        self.queue_time = phase_time("request_queue_time_seconds", "WAITING")
+        self.inference_time = phase_time("request_inference_time_seconds", "RUNNING")
+        self.prefill_time = phase_time("request_prefill_time_seconds", "PREFILL")
+        self.decode_time = phase_time("request_decode_time_seconds", "DECODE")
+
+        token_buckets = buckets_1_2_5(max_model_len)
         self.request_prompt_tokens = histogram("request_prompt_tokens", "Number of prefill tokens processed.",
                                                token_buckets)
         self.request_generation_tokens = histogram("request_generation_tokens",
@@ -148,7 +147,7 @@ class ServerMetrics:
         st = self._live.get(out.request_id)
         if st is None:
             # The first output comes once the prompt has been prefilled.
-            st = self._live[out.request_id] = _Tracked(times.arrival, len(out.prompt_token_ids))
+            st = self._live[out.request_id] = _Tracked(len(out.prompt_token_ids))
             self.prompt_tokens.inc(st.num_prompt_tokens)
         num_new = 0
         for o in out.outputs:
@@ -158,7 +157,6 @@ class ServerMetrics:
                 st.finish_reasons[o.index] = o.finish_reason
         if num_new:
             self.generation_tokens.inc(num_new)
-            st.num_generation_tokens += num_new
         if times.first_token is not None and not st.ttft_observed:
             st.ttft_observed = True
             self.ttft.observe(times.first_token - times.arrival)
@@ -178,7 +176,7 @@ class ServerMetrics:
         end = times.finished or times.last_token or times.arrival
         self.e2e.observe(end - times.arrival)
         self.request_prompt_tokens.observe(st.num_prompt_tokens)
-        self.request_generation_tokens.observe(st.num_generation_tokens)
+        self.request_generation_tokens.observe(sum(st.tokens_per_sample.values()))
         if times.first_scheduled is not None:
             self.queue_time.observe(max(0.0, times.first_scheduled - times.arrival))
             self.inference_time.observe(max(0.0, end - times.first_scheduled))

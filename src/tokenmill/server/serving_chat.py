@@ -3,7 +3,6 @@ the role in the first chunk and usage on request, logprobs with top_logprobs."""
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,10 +12,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenmill.server.errors import APIError, bad_request, error_body
+from tokenmill.outputs import RequestOutput
+from tokenmill.server.errors import bad_request
 from tokenmill.server.logprobs import chat_logprobs
 from tokenmill.server.protocol import (
-    UNSUPPORTED_CHAT,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -29,9 +28,9 @@ from tokenmill.server.protocol import (
     UsageInfo,
 )
 from tokenmill.server.serving_engine import OpenAIServing, SampleState
-from tokenmill.server.streaming import SSE_DONE, SSEResponse, run_until_disconnect, sse_event
-
-logger = logging.getLogger("tokenmill.server")
+from tokenmill.server.streaming import ChunkWriter
+from tokenmill.server.unsupported import UNSUPPORTED_CHAT
+from tokenmill.tokenizer import Tokenizer
 
 # OpenAI's "developer" role replaces "system" for its newer models; templates know "system".
 _ROLE_ALIASES = {"developer": "system"}
@@ -77,13 +76,22 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
+                template_kwargs: dict[str, Any] | None = None) -> str:
+    """The prompt text the checkpoint's chat template makes of `messages`; 400 if it cannot."""
+    try:
+        return tokenizer.apply_chat_template(template_messages(messages),
+                                             add_generation_prompt=add_generation_prompt,
+                                             **(template_kwargs or {}))
+    except ValueError as e:
+        raise bad_request(str(e), param="messages") from None
+
+
 class ServingChat(OpenAIServing):
     async def create(self, raw_request: Request) -> Response:
         start = time.monotonic()
         req = await self.parse(raw_request, ChatCompletionRequest, UNSUPPORTED_CHAT)
-        model = self.check_model(req.model)
-        self.check_engine()
-        self.check_common(req)
+        model = self.check_request(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
         self.check_num_logprobs(req.top_logprobs, "top_logprobs")
@@ -92,37 +100,27 @@ class ServingChat(OpenAIServing):
         if reserved:
             raise bad_request(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}.",
                               param="chat_template_kwargs")
-        try:
-            prompt = self.tokenizer.apply_chat_template(
-                template_messages(req.messages), add_generation_prompt=req.add_generation_prompt,
-                **(req.chat_template_kwargs or {}))
-        except ValueError as e:
-            raise bad_request(str(e), param="messages") from None
+        prompt = render_chat(self.tokenizer, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
         # The template writes the special tokens itself (no second BOS).
         prompt_ids = await self.encode(prompt, add_special_tokens=False)
-        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_tokens = self.resolve_max_tokens(len(prompt_ids), requested, "messages", param)
+        max_tokens = self.resolve_max_tokens(len(prompt_ids), getattr(req, param), "messages", param)
         params = self.sampling_params(req, max_tokens=max_tokens, logprobs=num_top)
-        self.validate_prompt(prompt_ids, params, "messages")
+        self.validate_prompt(prompt_ids, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        reservation = self.reserve(req.n)
+        reservation = self.admission.reserve(req.n)
         self.metrics.record_params(req.n, max_tokens)
         stream = self.generate(prompt_ids, params, request_id, prompt, reservation)
-        created = int(time.time())
+        envelope = {"id": request_id, "created": int(time.time()), "model": model}
         if req.stream:
-            gen = self._stream(raw_request, req, request_id, model, created, len(prompt_ids), stream,
-                               num_top, start)
-            return SSEResponse(gen, on_close=reservation.release_all)
-        try:
-            return await run_until_disconnect(raw_request, self._full(
-                raw_request, req, request_id, model, created, len(prompt_ids), stream, num_top, start))
-        finally:
-            reservation.release_all()
+            writer = ChunkWriter(ChatCompletionChunk(**envelope, choices=[]))
+            return self.stream_response(raw_request, req, writer, self._events(req, writer, stream, num_top),
+                                        len(prompt_ids), start, reservation)
+        body = self._full(req, envelope, len(prompt_ids), stream, num_top)
+        return await self.full_response(raw_request, body, start, reservation)
 
-    async def _full(self, raw_request: Request, req: ChatCompletionRequest, request_id: str, model: str,
-                    created: int, num_prompt: int, stream, num_top: int | None,
-                    start: float) -> Response:
+    async def _full(self, req: ChatCompletionRequest, envelope: dict[str, Any], num_prompt: int,
+                    stream: AsyncIterator[RequestOutput], num_top: int | None) -> ChatCompletionResponse:
         samples = [SampleState() for _ in range(req.n)]
         async with aclosing(stream):
             async for out in stream:
@@ -135,51 +133,23 @@ class ServingChat(OpenAIServing):
                 logprobs = ChatLogprobs(content=chat_logprobs(self.tokenizer, s.token_ids, s.logprobs, num_top))
             choices.append(ChatChoice(index=i, message=AssistantMessage(content=s.text), logprobs=logprobs,
                                       finish_reason=s.finish_reason, stop_reason=s.stop_reason))
-        num_completion = sum(len(s.token_ids) for s in samples)
-        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_completion,
-                          total_tokens=num_prompt + num_completion)
-        self.log_request(raw_request, request_id, num_prompt, num_completion,
-                         [c.finish_reason for c in choices], time.monotonic() - start)
-        body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
-        return Response(body.model_dump_json(), media_type="application/json")
+        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=sum(len(s.token_ids) for s in samples))
+        return ChatCompletionResponse(**envelope, choices=choices, usage=usage)
 
-    async def _stream(self, raw_request: Request, req: ChatCompletionRequest, request_id: str, model: str,
-                      created: int, num_prompt: int, stream, num_top: int | None,
-                      start: float) -> AsyncIterator[str]:
-        def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
-            return sse_event(ChatCompletionChunk(id=request_id, created=created, model=model,
-                                                 choices=choices, usage=usage))
-
-        num_completion = 0
-        finish_reasons: dict[int, str | None] = {}
-        try:
-            # The role comes first, before any text, for every choice (as OpenAI sends it).
-            for i in range(req.n):
-                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-            async with aclosing(stream):
-                async for out in stream:
-                    for o in out.outputs:
-                        if not o.text and not o.token_ids and o.finish_reason is None:
-                            continue
-                        num_completion += len(o.token_ids)
-                        logprobs = None
-                        if num_top is not None:
-                            logprobs = ChatLogprobs(content=chat_logprobs(
-                                self.tokenizer, o.token_ids, o.logprobs or [], num_top))
-                        if o.finish_reason is not None:
-                            finish_reasons[o.index] = o.finish_reason
-                        yield chunk([ChatChunkChoice(
-                            index=o.index, delta=DeltaMessage(content=o.text or None), logprobs=logprobs,
-                            finish_reason=o.finish_reason, stop_reason=o.stop_reason)])
-            if req.stream_options is not None and req.stream_options.include_usage:
-                yield chunk([], UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_completion,
-                                          total_tokens=num_prompt + num_completion))
-            self.log_request(raw_request, request_id, num_prompt, num_completion,
-                             list(finish_reasons.values()), time.monotonic() - start)
-        except APIError as e:
-            yield sse_event(e.body())
-        except Exception:
-            logger.exception("%s failed while streaming", request_id)
-            yield sse_event(error_body(f"Internal server error while streaming {request_id}; "
-                                       "see the server log.", "server_error", code="internal_error"))
-        yield SSE_DONE
+    async def _events(self, req: ChatCompletionRequest, writer: ChunkWriter,
+                      stream: AsyncIterator[RequestOutput], num_top: int | None) -> AsyncIterator[str]:
+        # The role comes first, before any text, for every choice (as OpenAI sends it).
+        for i in range(req.n):
+            yield writer.choice_event(ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+        async with aclosing(stream):
+            async for out in stream:
+                for o in out.outputs:
+                    if not o.text and not o.token_ids and o.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if num_top is not None:
+                        logprobs = ChatLogprobs(content=chat_logprobs(
+                            self.tokenizer, o.token_ids, o.logprobs or [], num_top))
+                    yield writer.choice_event(ChatChunkChoice(
+                        index=o.index, delta=DeltaMessage(content=o.text or None), logprobs=logprobs,
+                        finish_reason=o.finish_reason, stop_reason=o.stop_reason), o)

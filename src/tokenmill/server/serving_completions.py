@@ -3,22 +3,21 @@ logprobs and echo (echo + logprobs + max_tokens=0 scores a prompt, as lm-eval do
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenmill.outputs import RequestOutput
+from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.server.errors import APIError, bad_request, error_body
+from tokenmill.server.errors import bad_request
 from tokenmill.server.logprobs import completion_logprobs
 from tokenmill.server.protocol import (
-    UNSUPPORTED_COMPLETION,
     CompletionChoice,
     CompletionLogProbs,
     CompletionRequest,
@@ -26,15 +25,8 @@ from tokenmill.server.protocol import (
     UsageInfo,
 )
 from tokenmill.server.serving_engine import OpenAIServing, SampleState
-from tokenmill.server.streaming import (
-    SSE_DONE,
-    SSEResponse,
-    merge_streams,
-    run_until_disconnect,
-    sse_event,
-)
-
-logger = logging.getLogger("tokenmill.server")
+from tokenmill.server.streaming import ChunkWriter, merge_streams
+from tokenmill.server.unsupported import UNSUPPORTED_COMPLETION
 
 
 @dataclass
@@ -48,9 +40,7 @@ class ServingCompletion(OpenAIServing):
     async def create(self, raw_request: Request) -> Response:
         start = time.monotonic()
         req = await self.parse(raw_request, CompletionRequest, UNSUPPORTED_COMPLETION)
-        model = self.check_model(req.model)
-        self.check_engine()
-        self.check_common(req)
+        model = self.check_request(req)
         self.check_num_logprobs(req.logprobs, "logprobs")
         prompts = await self._tokenize(req)
         for p in prompts:
@@ -59,26 +49,25 @@ class ServingCompletion(OpenAIServing):
                 req, max_tokens=max_tokens, logprobs=req.logprobs,
                 prompt_logprobs=req.logprobs if req.echo else None,
             )
-            self.validate_prompt(p.token_ids, p.params, "prompt")
+            self.validate_prompt(p.token_ids, "prompt")
             if req.echo and p.text is None:
                 p.text = self.tokenizer.decode(p.token_ids, skip_special_tokens=False)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        reservation = self.reserve(req.n * len(prompts))
+        reservation = self.admission.reserve(req.n * len(prompts))
         for p in prompts:
             self.metrics.record_params(req.n, p.params.max_tokens)
         streams = [
             self.generate(p.token_ids, p.params, f"{request_id}-{i}", p.text, reservation)
             for i, p in enumerate(prompts)
         ]
-        created = int(time.time())
+        envelope = {"id": request_id, "created": int(time.time()), "model": model}
+        num_prompt = sum(len(p.token_ids) for p in prompts)
         if req.stream:
-            gen = self._stream(raw_request, req, request_id, model, created, prompts, streams, start)
-            return SSEResponse(gen, on_close=reservation.release_all)
-        try:
-            return await run_until_disconnect(
-                raw_request, self._full(raw_request, req, request_id, model, created, prompts, streams, start))
-        finally:
-            reservation.release_all()
+            writer = ChunkWriter(CompletionResponse(**envelope, choices=[]))
+            return self.stream_response(raw_request, req, writer, self._events(req, writer, prompts, streams),
+                                        num_prompt, start, reservation)
+        body = self._full(req, envelope, num_prompt, prompts, streams)
+        return await self.full_response(raw_request, body, start, reservation)
 
     async def _tokenize(self, req: CompletionRequest) -> list[_Prompt]:
         prompt = req.prompt
@@ -100,8 +89,8 @@ class ServingCompletion(OpenAIServing):
 
     # ---- non-streaming -------------------------------------------------------------------
 
-    async def _full(self, raw_request: Request, req: CompletionRequest, request_id: str, model: str,
-                    created: int, prompts: list[_Prompt], streams: list, start: float) -> Response:
+    async def _full(self, req: CompletionRequest, envelope: dict[str, Any], num_prompt: int,
+                    prompts: list[_Prompt], streams: list[AsyncIterator[RequestOutput]]) -> CompletionResponse:
         n = req.n
         samples = [[SampleState() for _ in range(n)] for _ in prompts]
         prompt_logprobs: list = [None] * len(prompts)
@@ -110,75 +99,48 @@ class ServingCompletion(OpenAIServing):
                 prompt_logprobs[i] = out.prompt_logprobs
                 for o in out.outputs:
                     samples[i][o.index].add(o)
-        choices = []
-        for i, p in enumerate(prompts):
-            for s_index, s in enumerate(samples[i]):
-                text, logprobs = s.text, None
-                if req.logprobs is not None:
-                    logprobs = CompletionLogProbs()
-                    if req.echo:
-                        completion_logprobs(self.tokenizer, p.token_ids, prompt_logprobs[i] or [],
-                                            req.logprobs, out=logprobs, text=p.text)
-                    offset = len(p.text) if req.echo else 0
-                    completion_logprobs(self.tokenizer, s.token_ids, s.logprobs, req.logprobs,
-                                        initial_offset=offset, out=logprobs)
-                if req.echo:
-                    text = p.text + text
-                choices.append(CompletionChoice(index=i * n + s_index, text=text, logprobs=logprobs,
-                                                finish_reason=s.finish_reason, stop_reason=s.stop_reason))
-        num_prompt = sum(len(p.token_ids) for p in prompts)
+        choices = [self._full_choice(req, p, prompt_logprobs[i], s, i * n + s_index)
+                   for i, p in enumerate(prompts) for s_index, s in enumerate(samples[i])]
         num_completion = sum(len(s.token_ids) for row in samples for s in row)
-        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_completion,
-                          total_tokens=num_prompt + num_completion)
-        self.log_request(raw_request, request_id, num_prompt, num_completion,
-                         [c.finish_reason for c in choices], time.monotonic() - start)
-        body = CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
-        return Response(body.model_dump_json(), media_type="application/json")
+        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_completion)
+        return CompletionResponse(**envelope, choices=choices, usage=usage)
+
+    def _full_choice(self, req: CompletionRequest, prompt: _Prompt, prompt_logprobs: list | None,
+                     sample: SampleState, index: int) -> CompletionChoice:
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = CompletionLogProbs()
+            if req.echo:
+                completion_logprobs(self.tokenizer, prompt.token_ids, prompt_logprobs or [], req.logprobs,
+                                    out=logprobs, text=prompt.text)
+            offset = len(prompt.text) if req.echo else 0
+            completion_logprobs(self.tokenizer, sample.token_ids, sample.logprobs, req.logprobs,
+                                initial_offset=offset, out=logprobs)
+        text = prompt.text + sample.text if req.echo else sample.text
+        return CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
 
     # ---- streaming -----------------------------------------------------------------------
 
-    async def _stream(self, raw_request: Request, req: CompletionRequest, request_id: str, model: str,
-                      created: int, prompts: list[_Prompt], streams: list,
-                      start: float) -> AsyncIterator[str]:
+    async def _events(self, req: CompletionRequest, writer: ChunkWriter, prompts: list[_Prompt],
+                      streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
         n = req.n
         # Characters sent so far per choice: text_offset continues from there.
         num_chars_sent = [0] * (len(prompts) * n)
         echo_pending = set(range(len(prompts) * n)) if req.echo else set()
-        num_completion = 0
-        finish_reasons: dict[int, str | None] = {}
-        try:
-            async with aclosing(merge_streams(streams)) as merged:
-                async for i, out in merged:
-                    for o in out.outputs:
-                        index = i * n + o.index
-                        chunk = self._chunk(req, prompts[i], out, o, index, index in echo_pending,
-                                            num_chars_sent[index])
-                        if chunk is None:
-                            continue
-                        echo_pending.discard(index)
-                        num_chars_sent[index] += len(chunk.text)
-                        num_completion += len(o.token_ids)
-                        if o.finish_reason is not None:
-                            finish_reasons[index] = o.finish_reason
-                        yield sse_event(CompletionResponse(id=request_id, created=created, model=model,
-                                                           choices=[chunk]))
-            if req.stream_options is not None and req.stream_options.include_usage:
-                num_prompt = sum(len(p.token_ids) for p in prompts)
-                usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_completion,
-                                  total_tokens=num_prompt + num_completion)
-                yield sse_event(CompletionResponse(id=request_id, created=created, model=model,
-                                                   choices=[], usage=usage))
-            self.log_request(raw_request, request_id, sum(len(p.token_ids) for p in prompts),
-                             num_completion, list(finish_reasons.values()), time.monotonic() - start)
-        except APIError as e:
-            yield sse_event(e.body())
-        except Exception:
-            logger.exception("%s failed while streaming", request_id)
-            yield sse_event(error_body(f"Internal server error while streaming {request_id}; "
-                                       "see the server log.", "server_error", code="internal_error"))
-        yield SSE_DONE
+        async with aclosing(merge_streams(streams)) as merged:
+            async for i, out in merged:
+                for o in out.outputs:
+                    index = i * n + o.index
+                    chunk = self._chunk(req, prompts[i], out, o, index, index in echo_pending,
+                                        num_chars_sent[index])
+                    if chunk is None:
+                        continue
+                    echo_pending.discard(index)
+                    num_chars_sent[index] += len(chunk.text)
+                    yield writer.choice_event(chunk, o)
 
-    def _chunk(self, req: CompletionRequest, prompt: _Prompt, out: RequestOutput, o, index: int,
+    def _chunk(self, req: CompletionRequest, prompt: _Prompt, out: RequestOutput, o: CompletionOutput, index: int,
                echo_now: bool, num_chars_sent: int) -> CompletionChoice | None:
         """The choice delta for one sample's output, or None if there is nothing to send."""
         text = o.text

@@ -1,35 +1,46 @@
 """What every OpenAI handler shares: body parsing, model check, tokenization, sampling
-params, context-length check, admission to the bounded queue, and the engine stream."""
+params, context-length check, the engine stream, and the two ways a response ends (one
+JSON body, or SSE events then [DONE])."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from starlette.requests import Request
+from starlette.responses import Response
 
 from tokenmill.engine.async_llm import AsyncLLM, EngineDeadError
 from tokenmill.engine.llm import default_sampling_params
-from tokenmill.outputs import PositionLogprobs, RequestOutput
+from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.admission import Admission, Reservation
 from tokenmill.server.args import ServerSettings
 from tokenmill.server.errors import (
     APIError,
     bad_request,
+    error_body,
     from_validation_error,
     from_value_error,
     unavailable,
 )
 from tokenmill.server.metrics import ServerMetrics
-from tokenmill.server.protocol import IGNORED_FIELDS, OpenAIBaseModel, SamplingFields, Unsupported
+from tokenmill.server.prompt_encoder import PromptEncoder
+from tokenmill.server.protocol import OpenAIBaseModel, ResponseBase, SamplingFields, UsageInfo
+from tokenmill.server.streaming import (
+    SSE_DONE,
+    ChunkWriter,
+    SSEResponse,
+    run_until_disconnect,
+    sse_event,
+)
+from tokenmill.server.unsupported import IGNORED_FIELDS, Unsupported
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -37,10 +48,6 @@ M = TypeVar("M", bound=OpenAIBaseModel)
 
 # OpenAI's own limit on n.
 MAX_N = 128
-# Below this many characters encoding takes well under a millisecond: do it inline. Above,
-# hand it to a thread via encode_batch, which (unlike encode) releases the GIL, so the
-# event loop keeps streaming while a long prompt is tokenized (see docs/server.md).
-_INLINE_ENCODE_CHARS = 2000
 
 
 @dataclass
@@ -53,7 +60,7 @@ class SampleState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
-    def add(self, out) -> None:
+    def add(self, out: CompletionOutput) -> None:
         self.text_parts.append(out.text)
         self.token_ids.extend(out.token_ids)
         if out.logprobs:
@@ -67,19 +74,18 @@ class SampleState:
 
 
 class OpenAIServing:
-    def __init__(
-        self, engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics, admission: Admission
-    ) -> None:
+    def __init__(self, engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics,
+                 admission: Admission, encoder: PromptEncoder) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.settings = settings
         self.metrics = metrics
         self.admission = admission
+        self.encode = encoder.encode
         self.max_model_len = engine.config.scheduler.max_model_len
         # The checkpoint's generation_config.json defaults apply when a field is not sent.
         self.defaults = default_sampling_params(engine.config.model_path)
         self._warned_fields: set[str] = set()
-        self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-tokenize")
 
     # ---- request parsing -------------------------------------------------------------------
 
@@ -115,15 +121,16 @@ class OpenAIServing:
                        f"{', '.join(map(repr, self.settings.served_model_names))}.",
                        param="model", code="model_not_found")
 
-    def check_engine(self) -> None:
+    def check_request(self, req: SamplingFields) -> str:
+        """The checks every generating endpoint starts with; returns the model name to report."""
+        model = self.check_model(req.model)
         if not self.engine.is_alive:
             raise unavailable("The engine is not running.", code="engine_dead")
-
-    def check_common(self, req: SamplingFields) -> None:
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
         if not 1 <= req.n <= MAX_N:
             raise bad_request(f"n must be between 1 and {MAX_N}, got {req.n}.", param="n")
+        return model
 
     def check_num_logprobs(self, value: int | None, param: str) -> None:
         limit = self.settings.max_logprobs
@@ -131,16 +138,6 @@ class OpenAIServing:
             raise bad_request(f"{param} must be between 0 and {limit}, got {value}.", param=param)
 
     # ---- tokens ----------------------------------------------------------------------------
-
-    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        if len(text) < _INLINE_ENCODE_CHARS:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        backend = self.tokenizer.backend
-        loop = asyncio.get_running_loop()
-        encodings = await loop.run_in_executor(
-            self._encode_pool, lambda: backend.encode_batch([text], add_special_tokens=add_special_tokens)
-        )
-        return encodings[0].ids
 
     def resolve_max_tokens(self, num_prompt: int, max_tokens: int | None, kind: str, param: str) -> int:
         """The request's max_tokens checked against the context; None -> all the room left.
@@ -198,16 +195,13 @@ class OpenAIServing:
         except ValueError as e:
             raise from_value_error(e) from None
 
-    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams, param: str) -> None:
+    def validate_prompt(self, prompt_token_ids: list[int], param: str) -> None:
         try:
-            self.engine.validate(prompt_token_ids, params)
+            self.engine.validate(prompt_token_ids)
         except ValueError as e:
             raise bad_request(str(e), param=param) from None
 
     # ---- engine ----------------------------------------------------------------------------
-
-    def reserve(self, num_seqs: int) -> Reservation:
-        return self.admission.reserve(num_seqs)
 
     async def generate(
         self,
@@ -234,9 +228,52 @@ class OpenAIServing:
             if not finished:
                 self.metrics.record_abort(engine_request_id, params.n)
 
-    def log_request(self, raw_request: Request, request_id: str, num_prompt: int, num_completion: int,
-                    finish_reasons: list[str | None], elapsed_s: float) -> None:
+    # ---- responses -------------------------------------------------------------------------
+
+    async def full_response(self, raw_request: Request, body: Awaitable[ResponseBase], start: float,
+                            reservation: Reservation) -> Response:
+        """A non-streaming response: await `body` unless the client leaves first (499)."""
+        async def respond() -> Response:
+            done = await body
+            self.log_request(raw_request, done.id, done.usage, [c.finish_reason for c in done.choices], start)
+            return Response(done.model_dump_json(), media_type="application/json")
+
+        try:
+            return await run_until_disconnect(raw_request, respond())
+        finally:
+            reservation.release_all()
+
+    def stream_response(self, raw_request: Request, req: SamplingFields, writer: ChunkWriter,
+                        events: AsyncIterator[str], num_prompt: int, start: float,
+                        reservation: Reservation) -> SSEResponse:
+        """A streaming response: the handler's `events`, the usage event if asked, [DONE]."""
+        body = self._sse_body(raw_request, req, writer, events, num_prompt, start)
+        return SSEResponse(body, on_close=reservation.release_all)
+
+    async def _sse_body(self, raw_request: Request, req: SamplingFields, writer: ChunkWriter,
+                        events: AsyncIterator[str], num_prompt: int, start: float) -> AsyncIterator[str]:
+        # The 200 status line went out before the first event, so an error can only be told
+        # as one last event.
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    yield event
+            usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=writer.num_completion_tokens)
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield writer.usage_event(usage)
+            self.log_request(raw_request, writer.request_id, usage, list(writer.finish_reasons.values()), start)
+        except APIError as e:
+            yield sse_event(e.body())
+        except Exception:
+            logger.exception("%s failed while streaming", writer.request_id)
+            yield sse_event(error_body(f"Internal server error while streaming {writer.request_id}; "
+                                       "see the server log.", "server_error", code="internal_error"))
+        yield SSE_DONE
+
+    def log_request(self, raw_request: Request, request_id: str, usage: UsageInfo,
+                    finish_reasons: list[str | None], start: float) -> None:
         if self.settings.log_requests:
             logger.info("%s (x-request-id %s): %d prompt + %d completion tokens, finish=%s, %.3f s",
-                        request_id, getattr(raw_request.state, "request_id", "-"), num_prompt,
-                        num_completion, ",".join(str(r) for r in finish_reasons), elapsed_s)
+                        request_id, getattr(raw_request.state, "request_id", "-"), usage.prompt_tokens,
+                        usage.completion_tokens, ",".join(str(r) for r in finish_reasons),
+                        time.monotonic() - start)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from starlette.requests import Request
 
 from tokenmill.server.errors import bad_request
 from tokenmill.server.protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
-from tokenmill.server.serving_chat import template_messages
+from tokenmill.server.serving_chat import render_chat
 from tokenmill.server.serving_engine import OpenAIServing
 
 
@@ -25,11 +24,7 @@ class ServingTokenization(OpenAIServing):
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("Pass exactly one of prompt or messages.", param="prompt")
         if req.messages is not None:
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    template_messages(req.messages), add_generation_prompt=req.add_generation_prompt)
-            except ValueError as e:
-                raise bad_request(str(e), param="messages") from None
+            text = render_chat(self.tokenizer, req.messages, req.add_generation_prompt)
             ids = await self.encode(text, add_special_tokens=False)
         else:
             ids = await self.encode(req.prompt, add_special_tokens=req.add_special_tokens)
@@ -45,8 +40,7 @@ class ServingTokenization(OpenAIServing):
             raise bad_request(f"token id {bad} is out of range for vocab size {vocab_size}.", param="tokens")
         return {"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
-    def models(self, created: int | None = None) -> ModelList:
-        created = created or int(time.time())
+    def models(self, created: int) -> ModelList:
         root = self.engine.config.model_path
         cards = [ModelCard(id=name, created=created, root=root, max_model_len=self.max_model_len)
                  for name in self.settings.served_model_names]

@@ -1,9 +1,10 @@
-"""Async plumbing shared by the handlers: SSE responses, disconnect watching, merging
-several engine streams (one per prompt of a completions request) into one."""
+"""Async plumbing shared by the handlers: SSE events and responses, disconnect watching,
+merging several engine streams (one per prompt of a completions request) into one."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -12,6 +13,9 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+from tokenmill.outputs import CompletionOutput
+from tokenmill.server.protocol import ChatChunkChoice, CompletionChoice, ResponseBase, UsageInfo
 
 T = TypeVar("T")
 
@@ -23,13 +27,42 @@ STATUS_CLIENT_CLOSED = 499
 
 def sse_event(payload: BaseModel | dict[str, Any]) -> str:
     """One server-sent event carrying a JSON object."""
-    if isinstance(payload, BaseModel):
-        data = payload.model_dump_json(exclude_none=False)
-    else:
-        import json
-
-        data = json.dumps(payload)
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
     return f"data: {data}\n\n"
+
+
+class ChunkWriter:
+    """Writes the events of one streamed response, one choice each, and counts what they
+    carried (for the usage event and the log line).
+
+    Every event repeats the envelope (id, object, created, model, usage: null), so it is
+    serialized once per response here instead of once per token.
+    """
+
+    def __init__(self, envelope: ResponseBase) -> None:
+        """`envelope`: the response with `choices=[]` and no usage."""
+        self._envelope = envelope
+        # No JSON string holds an unescaped quote, so this finds the choices field itself.
+        head, marker, tail = envelope.model_dump_json().partition('"choices":[]')
+        assert marker, "the envelope must have choices=[]"
+        self._head = f'data: {head}"choices":['
+        self._tail = f"]{tail}\n\n"
+        self.request_id = envelope.id
+        self.num_completion_tokens = 0
+        self.finish_reasons: dict[int, str] = {}  # choice index -> reason, in finishing order
+
+    def choice_event(self, choice: CompletionChoice | ChatChunkChoice,
+                     out: CompletionOutput | None = None) -> str:
+        """The event for `choice`; `out` is the engine output it carries, if any."""
+        if out is not None:
+            self.num_completion_tokens += len(out.token_ids)
+            if out.finish_reason is not None:
+                self.finish_reasons[choice.index] = out.finish_reason
+        return self._head + choice.model_dump_json() + self._tail
+
+    def usage_event(self, usage: UsageInfo) -> str:
+        """The last event with `stream_options.include_usage`: no choices, only the usage."""
+        return sse_event(self._envelope.model_copy(update={"usage": usage}))
 
 
 class SSEResponse(StreamingResponse):
