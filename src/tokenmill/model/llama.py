@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import ModelConfig
+from tokenmill.model.kernels import cpu_kernels
 from tokenmill.model.layers.attention import AttentionMetadata, paged_attention, write_kv
 from tokenmill.model.layers.linear import Linear
 from tokenmill.model.layers.norm import RMSNorm
@@ -63,8 +64,15 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)  # [T, 2 * I]
+        kernels = cpu_kernels() if gate_up.is_cpu else None
+        if kernels is not None:
+            h = gate_up.new_empty(gate_up.shape[0], self.intermediate_size)
+            kernels.silu_and_mul(h, gate_up)  # one pass instead of split, silu and mul
+        else:
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [T, I] each
+            h = F.silu(gate) * up
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):
@@ -76,10 +84,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos_sin: CosSin, kv_cache: KVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: CosSin, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: this layer's input before the residual add; residual: the stream so far
+        (None at the first layer). Returns the same pair for the next layer: deferring
+        each add into the next norm lets the CPU kernel do add + norm in one pass."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos_sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -111,9 +127,11 @@ class LlamaForCausalLM(nn.Module):
         m = self.model
         x = m.embed_tokens(input_ids)  # [T, hidden]
         cos_sin = m.rotary.lookup(positions, x.dtype)  # once per step, shared by every layer
+        residual = None
         for layer, kv_cache in zip(m.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta)
-        return m.norm(x)
+            x, residual = layer(x, residual, cos_sin, kv_cache, meta)
+        x, _ = m.norm(x, residual)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""

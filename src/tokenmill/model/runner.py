@@ -8,7 +8,8 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from tokenmill.model.layers.attention import AttentionMetadata, kv_cache_shape
+from tokenmill.model.kernels import cpu_kernels
+from tokenmill.model.layers.attention import AttentionMetadata, decode_mask, kv_cache_shape
 from tokenmill.model.layers.sampler import Sampler, SamplingState, gather_logprobs
 from tokenmill.model.loader import load_model
 
@@ -54,6 +55,9 @@ class ModelRunner:
         self.kv_caches = [torch.empty(shape, dtype=config.dtype, device=self.device) for _ in range(m.num_layers)]
         self._clear_blocks([0])  # padding entries of decode block tables point at block 0
         self.sampler = Sampler()
+        # Decode attention runs the compiled kernel when it is there (built now, on CPU,
+        # rather than inside the first step); the batched-matmul fallback needs a mask.
+        self.decode_kernel = self.device.type == "cpu" and cpu_kernels() is not None
 
     def _clear_blocks(self, block_ids: list[int]) -> None:
         # Decode attention reads whole blocks and masks the unused tail; masked scores
@@ -106,19 +110,17 @@ class ModelRunner:
     ) -> AttentionMetadata:
         dev = self.device
         decodes = reqs[:num_decodes]
-        tables = mask = None
+        tables = seq_lens = mask = None
         if decodes:
             max_blocks = max(len(r.block_ids) for r in decodes)
             tables = torch.tensor(
                 [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in decodes],
-                dtype=torch.long,
+                dtype=torch.int32,
                 device=dev,
             )  # [num_decodes, max_blocks]
-            seq_lens = torch.tensor([r.num_computed_tokens + 1 for r in decodes], device=dev)
-            visible = torch.arange(max_blocks * self.block_size, device=dev)[None, :] < seq_lens[:, None]
-            # Built once per step, shared by every layer.
-            mask = torch.zeros(visible.shape, dtype=torch.float32, device=dev).masked_fill_(~visible, float("-inf"))
-            mask = mask[None, :, :, None]  # [1, B, L, 1]: broadcast over KV heads and the group
+            seq_lens = torch.tensor([r.num_computed_tokens + 1 for r in decodes], dtype=torch.int32, device=dev)
+            if not self.decode_kernel:
+                mask = decode_mask(seq_lens, max_blocks, self.block_size)  # once per step, shared by every layer
         prefills = []
         for r, start in zip(reqs[len(decodes) :], starts[len(decodes) :]):
             num_blocks = -(-(r.num_computed_tokens + len(r.token_ids)) // self.block_size)
@@ -128,6 +130,7 @@ class ModelRunner:
             slot_mapping=slot_mapping,
             num_decodes=len(decodes),
             decode_block_tables=tables,
+            decode_seq_lens=seq_lens,
             decode_mask=mask,
             prefills=prefills,
         )

@@ -6,8 +6,10 @@ yields [2, Hkv, B, L, D], where every (head, request) pair is a contiguous [L, D
 matrix: batched matmuls consume it with no further copy.
 
 The runner orders a step's requests decodes first (one query token each), then
-prefill chunks. Decodes share one gather and two batched matmuls; each prefill chunk
-attends causally to its cached context plus its own tokens.
+prefill chunks. On CPU, decodes run one compiled kernel that reads each request's blocks
+in place (tokenmill/model/kernels); elsewhere, or without the kernels, they share one
+gather and two batched matmuls. Each prefill chunk attends causally to its cached
+context plus its own tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill.model.kernels import cpu_kernels
+
 
 @dataclass
 class AttentionMetadata:
@@ -25,9 +29,12 @@ class AttentionMetadata:
     # [num_tokens] flat cache slot (block_id * block_size + offset) each new token's K/V goes to
     slot_mapping: torch.Tensor
     num_decodes: int  # the first num_decodes tokens are single-token decodes, one per request
-    # Decodes: [num_decodes, max_blocks] block tables (padded with block 0)
+    # Decodes: [num_decodes, max_blocks] int32 block tables (padded with block 0)
     decode_block_tables: torch.Tensor | None
-    # [1, num_decodes, max_blocks * block_size, 1] float: 0 where visible, -inf past the end
+    # Decodes: [num_decodes] int32 tokens each request attends to (cached + this one)
+    decode_seq_lens: torch.Tensor | None
+    # The batched-matmul path only (no kernel): [1, num_decodes, max_blocks * block_size, 1]
+    # float, 0 where visible, -inf past the end
     decode_mask: torch.Tensor | None
     # Prefill chunks, one entry each: (first token index in the batch, number of query
     # tokens, number of tokens already in the cache before this chunk, block ids tensor)
@@ -58,11 +65,15 @@ def paged_attention(
     Returns:
         [T, Hq, D].
     """
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_kv_heads = k.shape[1]
     nd = meta.num_decodes
     if nd:
-        out[:nd] = _decode_attention(q[:nd], kv_cache, meta, scale)
+        kernels = cpu_kernels() if q.is_cpu else None
+        if kernels is not None:
+            kernels.paged_decode_attention(out[:nd], q[:nd], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
+        else:
+            out[:nd] = _decode_attention(q[:nd], kv_cache, meta, scale)
     group = q.shape[1] // num_kv_heads
     for start, q_len, ctx_len, block_ids in meta.prefills:
         qp = q[start : start + q_len].transpose(0, 1)  # [Hq, q_len, D]
@@ -88,6 +99,13 @@ def paged_attention(
         )[0]
         out[start : start + q_len] = o.transpose(0, 1)
     return out
+
+
+def decode_mask(seq_lens: torch.Tensor, max_blocks: int, block_size: int) -> torch.Tensor:
+    """[1, B, max_blocks * block_size, 1] float additive mask for `_decode_attention`."""
+    visible = torch.arange(max_blocks * block_size, device=seq_lens.device)[None, :] < seq_lens[:, None]
+    mask = torch.zeros(visible.shape, dtype=torch.float32, device=seq_lens.device).masked_fill_(~visible, float("-inf"))
+    return mask[None, :, :, None]  # broadcast over KV heads and the group
 
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -1,0 +1,67 @@
+"""Compiled CPU kernels for the decode hot path, built on first use.
+
+The C++ source (cpu_kernels.cpp) is compiled for this machine's CPU the first time a
+model loads on CPU (about a minute; a C++ compiler is needed) and cached under
+~/.cache/tokenmill/kernels, so later starts load it in well under a second. Where it
+cannot be built, or with TOKENMILL_CPU_KERNELS=0, the model runs the equivalent
+PyTorch ops instead: same results, slower decode steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+ENV_SWITCH = "TOKENMILL_CPU_KERNELS"
+
+
+def _cpu_fingerprint() -> str:
+    """Short hash of the CPU model and flags: a cache built with -march=native for one
+    CPU must never load on another."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        text = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        import platform
+
+        text = platform.processor() or platform.machine()
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+def _build_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenmill" / "kernels"
+    path = root / _cpu_fingerprint()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.cache
+def cpu_kernels() -> ModuleType | None:
+    """The compiled kernel module, or None (PyTorch fallback) with the reason logged once."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        logger.info("%s=0: CPU kernels disabled, using PyTorch ops.", ENV_SWITCH)
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir = _build_dir()
+        if not any(build_dir.glob("*.so")):
+            logger.info("Compiling tokenmill's CPU kernels for this CPU (once, about a minute)...")
+        return load(
+            name="tokenmill_cpu_kernels",
+            sources=[str(_SOURCE)],
+            build_directory=str(build_dir),
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a read-only home...: run slower, not fail
+        logger.warning("CPU kernels unavailable (%s); using PyTorch ops, decode will be slower.", exc)
+        return None
