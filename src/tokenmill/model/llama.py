@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import ModelConfig
-from tokenmill.model.kernels import cpu_kernels
+from tokenmill.model import kernels
 from tokenmill.model.layers.attention import AttentionMetadata, paged_attention, write_kv
 from tokenmill.model.layers.linear import Linear
 from tokenmill.model.layers.norm import RMSNorm
@@ -65,10 +65,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * I]
-        kernels = cpu_kernels() if gate_up.is_cpu else None
-        if kernels is not None:
+        ops = kernels.cpu_kernels() if gate_up.is_cpu else None
+        if ops is not None:
             h = gate_up.new_empty(gate_up.shape[0], self.intermediate_size)
-            kernels.silu_and_mul(h, gate_up)  # one pass instead of split, silu and mul
+            ops.silu_and_mul(h, gate_up)  # one pass instead of split, silu and mul
         else:
             gate, up = gate_up.split(self.intermediate_size, dim=-1)  # [T, I] each
             h = F.silu(gate) * up

@@ -8,7 +8,7 @@ import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from tokenmill.model.kernels import cpu_kernels
+from tokenmill.model import kernels
 from tokenmill.model.layers.attention import AttentionMetadata, decode_mask, kv_cache_shape
 from tokenmill.model.layers.sampler import Sampler, SamplingState, gather_logprobs
 from tokenmill.model.loader import load_model
@@ -57,7 +57,7 @@ class ModelRunner:
         self.sampler = Sampler()
         # Decode attention runs the compiled kernel when it is there (built now, on CPU,
         # rather than inside the first step); the batched-matmul fallback needs a mask.
-        self.decode_kernel = self.device.type == "cpu" and cpu_kernels() is not None
+        self.decode_kernel = self.device.type == "cpu" and kernels.cpu_kernels() is not None
 
     def _clear_blocks(self, block_ids: list[int]) -> None:
         # Decode attention reads whole blocks and masks the unused tail; masked scores

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmill.model.kernels import cpu_kernels
+from tokenmill.model import kernels
 
 
 @dataclass
@@ -69,9 +69,9 @@ def paged_attention(
     num_kv_heads = k.shape[1]
     nd = meta.num_decodes
     if nd:
-        kernels = cpu_kernels() if q.is_cpu else None
-        if kernels is not None:
-            kernels.paged_decode_attention(out[:nd], q[:nd], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
+        ops = kernels.cpu_kernels() if q.is_cpu else None
+        if ops is not None:
+            ops.paged_decode_attention(out[:nd], q[:nd], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
         else:
             out[:nd] = _decode_attention(q[:nd], kv_cache, meta, scale)
     group = q.shape[1] // num_kv_heads

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.model.kernels import cpu_kernels
+from tokenmill.model import kernels
 
 
 class RMSNorm(nn.Module):
@@ -24,15 +24,15 @@ class RMSNorm(nn.Module):
         are one pass of the CPU kernel instead of six ops. The kernel works in place: it
         overwrites x and residual, which the caller no longer needs.
         """
-        kernels = cpu_kernels() if x.is_cpu and x.dim() == 2 and x.is_contiguous() else None
+        ops = kernels.cpu_kernels() if x.is_cpu and x.dim() == 2 and x.is_contiguous() else None
         if residual is None:
-            if kernels is not None:
+            if ops is not None:
                 out = torch.empty_like(x)
-                kernels.rms_norm(out, x, self.weight, self.eps)
+                ops.rms_norm(out, x, self.weight, self.eps)
                 return out
             return self._norm(x)
-        if kernels is not None:
-            kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        if ops is not None:
+            ops.add_rms_norm(x, residual, self.weight, self.eps)
             return x, residual
         residual = x + residual
         return self._norm(residual), residual

@@ -1,0 +1,138 @@
+"""The compiled CPU kernels against the PyTorch ops they replace.
+
+Each kernel is checked against the fallback code path of the same layer (what runs
+without the kernels) and, for attention, against float64 softmax attention computed per
+request. The engine-level test at the end runs a whole model both ways.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.model import kernels
+from tokenmill.model.layers.attention import AttentionMetadata, _decode_attention, decode_mask
+from tokenmill.model.layers.norm import RMSNorm
+
+ops = kernels.cpu_kernels()
+pytestmark = pytest.mark.skipif(ops is None, reason="CPU kernels could not be built here (see the log)")
+
+# bfloat16 results agree to one rounding of the output; float32 to accumulation order.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
+
+
+def _paged_case(num_reqs, num_heads, num_kv_heads, head_dim, dtype, block_size=16, num_blocks=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, num_kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
+    seq_lens = torch.randint(1, 5 * block_size, (num_reqs,), generator=g).to(torch.int32)
+    max_blocks = int(-(-seq_lens.max() // block_size))
+    # Blocks scattered across the cache, every request its own.
+    perm = torch.randperm(num_blocks, generator=g)[: num_reqs * max_blocks]
+    tables = perm.view(num_reqs, max_blocks).to(torch.int32)
+    # q as the engine passes it: a view into rows that also hold the keys.
+    qk = torch.randn(num_reqs, num_heads + num_kv_heads, head_dim, generator=g).to(dtype)
+    q = qk[:, :num_heads]
+    return q, cache, tables, seq_lens
+
+
+def _float64_attention(q, cache, tables, seq_lens, scale):
+    num_reqs, num_heads, _ = q.shape
+    group = num_heads // cache.shape[1]
+    out = []
+    for b in range(num_reqs):
+        kv = cache[:, :, tables[b].long()].flatten(2, 3)[:, :, : int(seq_lens[b])].double()
+        k, v = kv[0].repeat_interleave(group, 0), kv[1].repeat_interleave(group, 0)  # [Hq, L, D]
+        probs = torch.softmax((k @ q[b].double().unsqueeze(-1)).squeeze(-1) * scale, dim=-1)  # [Hq, L]
+        out.append((probs.unsqueeze(1) @ v).squeeze(1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim"),
+    [(9, 3, 64), (14, 2, 64), (4, 4, 128), (8, 1, 32), (6, 2, 48)],  # GQA, MHA, MQA; fixed and generic sizes
+)
+def test_paged_decode_attention_matches_reference(dtype, num_heads, num_kv_heads, head_dim):
+    q, cache, tables, seq_lens = _paged_case(5, num_heads, num_kv_heads, head_dim, dtype)
+    scale = head_dim**-0.5
+    out = torch.empty(q.shape, dtype=dtype)
+    ops.paged_decode_attention(out, q, cache, tables, seq_lens, scale)
+    exact = _float64_attention(q, cache, tables, seq_lens, scale)
+    torch.testing.assert_close(out.double(), exact, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    # And the batched-matmul fallback the engine uses without the kernel.
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long),
+        num_decodes=len(seq_lens),
+        decode_block_tables=tables,
+        decode_seq_lens=seq_lens,
+        decode_mask=decode_mask(seq_lens, tables.shape[1], cache.shape[3]),
+        prefills=[],
+    )
+    fallback = _decode_attention(q.contiguous(), cache, meta, scale)
+    torch.testing.assert_close(out.double(), fallback.double(), atol=2 * TOLERANCE[dtype], rtol=2 * TOLERANCE[dtype])
+
+
+def test_paged_decode_attention_ignores_blocks_past_the_end():
+    """Table padding and the tail of the last block must not leak into the result."""
+    q, cache, tables, seq_lens = _paged_case(3, 9, 3, 64, torch.float32)
+    out = torch.empty(q.shape)
+    ops.paged_decode_attention(out, q, cache, tables, seq_lens, 0.125)
+    poisoned = cache.clone()
+    for b in range(3):
+        last, used = divmod(int(seq_lens[b]), cache.shape[3])
+        poisoned[:, :, tables[b, last + 1 :].long()] = float("nan")
+        if used:
+            poisoned[:, :, int(tables[b, last]), used:] = float("nan")
+    again = torch.empty(q.shape)
+    ops.paged_decode_attention(again, q, poisoned, tables, seq_lens, 0.125)
+    assert torch.equal(out, again)
+
+
+def test_paged_decode_attention_rejects_bad_input():
+    q, cache, tables, seq_lens = _paged_case(2, 9, 3, 64, torch.float32)
+    out = torch.empty(q.shape)
+    with pytest.raises(RuntimeError, match="int32"):
+        ops.paged_decode_attention(out, q, cache, tables.long(), seq_lens, 0.125)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.paged_decode_attention(out, q.to(torch.bfloat16), cache, tables, seq_lens, 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_kernels_match_fallback(dtype):
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data = torch.randn(96, generator=g).to(dtype)
+    x, residual = (torch.randn(7, 96, generator=g).to(dtype) for _ in range(2))
+    torch.testing.assert_close(norm(x), norm._norm(x), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    want_residual = x + residual
+    want = norm._norm(want_residual)
+    got, got_residual = norm(x.clone(), residual.clone())  # the kernel writes in place
+    assert torch.equal(got_residual, want_residual)
+    torch.testing.assert_close(got, want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_fallback(dtype):
+    gate_up = (torch.randn(5, 2 * 80, generator=torch.Generator().manual_seed(2)) * 4).to(dtype)
+    out = torch.empty(5, 80, dtype=dtype)
+    ops.silu_and_mul(out, gate_up)
+    gate, up = gate_up.split(80, dim=-1)
+    torch.testing.assert_close(out, F.silu(gate) * up, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_engine_gives_the_same_tokens_without_kernels(checkpoint_factory, monkeypatch):
+    """Greedy decoding in float32 is token-identical with the kernels and the fallback."""
+    model_dir = checkpoint_factory("llama")
+    g = torch.Generator().manual_seed(3)
+    prompts = [{"prompt_token_ids": torch.randint(3, 320, (n,), generator=g).tolist()} for n in (5, 23, 40)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+    def generate():
+        llm = LLM(str(model_dir), dtype="float32", block_size=8)
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    with_kernels = generate()
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
+    assert generate() == with_kernels
