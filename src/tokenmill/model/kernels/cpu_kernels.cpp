@@ -22,11 +22,26 @@
 namespace {
 
 inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
+// bfloat16 <-> float32 written out with bit operations (same rounding as c10: to nearest
+// even, NaN kept NaN) so that gcc vectorises the loops using them; c10's own conversion
+// branches and kept every elementwise loop scalar (silu_and_mul was 15x slower).
+inline float to_float(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 
 template <typename T>
 inline T from_float(float x) { return static_cast<T>(x); }
+template <>
+inline c10::BFloat16 from_float<c10::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
 
 // Round-trip through the storage dtype: the value PyTorch would hold after an op.
 template <typename T>
@@ -36,7 +51,7 @@ inline float round_to(float x) { return to_float(from_float<T>(x)); }
 // [-ln2/2, ln2/2]). Unlike std::exp it inlines, so gcc vectorises the loops around it.
 inline float fast_exp(float x) {
   x = std::min(std::max(x, -87.3365f), 88.3762f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);  // (std::floor does not vectorise)
   x -= n * 0.693359375f;
   x -= n * -2.12194440e-4f;
   float y = 1.9875691500e-4f;
@@ -201,7 +216,8 @@ void paged_decode_attention_impl(
 // out[r] = weight * round(x[r] * rsqrt(mean(x[r]^2) + eps)), in float32, rounded like
 // RMSNorm.forward's reference (normalise in float32, scale in the input dtype).
 template <typename T>
-inline void rms_norm_row(T* out, const float* x, const T* weight, int64_t dim, float eps) {
+inline void rms_norm_row(T* __restrict__ out, const float* __restrict__ x, const T* __restrict__ weight, int64_t dim,
+                         float eps) {
   float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
   for (int64_t i = 0; i < dim; ++i) sq += x[i] * x[i];
@@ -235,12 +251,12 @@ void add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tensor& we
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> sum(dim);
     for (int64_t r = begin; r < end; ++r) {
-      T* xr = x_ptr + r * dim;
-      T* rr = r_ptr + r * dim;
+      T* __restrict__ xr = x_ptr + r * dim;
+      T* __restrict__ rr = r_ptr + r * dim;
       for (int64_t i = 0; i < dim; ++i) {
-        const T h = from_float<T>(to_float(xr[i]) + to_float(rr[i]));
-        rr[i] = h;
-        sum[i] = to_float(h);
+        const float h = round_to<T>(to_float(xr[i]) + to_float(rr[i]));
+        rr[i] = from_float<T>(h);  // exact: h is already representable
+        sum[i] = h;
       }
       rms_norm_row(xr, sum.data(), w_ptr, dim, static_cast<float>(eps));
     }
