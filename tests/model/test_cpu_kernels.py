@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.model import kernels
-from tokenmill.model.layers.attention import AttentionMetadata, _decode_attention, decode_mask
+from tokenmill.model.layers.attention import AttentionMetadata, _decode_attention, decode_mask, write_kv
 from tokenmill.model.layers.norm import RMSNorm
+from tokenmill.model.layers.rotary import RotaryEmbedding, apply_rotary
 
 ops = kernels.cpu_kernels()
 pytestmark = pytest.mark.skipif(ops is None, reason="CPU kernels could not be built here (see the log)")
@@ -111,6 +112,28 @@ def test_norm_kernels_match_fallback(dtype):
     got, got_residual = norm(x.clone(), residual.clone())  # the kernel writes in place
     assert torch.equal(got_residual, want_residual)
     torch.testing.assert_close(got, want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_and_cache_matches_fallback(dtype):
+    num_heads, num_kv_heads, head_dim, tokens = 6, 2, 32, 5
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
+    cos_sin = RotaryEmbedding(head_dim, 64, 10000.0).lookup(torch.tensor([0, 7, 8, 30, 63]), dtype)
+    slots = torch.tensor([3, 17, 18, 40, 9])
+    cache = torch.zeros(2, num_kv_heads, 6, 8, head_dim, dtype=dtype)  # 6 blocks of 8 slots
+    ops.rotary_and_cache(qkv_kernel := qkv.clone(), *cos_sin, cache_kernel := cache.clone(), slots, num_heads)
+
+    heads = qkv.view(tokens, -1, head_dim)
+    qk = apply_rotary(heads[:, : num_heads + num_kv_heads], cos_sin)
+    meta = AttentionMetadata(slots, 0, None, None, None, [])
+    write_kv(cache, qk[:, num_heads:], heads[:, num_heads + num_kv_heads :], meta)
+    # bfloat16 bit-exact (the kernel rounds where the ops do); float32 up to fused multiply-adds.
+    exact = {"atol": 0, "rtol": 0} if dtype == torch.bfloat16 else {"atol": 1e-6, "rtol": 1e-6}
+    torch.testing.assert_close(qkv_kernel.view(tokens, -1, head_dim)[:, : num_heads + num_kv_heads], qk, **exact)
+    torch.testing.assert_close(cache_kernel, cache, **exact)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.rotary_and_cache(qkv.clone(), *cos_sin, cache, torch.tensor([3, 17, 18, 48, 9]), num_heads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -47,10 +47,15 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
-        # Queries and keys rotate together: [T, Hq + Hkv, D].
-        q, k = apply_rotary(qk, cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        write_kv(kv_cache, k, v, meta)
+            qk.copy_(torch.cat((self.q_norm(q), self.k_norm(k)), dim=1))  # back into qkv, for the kernel
+        ops = kernels.cpu_kernels() if qkv.is_cpu else None
+        if ops is not None:
+            # Rotates q and k inside qkv and stores k, v in the cache, in one pass.
+            ops.rotary_and_cache(qkv, *cos_sin, kv_cache, meta.slot_mapping, self.num_heads)
+        else:
+            qk = apply_rotary(qk, cos_sin)  # queries and keys rotate together: [T, Hq + Hkv, D]
+            write_kv(kv_cache, qk[:, self.num_heads :], v, meta)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
 

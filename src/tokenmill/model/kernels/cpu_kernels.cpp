@@ -283,6 +283,50 @@ void silu_and_mul_impl(at::Tensor& out, const at::Tensor& gate_up) {
   });
 }
 
+// Rotate the query and key heads of qkv in place (rotate-half layout) and store this
+// step's keys and values in their cache slots: one pass over the fused projection
+// output instead of a roll, three elementwise ops, a split and two index_copy_ calls.
+// Rounds like the reference: round(round(x * cos) + round(roll(x) * signed_sin)).
+template <typename T>
+void rotary_and_cache_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& signed_sin,
+                           at::Tensor& kv_cache, const at::Tensor& slots, int64_t num_heads) {
+  const int64_t tokens = qkv.size(0), num_kv_heads = kv_cache.size(1), head_dim = kv_cache.size(4);
+  const int64_t cache_slots = kv_cache.size(2) * kv_cache.size(3), half = head_dim / 2;
+  const int64_t row = qkv.size(1);
+  T* qkv_ptr = qkv.data_ptr<T>();
+  const T* cos_ptr = cos.data_ptr<T>();
+  const T* sin_ptr = signed_sin.data_ptr<T>();
+  T* cache = kv_cache.data_ptr<T>();
+  const int64_t* slot_ptr = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slot_ptr[t] >= 0 && slot_ptr[t] < cache_slots, "rotary_and_cache: slot ", slot_ptr[t], " out of range");
+  }
+  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+    float x[kMaxHeadDim];
+    for (int64_t t = begin; t < end; ++t) {
+      T* token = qkv_ptr + t * row;
+      const T* c = cos_ptr + t * head_dim;
+      const T* sn = sin_ptr + t * head_dim;
+      for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
+        T* __restrict__ head = token + h * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) x[d] = to_float(head[d]);
+        for (int64_t d = 0; d < head_dim; ++d) {
+          const float rolled = x[d < half ? d + half : d - half];
+          head[d] = from_float<T>(round_to<T>(x[d] * to_float(c[d])) + round_to<T>(rolled * to_float(sn[d])));
+        }
+      }
+      const int64_t slot = slot_ptr[t];
+      for (int64_t kv = 0; kv < 2; ++kv) {
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+          const T* src = token + (num_heads + kv * num_kv_heads + h) * head_dim;
+          T* dst = cache + ((kv * num_kv_heads + h) * cache_slots + slot) * head_dim;
+          std::memcpy(dst, src, head_dim * sizeof(T));
+        }
+      }
+    }
+  });
+}
+
 void check_cpu_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
@@ -334,11 +378,26 @@ void silu_and_mul(at::Tensor out, at::Tensor gate_up) {
   DISPATCH_FLOAT_TYPES(gate_up.scalar_type(), "silu_and_mul", [&] { silu_and_mul_impl<scalar_t>(out, gate_up); });
 }
 
+void rotary_and_cache(at::Tensor qkv, at::Tensor cos, at::Tensor signed_sin, at::Tensor kv_cache, at::Tensor slots,
+                      int64_t num_heads) {
+  for (auto* p : {&qkv, &cos, &signed_sin, &kv_cache, &slots}) check_cpu_contiguous(*p, "rotary_and_cache");
+  const int64_t num_kv_heads = kv_cache.size(1), head_dim = kv_cache.size(4);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (num_heads + 2 * num_kv_heads) * head_dim, "rotary_and_cache: qkv shape");
+  TORCH_CHECK(cos.numel() == qkv.size(0) * head_dim && signed_sin.numel() == cos.numel(), "rotary_and_cache: cos/sin");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == qkv.size(0), "rotary_and_cache: slots");
+  TORCH_CHECK(head_dim % 2 == 0 && head_dim <= kMaxHeadDim, "rotary_and_cache: head_dim");
+  TORCH_CHECK(qkv.scalar_type() == kv_cache.scalar_type() && cos.scalar_type() == qkv.scalar_type(), "dtype mismatch");
+  DISPATCH_FLOAT_TYPES(qkv.scalar_type(), "rotary_and_cache",
+                       [&] { rotary_and_cache_impl<scalar_t>(qkv, cos, signed_sin, kv_cache, slots, num_heads); });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache, in place");
   m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight");
   m.def("add_rms_norm", &add_rms_norm, "residual += x; x = RMSNorm(residual) * weight (both in place)");
+  m.def("rotary_and_cache", &rotary_and_cache,
+        "rotate q and k heads of qkv in place and store k, v in their cache slots");
   m.def("silu_and_mul", &silu_and_mul, "out = silu(gate) * up over [gate | up]");
 }
