@@ -7,7 +7,8 @@ repetitions), so the ratios hold even when absolute times drift:
     python scripts/microbench.py linear      # F.linear vs fused vs oneDNN-packed, one layer
     python scripts/microbench.py attention   # decode attention: SDPA vs batched matmuls
     python scripts/microbench.py rotary      # rotate_half vs roll
-    python scripts/microbench.py step        # torch.profiler of engine decode steps
+    python scripts/microbench.py step        # where a decode step's time goes (cProfile)
+    python scripts/microbench.py kernels     # decode steps with the CPU kernels vs without
     python scripts/microbench.py prefill     # one 1,024-token prompt through the engine
 
 Shapes are SmolLM2-135M's (hidden 576, 9 heads, 3 KV heads, head_dim 64, intermediate
@@ -18,6 +19,7 @@ Shapes are SmolLM2-135M's (hidden 576, 9 heads, 3 KV heads, head_dim 64, interme
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 
@@ -129,6 +131,12 @@ def cmd_attention(batch: int = 64, context: int = 256, block_size: int = 16) -> 
         p = torch.softmax(s.mul_(HEAD_DIM**-0.5).add_(mask[None, :, :, None]), dim=2)
         return torch.bmm(p.view(-1, context, group).transpose(1, 2), kv[1])
 
+    from tokenmill.model.kernels import cpu_kernels
+
+    ops, out = cpu_kernels(), torch.empty_like(q)
+    tables32, seq_lens = tables.to(torch.int32), torch.full((batch,), context, dtype=torch.int32)
+    kernel = {"compiled kernel, in place": lambda: ops.paged_decode_attention(
+        out, q, head_major, tables32, seq_lens, HEAD_DIM**-0.5)} if ops is not None else {}
     show(f"decode attention, {batch} requests x {context} tokens, one layer", compare({
         "SDPA + padding mask": sdpa,
         "bmm, token-major cache": bmm_token_major,
@@ -136,6 +144,7 @@ def cmd_attention(batch: int = 64, context: int = 256, block_size: int = 16) -> 
         "bmm, head-major, q @ K^T": bmm_q_kt,
         "bmm, head-major, float32": bmm_fp32,
         "gather only (head-major)": lambda: head_major[:, :, tables],
+        **kernel,
     }))
 
 
@@ -161,10 +170,8 @@ def _engine(**kwargs):
     return LLM(str(cached_checkpoint("smollm2-135m")), dtype="bfloat16", **kwargs)
 
 
-def cmd_step(batch: int = 64, steps: int = 5) -> None:
-    """Self CPU time per op over `steps` decode steps after a batch's prefill."""
-    from torch.profiler import ProfilerActivity, profile
-
+def _decoding_engine(batch: int, steps: int):
+    """An engine with `batch` 128-token requests admitted and prefilled, ready to decode."""
     from tokenmill import SamplingParams
 
     llm = _engine(max_model_len=512, max_num_seqs=batch, max_num_batched_tokens=batch * 128)
@@ -173,11 +180,45 @@ def cmd_step(batch: int = 64, steps: int = 5) -> None:
     for _ in range(batch):
         llm._add_request(None, torch.randint(10, 4000, (128,), generator=g).tolist(), params)
     llm.engine.step()  # the whole batch's prefill in one step
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
+    return llm
+
+
+def cmd_step(batch: int = 64, steps: int = 10) -> None:
+    """Time per function over `steps` decode steps after a batch's prefill. cProfile, not
+    torch.profiler: it also sees the compiled kernels, which are not ATen ops."""
+    import cProfile
+    import pstats
+
+    llm = _decoding_engine(batch, steps)
+    profiler = cProfile.Profile()
+    t = time.perf_counter()
+    profiler.runcall(lambda: [llm.engine.step() for _ in range(steps)])
+    print(f"{batch} requests (context ~130), {steps} decode steps: {(time.perf_counter() - t) / steps * 1e3:.1f} ms "
+          f"per step under the profiler; divide tottime by {steps} for per-step time")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+
+
+def cmd_kernels(steps: int = 20) -> None:
+    """Decode step time with the compiled CPU kernels and with the PyTorch fallback, two
+    engines in one process, steps interleaved."""
+    from tokenmill.model import kernels
+
+    built = kernels.cpu_kernels
+    if built() is None:
+        raise SystemExit("the CPU kernels could not be built here; nothing to compare")
+    for batch in (1, 64):
+        fast = _decoding_engine(batch, 2 * steps)
+        kernels.cpu_kernels = lambda: None
+        slow = _decoding_engine(batch, 2 * steps)
+
+        def step(llm, use_kernels: bool) -> None:
+            kernels.cpu_kernels = built if use_kernels else (lambda: None)
             llm.engine.step()
-    print(f"decode steps of {batch} requests (context ~130), {steps} steps; divide by {steps} for per-step time")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+        ms = compare({"PyTorch ops (fallback)": functools.partial(step, slow, False),
+                      "compiled CPU kernels": functools.partial(step, fast, True)}, reps=steps // 2, calls=2)
+        kernels.cpu_kernels = built
+        show(f"one decode step, {batch} requests", ms)
 
 
 def cmd_prefill(prompt_len: int = 1024) -> None:
@@ -192,8 +233,8 @@ def cmd_prefill(prompt_len: int = 1024) -> None:
 
 
 def main() -> None:
-    commands = {"gemm": cmd_gemm, "linear": cmd_linear, "attention": cmd_attention,
-                "rotary": cmd_rotary, "step": cmd_step, "prefill": cmd_prefill}
+    commands = {"gemm": cmd_gemm, "linear": cmd_linear, "attention": cmd_attention, "rotary": cmd_rotary,
+                "step": cmd_step, "kernels": cmd_kernels, "prefill": cmd_prefill}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=commands)
     args = parser.parse_args()

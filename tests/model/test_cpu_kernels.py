@@ -13,7 +13,12 @@ import torch.nn.functional as F
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.model import kernels
-from tokenmill.model.layers.attention import AttentionMetadata, _decode_attention, decode_mask, write_kv
+from tokenmill.model.layers.attention import (
+    AttentionMetadata,
+    _decode_attention,
+    decode_mask,
+    write_kv,
+)
 from tokenmill.model.layers.norm import RMSNorm
 from tokenmill.model.layers.rotary import RotaryEmbedding, apply_rotary
 
