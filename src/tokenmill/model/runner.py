@@ -53,16 +53,20 @@ class ModelRunner:
         shape = kv_cache_shape(self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         # torch.empty: untouched pages cost no RAM on CPU until a block is first written.
         self.kv_caches = [torch.empty(shape, dtype=config.dtype, device=self.device) for _ in range(m.num_layers)]
-        self._clear_blocks([0])  # padding entries of decode block tables point at block 0
         self.sampler = Sampler()
         # Decode attention runs the compiled kernel when it is there (built now, on CPU,
-        # rather than inside the first step); the batched-matmul fallback needs a mask.
+        # rather than inside the first step). The kernel reads exactly each request's
+        # tokens; the batched-matmul fallback reads whole blocks, so it needs a mask and
+        # zeroed block tails.
         self.decode_kernel = self.device.type == "cpu" and kernels.cpu_kernels() is not None
+        if not self.decode_kernel:
+            self._clear_blocks([0])  # padding entries of decode block tables point at block 0
 
     def _clear_blocks(self, block_ids: list[int]) -> None:
-        # Decode attention reads whole blocks and masks the unused tail; masked scores
-        # are fine, but uninitialised memory may hold NaN, and 0 * NaN in the weighted
-        # sum of V poisons the output. Zeroing a block when it is handed out is cheap.
+        # The fallback decode attention reads whole blocks and masks the unused tail;
+        # masked scores are fine, but uninitialised memory may hold NaN, and 0 * NaN in
+        # the weighted sum of V poisons the output. Zeroing a block when it is handed out
+        # is cheap.
         for kv_cache in self.kv_caches:
             for block_id in block_ids:  # at most one per request; faster than index_fill_ on dim 2
                 kv_cache[:, :, block_id].zero_()
@@ -72,12 +76,15 @@ class ModelRunner:
         # Decodes (one query token) first: they share one batched attention call.
         decodes = [r for r in sched.scheduled if len(r.token_ids) == 1]
         reqs = decodes + [r for r in sched.scheduled if len(r.token_ids) != 1]
-        # A new block this step leaves partly unwritten is read whole by later decodes.
-        partial = [
-            r.block_ids[-1] for r in reqs if r.new_block_ids and (r.num_computed_tokens + len(r.token_ids)) % self.block_size
-        ]
-        if partial:
-            self._clear_blocks(partial)
+        if not self.decode_kernel:
+            # A new block this step leaves partly unwritten is read whole by later decodes.
+            partial = [
+                r.block_ids[-1]
+                for r in reqs
+                if r.new_block_ids and (r.num_computed_tokens + len(r.token_ids)) % self.block_size
+            ]
+            if partial:
+                self._clear_blocks(partial)
         input_ids, positions, slots = [], [], []
         starts: list[int] = []
         for r in reqs:
