@@ -9,6 +9,7 @@ repetitions), so the ratios hold even when absolute times drift:
     python scripts/microbench.py rotary      # rotate_half vs roll
     python scripts/microbench.py step        # where a decode step's time goes (cProfile)
     python scripts/microbench.py kernels     # decode steps with the CPU kernels vs without
+    python scripts/microbench.py threads     # decode steps on the loading thread vs another
     python scripts/microbench.py prefill     # one 1,024-token prompt through the engine
 
 Shapes are SmolLM2-135M's (hidden 576, 9 heads, 3 KV heads, head_dim 64, intermediate
@@ -221,6 +222,34 @@ def cmd_kernels(steps: int = 20) -> None:
         show(f"one decode step, {batch} requests", ms)
 
 
+def cmd_threads(steps: int = 30) -> None:
+    """Why AsyncLLM loads the model on a thread that exits: one-stream decode steps on
+    the thread that loaded the model vs on another thread, as the server's engine thread."""
+    import threading
+
+    def timed(label: str, llm) -> None:
+        t = time.perf_counter()
+        for _ in range(steps):
+            llm.engine.step()
+        print(f"  {label:<58} {(time.perf_counter() - t) / steps * 1e3:6.1f} ms per step")
+
+    def elsewhere(fn, *args) -> None:
+        thread = threading.Thread(target=fn, args=args)
+        thread.start()
+        thread.join()
+
+    print("one decode step, 1 request")
+    # First, while the main thread has run no parallel work (as in the server):
+    box = {}
+    elsewhere(lambda: box.setdefault("llm", _decoding_engine(1, 8 * steps)))  # that thread exits
+    elsewhere(timed, "loaded on a thread that exited, stepped on another", box["llm"])
+    # Then as before the fix: the main thread loads a model, so it owns an OpenMP pool.
+    llm = _decoding_engine(1, 8 * steps)
+    timed("loaded on the main thread, stepped there", llm)
+    elsewhere(timed, "loaded on the main thread, stepped on another", llm)
+    elsewhere(timed, "the first model again, now that the main thread has a pool", box["llm"])
+
+
 def cmd_prefill(prompt_len: int = 1024) -> None:
     from tokenmill import SamplingParams
 
@@ -234,7 +263,7 @@ def cmd_prefill(prompt_len: int = 1024) -> None:
 
 def main() -> None:
     commands = {"gemm": cmd_gemm, "linear": cmd_linear, "attention": cmd_attention, "rotary": cmd_rotary,
-                "step": cmd_step, "kernels": cmd_kernels, "prefill": cmd_prefill}
+                "step": cmd_step, "kernels": cmd_kernels, "threads": cmd_threads, "prefill": cmd_prefill}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=commands)
     args = parser.parse_args()

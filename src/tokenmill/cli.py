@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is not _cmd_serve:  # serve configures its own logging (--log-level)
+        # One-time long work (compiling the CPU kernels) announces itself on stderr.
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("tokenmill.model.kernels").setLevel(logging.INFO)
     return args.func(args)
 
 

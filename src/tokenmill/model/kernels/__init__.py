@@ -1,8 +1,9 @@
 """Compiled CPU kernels for the decode hot path, built on first use.
 
 The C++ source (cpu_kernels.cpp) is compiled for this machine's CPU the first time a
-model loads on CPU (about a minute; a C++ compiler is needed) and cached under
-~/.cache/tokenmill/kernels, so later starts load it in well under a second. Where it
+model loads on CPU (about half a minute; a C++ compiler is needed) and cached under
+~/.cache/tokenmill/kernels (one folder per CPU model and torch installation), so later
+starts load it in well under a second. Where it
 cannot be built, or with TOKENMILL_CPU_KERNELS=0, the model runs the equivalent
 PyTorch ops instead: same results, slower decode steps.
 """
@@ -22,22 +23,27 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 ENV_SWITCH = "TOKENMILL_CPU_KERNELS"
 
 
-def _cpu_fingerprint() -> str:
-    """Short hash of the CPU model and flags: a cache built with -march=native for one
-    CPU must never load on another."""
+def _build_key() -> str:
+    """Short hash of what a build depends on besides the source: the CPU model and flags
+    (a build with -march=native for one CPU must never load on another) and the torch
+    installation (its headers are in the compile command, so two environments sharing
+    one folder would rebuild each other's copy on every switch)."""
+    import torch
+
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        text = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+        cpu = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
     except OSError:
         import platform
 
-        text = platform.processor() or platform.machine()
+        cpu = platform.processor() or platform.machine()
+    text = f"{cpu}\n{torch.__version__}\n{Path(torch.__file__).parent}"
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
 def _build_dir() -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenmill" / "kernels"
-    path = root / _cpu_fingerprint()
+    path = root / _build_key()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -53,7 +59,7 @@ def cpu_kernels() -> ModuleType | None:
 
         build_dir = _build_dir()
         if not any(build_dir.glob("*.so")):
-            logger.info("Compiling tokenmill's CPU kernels for this CPU (once, about a minute)...")
+            logger.info("Compiling tokenmill's CPU kernels for this CPU (once, about half a minute)...")
         return load(
             name="tokenmill_cpu_kernels",
             sources=[str(_SOURCE)],
