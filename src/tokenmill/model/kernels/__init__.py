@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -54,6 +55,11 @@ def cpu_kernels() -> ModuleType | None:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         logger.info("%s=0: CPU kernels disabled, using PyTorch ops.", ENV_SWITCH)
         return None
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        logger.warning("No C++ compiler (%s) found: using PyTorch ops, decode will be slower. Install g++ "
+                       "for tokenmill's CPU kernels, or set %s=0 to silence this.", compiler, ENV_SWITCH)
+        return None
     try:
         from torch.utils.cpp_extension import load
 
@@ -68,6 +74,8 @@ def cpu_kernels() -> ModuleType | None:
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
-    except Exception as exc:  # no compiler, no ninja, a read-only home...: run slower, not fail
-        logger.warning("CPU kernels unavailable (%s); using PyTorch ops, decode will be slower.", exc)
+    except Exception as exc:  # a broken toolchain, a read-only home...: run slower, not fail
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.warning("CPU kernels could not be built (%s): using PyTorch ops, decode will be slower. "
+                       "Set %s=0 to skip the attempt.", first_line, ENV_SWITCH)
         return None
