@@ -112,3 +112,17 @@ def checkpoint_factory(tmp_path_factory):
         return cache[key]
 
     return factory
+
+
+@pytest.fixture(params=["cpu-kernels", "pytorch-fallback"])
+def kernel_path(request, monkeypatch):
+    """Run the test twice: with the compiled CPU kernels and with the PyTorch ops they
+    replace (what runs without a compiler, and on GPU)."""
+    from tokenmill.model import kernels
+
+    if request.param == "cpu-kernels":
+        if kernels.cpu_kernels() is None:
+            pytest.skip("the CPU kernels could not be built here (see the log)")
+    else:
+        monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
+    return request.param

@@ -150,6 +150,33 @@ def test_silu_and_mul_matches_fallback(dtype):
     torch.testing.assert_close(out, F.silu(gate) * up, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+def test_paged_decode_attention_rejects_a_bad_table():
+    q, cache, tables, seq_lens = _paged_case(2, 9, 3, 64, torch.float32, num_blocks=64)
+    out = torch.empty(q.shape)
+    bad = tables.clone()
+    bad[1, 0] = 64  # one past the last block
+    with pytest.raises(RuntimeError, match="block id 64 out of range"):
+        ops.paged_decode_attention(out, q, cache, bad, seq_lens, 0.125)
+    too_long = seq_lens.clone()
+    too_long[0] = tables.shape[1] * cache.shape[3] + 1
+    with pytest.raises(RuntimeError, match="seq_len"):
+        ops.paged_decode_attention(out, q, cache, tables, too_long, 0.125)
+
+
+def test_more_query_heads_per_kv_head_than_the_kernel_takes_use_the_fallback(checkpoint_factory):
+    """16 query heads on one KV head: the runner must pick the batched-matmul path."""
+    from test_parity import hf_reference, make_prompts
+
+    model_dir = checkpoint_factory("llama", num_attention_heads=16, num_key_value_heads=1)
+    prompts = make_prompts(320, [5, 12], seed=5)
+    llm = LLM(str(model_dir), dtype="float32")
+    assert not llm.engine.runner.decode_kernel
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    ref, _ = hf_reference(model_dir, prompts, 8)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+
+
 def test_engine_gives_the_same_tokens_without_kernels(checkpoint_factory, monkeypatch):
     """Greedy decoding in float32 is token-identical with the kernels and the fallback."""
     model_dir = checkpoint_factory("llama")

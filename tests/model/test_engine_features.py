@@ -7,7 +7,6 @@ import torch
 from test_parity import make_prompts
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.model import kernels
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +144,9 @@ def test_bfloat16_close_to_float32(checkpoint_factory):
         assert a[tok].logprob == pytest.approx(b[tok].logprob, abs=0.15)
 
 
-@pytest.mark.parametrize("use_kernels", [True, False], ids=["cpu-kernels", "pytorch-fallback"])
-def test_garbage_in_fresh_kv_memory_is_harmless(checkpoint_factory, monkeypatch, use_kernels):
+def test_garbage_in_fresh_kv_memory_is_harmless(checkpoint_factory, kernel_path):
     # The KV cache is allocated uninitialised; fill it with NaN to make sure no masked
     # slot (decode padding, unwritten block tails) ever leaks into attention.
-    if not use_kernels:
-        monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
     model_dir = str(checkpoint_factory("llama"))
     prompts = [{"prompt_token_ids": p} for p in make_prompts(320, [3, 9, 14], seed=12)]
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)

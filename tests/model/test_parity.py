@@ -52,7 +52,7 @@ def run_engine(model_dir, prompts, num_new=NUM_NEW_TOKENS, logprobs=None, **engi
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "llama-mqa", "qwen2", "qwen3"])
-def test_greedy_and_logits_match_transformers(checkpoint_factory, arch):
+def test_greedy_and_logits_match_transformers(checkpoint_factory, arch, kernel_path):
     model_dir = checkpoint_factory(arch)
     prompts = make_prompts(320)
     ref_tokens, ref_logprobs = hf_reference(model_dir, prompts, NUM_NEW_TOKENS)

@@ -47,7 +47,8 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-            qk.copy_(torch.cat((self.q_norm(q), self.k_norm(k)), dim=1))  # back into qkv, for the kernel
+            q.copy_(self.q_norm(q))  # back into qkv: the rotary below works on it in place
+            k.copy_(self.k_norm(k))
         ops = kernels.cpu_kernels() if qkv.is_cpu else None
         if ops is not None:
             # Rotates q and k inside qkv and stores k, v in the cache, in one pass.

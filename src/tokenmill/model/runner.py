@@ -58,7 +58,9 @@ class ModelRunner:
         # rather than inside the first step). The kernel reads exactly each request's
         # tokens; the batched-matmul fallback reads whole blocks, so it needs a mask and
         # zeroed block tails.
-        self.decode_kernel = self.device.type == "cpu" and kernels.cpu_kernels() is not None
+        self.decode_kernel = self.device.type == "cpu" and kernels.decode_attention_kernel(
+            m.num_heads, m.num_kv_heads, m.head_dim
+        )
         if not self.decode_kernel:
             self._clear_blocks([0])  # padding entries of decode block tables point at block 0
 

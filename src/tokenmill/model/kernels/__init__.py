@@ -5,7 +5,8 @@ model loads on CPU (about half a minute; a C++ compiler is needed) and cached un
 ~/.cache/tokenmill/kernels (one folder per CPU model and torch installation), so later
 starts load it in well under a second. Where it
 cannot be built, or with TOKENMILL_CPU_KERNELS=0, the model runs the equivalent
-PyTorch ops instead: same results, slower decode steps.
+PyTorch ops instead: the same math (decode attention keeps float32 where the ops round
+to bfloat16), slower decode steps.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -56,7 +58,7 @@ def cpu_kernels() -> ModuleType | None:
         logger.info("%s=0: CPU kernels disabled, using PyTorch ops.", ENV_SWITCH)
         return None
     compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
+    if shutil.which(shlex.split(compiler)[0] if compiler.strip() else "c++") is None:
         logger.warning("No C++ compiler (%s) found: using PyTorch ops, decode will be slower. Install g++ "
                        "for tokenmill's CPU kernels, or set %s=0 to silence this.", compiler, ENV_SWITCH)
         return None
@@ -79,3 +81,13 @@ def cpu_kernels() -> ModuleType | None:
         logger.warning("CPU kernels could not be built (%s): using PyTorch ops, decode will be slower. "
                        "Set %s=0 to skip the attempt.", first_line, ENV_SWITCH)
         return None
+
+
+def decode_attention_kernel(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether decode attention of this shape can run the compiled kernel."""
+    ops = cpu_kernels()
+    return (
+        ops is not None
+        and num_heads // num_kv_heads <= ops.MAX_QUERY_HEADS_PER_KV_HEAD
+        and head_dim <= ops.MAX_HEAD_DIM
+    )

@@ -344,14 +344,29 @@ void check_cpu_contiguous(const at::Tensor& t, const char* name) {
 void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tensor block_tables,
                             at::Tensor seq_lens, double scale) {
   for (auto* p : {&out, &kv_cache, &block_tables, &seq_lens}) check_cpu_contiguous(*p, "paged_decode_attention");
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "paged_decode_attention: bad shapes");
   // q may be a view into the fused q|k rows: only its head rows must be dense.
   TORCH_CHECK(q.device().is_cpu() && q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_decode_attention: q layout");
-  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "paged_decode_attention: bad shapes");
+  TORCH_CHECK(out.sizes() == q.sizes(), "paged_decode_attention: out must have q's shape");
   TORCH_CHECK(q.size(2) == kv_cache.size(4) && q.size(2) <= kMaxHeadDim, "paged_decode_attention: head_dim");
   TORCH_CHECK(q.size(1) % kv_cache.size(1) == 0 && q.size(1) / kv_cache.size(1) <= kMaxGroup,
               "paged_decode_attention: query heads per KV head must be at most ", kMaxGroup);
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "tables must be int32");
   TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type() && out.scalar_type() == q.scalar_type(), "dtype mismatch");
+  const int64_t num_reqs = q.size(0), max_blocks = block_tables.size(1), num_blocks = kv_cache.size(2);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_reqs && seq_lens.numel() == num_reqs,
+              "paged_decode_attention: one block table and one length per request");
+  // Every block the kernel will read must exist: a bad table is an error, not a stray read.
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  for (int64_t r = 0; r < num_reqs; ++r) {
+    TORCH_CHECK(lens[r] >= 1 && lens[r] <= max_blocks * kv_cache.size(3), "paged_decode_attention: seq_len ", lens[r],
+                " out of range");
+    for (int64_t b = 0; b * kv_cache.size(3) < lens[r]; ++b) {
+      const int32_t id = tables[r * max_blocks + b];
+      TORCH_CHECK(id >= 0 && id < num_blocks, "paged_decode_attention: block id ", id, " out of range");
+    }
+  }
   const int64_t head_dim = q.size(2);
   DISPATCH_FLOAT_TYPES(q.scalar_type(), "paged_decode_attention", [&] {
     if (head_dim == 64) {
@@ -395,6 +410,8 @@ void rotary_and_cache(at::Tensor qkv, at::Tensor cos, at::Tensor signed_sin, at:
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("MAX_QUERY_HEADS_PER_KV_HEAD") = kMaxGroup;
+  m.attr("MAX_HEAD_DIM") = kMaxHeadDim;
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache, in place");
   m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight");
   m.def("add_rms_norm", &add_rms_norm, "residual += x; x = RMSNorm(residual) * weight (both in place)");

@@ -33,8 +33,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None
     # Decodes: [num_decodes] int32 tokens each request attends to (cached + this one)
     decode_seq_lens: torch.Tensor | None
-    # The batched-matmul path only (no kernel): [1, num_decodes, max_blocks * block_size, 1]
-    # float, 0 where visible, -inf past the end
+    # The batched-matmul path only: [1, num_decodes, max_blocks * block_size, 1] float, 0
+    # where visible, -inf past the end. None: decodes run the compiled CPU kernel, which
+    # reads exactly decode_seq_lens tokens per request (the runner decides, once).
     decode_mask: torch.Tensor | None
     # Prefill chunks, one entry each: (first token index in the batch, number of query
     # tokens, number of tokens already in the cache before this chunk, block ids tensor)
@@ -69,9 +70,10 @@ def paged_attention(
     num_kv_heads = k.shape[1]
     nd = meta.num_decodes
     if nd:
-        ops = kernels.cpu_kernels() if q.is_cpu else None
-        if ops is not None:
-            ops.paged_decode_attention(out[:nd], q[:nd], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale)
+        if meta.decode_mask is None:
+            kernels.cpu_kernels().paged_decode_attention(
+                out[:nd], q[:nd], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
+            )
         else:
             out[:nd] = _decode_attention(q[:nd], kv_cache, meta, scale)
     group = q.shape[1] // num_kv_heads
