@@ -10,6 +10,7 @@ repetitions), so the ratios hold even when absolute times drift:
     python scripts/microbench.py step        # where a decode step's time goes (cProfile)
     python scripts/microbench.py kernels     # decode steps with the CPU kernels vs without
     python scripts/microbench.py threads     # decode steps on the loading thread vs another
+    python scripts/microbench.py sampler     # random sampling of 64 rows: kernel vs PyTorch ops
     python scripts/microbench.py prefill     # one 1,024-token prompt through the engine
 
 Shapes are SmolLM2-135M's (hidden 576, 9 heads, 3 KV heads, head_dim 64, intermediate
@@ -250,6 +251,26 @@ def cmd_threads(steps: int = 30) -> None:
     elsewhere(timed, "the first model again, now that the main thread has a pool", box["llm"])
 
 
+def cmd_sampler(rows: int = 64) -> None:
+    """One random-sampling step (temperature 1) of `rows` requests over the full vocab."""
+    from tokenmill import SamplingParams
+    from tokenmill.model import kernels
+    from tokenmill.model.layers.sampler import Sampler, SamplingState
+
+    built = kernels.cpu_kernels
+    logits = torch.randn(rows, VOCAB)
+    states = [SamplingState(SamplingParams(temperature=1.0), None, [1], []) for _ in range(rows)]
+
+    def sample(use_kernels: bool) -> None:
+        kernels.cpu_kernels = built if use_kernels else (lambda: None)
+        Sampler().sample(logits.clone(), states)
+
+    ms = compare({"PyTorch ops": functools.partial(sample, False),
+                  "exponential-race kernel": functools.partial(sample, True)})
+    kernels.cpu_kernels = built
+    show(f"random sampling, {rows} rows x {VOCAB} tokens", ms)
+
+
 def cmd_prefill(prompt_len: int = 1024) -> None:
     from tokenmill import SamplingParams
 
@@ -263,7 +284,8 @@ def cmd_prefill(prompt_len: int = 1024) -> None:
 
 def main() -> None:
     commands = {"gemm": cmd_gemm, "linear": cmd_linear, "attention": cmd_attention, "rotary": cmd_rotary,
-                "step": cmd_step, "kernels": cmd_kernels, "threads": cmd_threads, "prefill": cmd_prefill}
+                "step": cmd_step, "kernels": cmd_kernels, "threads": cmd_threads,
+                "sampler": cmd_sampler, "prefill": cmd_prefill}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=commands)
     args = parser.parse_args()

@@ -177,6 +177,27 @@ def test_more_query_heads_per_kv_head_than_the_kernel_takes_use_the_fallback(che
     assert [o.outputs[0].token_ids for o in outs] == ref
 
 
+def test_exponential_race_follows_the_distribution_over_a_large_vocab():
+    """Uniform over 2,000 tokens except a masked block: every bucket of 100 token ids gets
+    its share (the keyed draws have no index bias), the masked ids never come."""
+    rows, vocab = 40_000, 2_000
+    logits = torch.zeros(rows, vocab)
+    logits[:, 1_000:1_100] = float("-inf")
+    out = torch.empty(rows, dtype=torch.long)
+    ops.sample_exponential_race(out, logits, torch.randint(0, 2**62, (rows,)))
+    buckets = torch.bincount(out // 100, minlength=20)
+    assert buckets[10] == 0
+    p = 1 / 19
+    sigma = (p * (1 - p) / rows) ** 0.5
+    shares = buckets.double() / rows
+    assert ((shares - p).abs()[torch.arange(20) != 10] < 5 * sigma).all(), buckets.tolist()
+    # Same keys, same draws.
+    once, twice = torch.empty(5, dtype=torch.long), torch.empty(5, dtype=torch.long)
+    ops.sample_exponential_race(once, logits[:5], torch.arange(5))
+    ops.sample_exponential_race(twice, logits[:5], torch.arange(5))
+    assert torch.equal(once, twice)
+
+
 def test_engine_gives_the_same_tokens_without_kernels(checkpoint_factory, monkeypatch):
     """Greedy decoding in float32 is token-identical with the kernels and the fallback."""
     model_dir = checkpoint_factory("llama")

@@ -53,7 +53,7 @@ def _renormalised(keep: list[int], probs=PROBS) -> list[float]:
 # ---- masks on a hand-made distribution -------------------------------------------------------
 
 
-def test_plain_sampling_follows_the_distribution():
+def test_plain_sampling_follows_the_distribution(kernel_path):
     _assert_frequencies(_draw_counts(SamplingParams(temperature=1.0)), PROBS)
 
 
@@ -97,7 +97,7 @@ def test_rows_with_different_settings_in_one_batch():
     assert set(tokens[:, 3].tolist()) == {0, 1, 2, 3}
 
 
-def test_seeded_draws_follow_the_distribution():
+def test_seeded_draws_follow_the_distribution(kernel_path):
     params = [SamplingParams(seed=s, top_k=3) for s in range(2000)]
     logits = torch.tensor(PROBS).log().repeat(len(params), 1)
     out = Sampler().sample(logits, [_state(p) for p in params])
@@ -156,7 +156,7 @@ def _seeded_run(seed: int, batch: list[SamplingParams], position: int, steps: in
     return tokens
 
 
-def test_seeded_request_is_independent_of_batch_and_position():
+def test_seeded_request_is_independent_of_batch_and_position(kernel_path):
     alone = _seeded_run(7, [], 0)
     mixed = [
         SamplingParams(),  # unseeded: draws from the default generator
@@ -172,7 +172,7 @@ def test_seeded_request_is_independent_of_batch_and_position():
     assert len(set(alone)) > 1  # it really samples
 
 
-def test_same_seed_same_tokens_different_seed_different_tokens():
+def test_same_seed_same_tokens_different_seed_different_tokens(kernel_path):
     assert _seeded_run(11, [], 0) == _seeded_run(11, [], 0)
     runs = {tuple(_seeded_run(s, [], 0, steps=10)) for s in range(5)}
     assert len(runs) == 5

@@ -328,6 +328,75 @@ void rotary_and_cache_impl(at::Tensor& qkv, const at::Tensor& cos, const at::Ten
   });
 }
 
+// log(x) for normal x > 0 to about 1 ulp (Cephes' logf), inlined so loops vectorise.
+inline float fast_log(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xFFu) - 126);
+  bits = (bits & 0x807FFFFFu) | 0x3F000000u;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.f : e;
+  m = small ? m + m - 1.f : m - 1.f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+
+// A uniform draw in (0, 1) that depends only on (key, index): splitmix64's finaliser of a
+// Weyl sequence. 24 random bits, centred, so never 0 or 1.
+inline float uniform_at(uint64_t key, uint64_t index) {
+  uint64_t z = key + (index + 1) * 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z ^= z >> 31;
+  return (static_cast<float>(z >> 40) + 0.5f) * (1.f / 16777216.f);
+}
+
+// One sample per row of softmax(logits): the exponential race argmax_v p_v / E_v with
+// E_v = -log(U_v) ~ Exp(1) picks v with probability p_v. The draws come from the row's
+// key, so a request seeded with its own generator gets the same tokens whatever else is
+// in the batch. Replaces softmax, a uniform_ over every logit (the slow part: torch's
+// generator is sequential), log, neg, div and argmax.
+void sample_exponential_race_impl(at::Tensor& out, const at::Tensor& logits, const at::Tensor& keys) {
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  const float* l_ptr = logits.data_ptr<float>();
+  const int64_t* key_ptr = keys.data_ptr<int64_t>();
+  int64_t* out_ptr = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(vocab);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* l = l_ptr + r * vocab;
+      const uint64_t key = static_cast<uint64_t>(key_ptr[r]);
+      float mx = -INFINITY;
+      for (int64_t v = 0; v < vocab; ++v) mx = std::max(mx, l[v]);
+      float* sc = score.data();
+#pragma omp simd
+      for (int64_t v = 0; v < vocab; ++v) {
+        const float p = l[v] == -INFINITY ? 0.f : fast_exp(l[v] - mx);  // masked stays impossible
+        sc[v] = p / -fast_log(uniform_at(key, static_cast<uint64_t>(v)));
+      }
+      float best = -1.f;
+      for (int64_t v = 0; v < vocab; ++v) best = std::max(best, sc[v]);
+      int64_t pick = 0;
+      while (pick < vocab - 1 && sc[pick] != best) ++pick;
+      out_ptr[r] = pick;
+    }
+  });
+}
+
 void check_cpu_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
@@ -407,6 +476,15 @@ void rotary_and_cache(at::Tensor qkv, at::Tensor cos, at::Tensor signed_sin, at:
                        [&] { rotary_and_cache_impl<scalar_t>(qkv, cos, signed_sin, kv_cache, slots, num_heads); });
 }
 
+void sample_exponential_race(at::Tensor out, at::Tensor logits, at::Tensor keys) {
+  for (auto* p : {&out, &logits, &keys}) check_cpu_contiguous(*p, "sample_exponential_race");
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "sample_exponential_race: float32 [rows, vocab]");
+  TORCH_CHECK(keys.scalar_type() == at::kLong && out.scalar_type() == at::kLong && keys.numel() == logits.size(0) &&
+                  out.numel() == logits.size(0),
+              "sample_exponential_race: one int64 key and one int64 output per row");
+  sample_exponential_race_impl(out, logits, keys);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -417,5 +495,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += x; x = RMSNorm(residual) * weight (both in place)");
   m.def("rotary_and_cache", &rotary_and_cache,
         "rotate q and k heads of qkv in place and store k, v in their cache slots");
+  m.def("sample_exponential_race", &sample_exponential_race,
+        "one sample per row of softmax(logits), draws keyed per row");
   m.def("silu_and_mul", &silu_and_mul, "out = silu(gate) * up over [gate | up]");
 }
