@@ -22,3 +22,22 @@ def test_reraises_the_error_in_the_caller():
 
     with pytest.raises(ValueError, match="missing tensors"):
         _call_in_fresh_thread(load)
+
+
+def test_async_llm_builds_the_engine_off_the_calling_thread(monkeypatch):
+    """The point of the helper: the model (and its OpenMP pool) never loads on the thread
+    that creates AsyncLLM (the server's main thread)."""
+    from tokenmill.config import create_engine_config
+    from tokenmill.engine import async_llm
+    from tokenmill.engine.core import EngineCore
+
+    built_on = []
+
+    class RecordingCore(EngineCore):
+        def __init__(self, config):
+            built_on.append(threading.get_ident())
+            super().__init__(config)
+
+    monkeypatch.setattr(async_llm, "EngineCore", RecordingCore)
+    async_llm.AsyncLLM(create_engine_config())  # the bundled demo model
+    assert built_on and built_on[0] != threading.get_ident()
