@@ -49,7 +49,7 @@ class Attention(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             q.copy_(self.q_norm(q))  # back into qkv: the rotary below works on it in place
             k.copy_(self.k_norm(k))
-        ops = kernels.cpu_kernels() if qkv.is_cpu else None
+        ops = kernels.for_tensor(qkv)
         if ops is not None:
             # Rotates q and k inside qkv and stores k, v in the cache, in one pass.
             ops.rotary_and_cache(qkv, *cos_sin, kv_cache, meta.slot_mapping, self.num_heads)
@@ -71,7 +71,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * I]
-        ops = kernels.cpu_kernels() if gate_up.is_cpu else None
+        ops = kernels.for_tensor(gate_up)
         if ops is not None:
             h = gate_up.new_empty(gate_up.shape[0], self.intermediate_size)
             ops.silu_and_mul(h, gate_up)  # one pass instead of split, silu and mul

@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -31,8 +33,6 @@ def _build_key() -> str:
     (a build with -march=native for one CPU must never load on another) and the torch
     installation (its headers are in the compile command, so two environments sharing
     one folder would rebuild each other's copy on every switch)."""
-    import torch
-
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
@@ -81,6 +81,12 @@ def cpu_kernels() -> ModuleType | None:
         logger.warning("CPU kernels could not be built (%s): using PyTorch ops, decode will be slower. "
                        "Set %s=0 to skip the attempt.", first_line, ENV_SWITCH)
         return None
+
+
+def for_tensor(t: torch.Tensor) -> ModuleType | None:
+    """The kernel module if `t` lives on the CPU and the kernels are built, else None
+    (the caller runs its PyTorch ops)."""
+    return cpu_kernels() if t.is_cpu else None
 
 
 def decode_attention_kernel(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:

@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
         are one pass of the CPU kernel instead of six ops. The kernel works in place: it
         overwrites x and residual, which the caller no longer needs.
         """
-        ops = kernels.cpu_kernels() if x.is_cpu and x.dim() == 2 and x.is_contiguous() else None
+        ops = kernels.for_tensor(x) if x.dim() == 2 and x.is_contiguous() else None
         if residual is None:
             if ops is not None:
                 out = torch.empty_like(x)

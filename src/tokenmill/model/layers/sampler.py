@@ -223,7 +223,7 @@ def _sample_random(logits: torch.Tensor, states: list[SamplingState]) -> torch.T
     if any(p < 1.0 for p in top_p):
         _apply_top_p(logits, top_p)
 
-    ops = kernels.cpu_kernels() if logits.is_cpu else None
+    ops = kernels.for_tensor(logits)
     if ops is not None:
         # The same race in one pass, its noise keyed per row by one draw from the row's
         # generator: 64 rows x 49,152 tokens 15.2 -> 4.6 ms (`microbench.py sampler`).
