@@ -9,6 +9,8 @@ repetitions), so the ratios hold even when absolute times drift:
     python scripts/microbench.py rotary      # rotate_half vs roll
     python scripts/microbench.py step        # where a decode step's time goes (cProfile)
     python scripts/microbench.py kernels     # decode steps with the CPU kernels vs without
+    python scripts/microbench.py elementwise # each elementwise kernel vs the ops it replaces
+    python scripts/microbench.py bandwidth   # reading a step's weights: sum vs packed GEMV
     python scripts/microbench.py threads     # decode steps on the loading thread vs another
     python scripts/microbench.py sampler     # random sampling of 64 rows: kernel vs PyTorch ops
     python scripts/microbench.py prefill     # one 1,024-token prompt through the engine
@@ -200,27 +202,94 @@ def cmd_step(batch: int = 64, steps: int = 10) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
 
 
+def _with_kernels(use_kernels: bool, fn: Callable[[], object]) -> object:
+    """fn() with the compiled CPU kernels on or off (layers look them up on every call)."""
+    from tokenmill.model import kernels
+
+    saved = kernels.cpu_kernels
+    if not use_kernels:
+        kernels.cpu_kernels = lambda: None
+    try:
+        return fn()
+    finally:
+        kernels.cpu_kernels = saved
+
+
 def cmd_kernels(steps: int = 20) -> None:
     """Decode step time with the compiled CPU kernels and with the PyTorch fallback, two
     engines in one process, steps interleaved."""
     from tokenmill.model import kernels
 
-    built = kernels.cpu_kernels
-    if built() is None:
+    if kernels.cpu_kernels() is None:
         raise SystemExit("the CPU kernels could not be built here; nothing to compare")
     for batch in (1, 64):
         fast = _decoding_engine(batch, 2 * steps)
-        kernels.cpu_kernels = lambda: None
-        slow = _decoding_engine(batch, 2 * steps)
-
-        def step(llm, use_kernels: bool) -> None:
-            kernels.cpu_kernels = built if use_kernels else (lambda: None)
-            llm.engine.step()
-
-        ms = compare({"PyTorch ops (fallback)": functools.partial(step, slow, False),
-                      "compiled CPU kernels": functools.partial(step, fast, True)}, reps=steps // 2, calls=2)
-        kernels.cpu_kernels = built
+        slow = _with_kernels(False, functools.partial(_decoding_engine, batch, 2 * steps))
+        ms = compare({"PyTorch ops (fallback)": functools.partial(_with_kernels, False, slow.engine.step),
+                      "compiled CPU kernels": fast.engine.step}, reps=steps // 2, calls=2)
         show(f"one decode step, {batch} requests", ms)
+
+
+def cmd_elementwise() -> None:
+    """Each elementwise kernel against the PyTorch ops it replaces (64 rows and 1 row)."""
+    from tokenmill.model.kernels import cpu_kernels
+
+    ops = cpu_kernels()
+    if ops is None:
+        raise SystemExit("the CPU kernels could not be built here; nothing to compare")
+    for rows in (64, 1):
+        _elementwise(ops, rows)
+
+
+def _elementwise(ops, rows: int) -> None:
+    from tokenmill.model.layers.attention import AttentionMetadata, write_kv
+    from tokenmill.model.layers.norm import RMSNorm
+    from tokenmill.model.layers.rotary import RotaryEmbedding, apply_rotary
+
+    norm = RMSNorm(HIDDEN, 1e-5).to(BF16)
+    x, r = torch.randn(rows, HIDDEN, dtype=BF16), torch.randn(rows, HIDDEN, dtype=BF16)
+    gate_up, h = torch.randn(rows, 2 * INTER, dtype=BF16), torch.empty(rows, INTER, dtype=BF16)
+    gate, up = gate_up.split(INTER, dim=-1)
+    heads = HEADS + 2 * KV_HEADS
+    qkv = torch.randn(rows, heads * HEAD_DIM, dtype=BF16)
+    cos_sin = RotaryEmbedding(HEAD_DIM, 4096, 10000.0).lookup(torch.arange(rows) + 100, BF16)
+    cache = torch.zeros(2, KV_HEADS, 256, 16, HEAD_DIM, dtype=BF16)
+    slots = torch.randperm(256 * 16)[:rows]
+    meta = AttentionMetadata(slots, 0, None, None, None, [])
+
+    def rotary_ops() -> None:
+        qk = apply_rotary(qkv.view(rows, heads, HEAD_DIM)[:, : HEADS + KV_HEADS], cos_sin)
+        write_kv(cache, qk[:, HEADS:], qkv.view(rows, heads, HEAD_DIM)[:, HEADS + KV_HEADS :], meta)
+
+    show(f"add + RMSNorm, {rows} rows", compare({
+        "PyTorch ops": lambda: norm._norm(x + r),
+        "kernel": lambda: ops.add_rms_norm(x, r, norm.weight, 1e-5)}, calls=200))
+    show(f"silu * up, {rows} rows", compare({
+        "PyTorch ops": lambda: F.silu(gate) * up,
+        "kernel": lambda: ops.silu_and_mul(h, gate_up)}, calls=200))
+    show(f"rotary + KV write, {rows} tokens", compare({
+        "PyTorch ops": rotary_ops,
+        "kernel": lambda: ops.rotary_and_cache(qkv, *cos_sin, cache, slots, HEADS)}, calls=200))
+
+
+def cmd_bandwidth() -> None:
+    """How fast the weights of one decode step can be read: a plain reduction over 283 MB,
+    oneDNN's packed GEMV over the same bytes as one matrix, and as the 120 per-layer
+    matrices (30 layers x qkv, o, gate_up, down) a one-stream step multiplies."""
+    pack, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+    shapes = [(HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM, HIDDEN), (HIDDEN, HIDDEN), (2 * INTER, HIDDEN),
+              (HIDDEN, INTER)] * 30
+    layers = [(pack(torch.randn(*s, dtype=BF16), None), torch.randn(1, s[1], dtype=BF16)) for s in shapes]
+    layer_bytes = sum(o * i * 2 for o, i in shapes)
+    big = torch.randn(layer_bytes // 2 // HIDDEN, HIDDEN, dtype=BF16)
+    big_packed, x = pack(big, None), torch.randn(1, HIDDEN, dtype=BF16)
+    ms = compare({"sum over the bytes": big.sum,
+                  "packed GEMV, one matrix": lambda: linear(x, big_packed, None, "none", [], ""),
+                  "packed GEMV, 120 matrices": lambda: [linear(v, w, None, "none", [], "") for w, v in layers]},
+                 reps=5, calls=3)
+    print(f"reading {layer_bytes / 1e6:.0f} MB of bf16 weights")
+    for name, t in ms.items():
+        print(f"  {name:<28} {t:7.2f} ms  {layer_bytes / t / 1e6:5.1f} GB/s")
 
 
 def cmd_threads(steps: int = 30) -> None:
@@ -254,20 +323,15 @@ def cmd_threads(steps: int = 30) -> None:
 def cmd_sampler(rows: int = 64) -> None:
     """One random-sampling step (temperature 1) of `rows` requests over the full vocab."""
     from tokenmill import SamplingParams
-    from tokenmill.model import kernels
     from tokenmill.model.layers.sampler import Sampler, SamplingState
 
-    built = kernels.cpu_kernels
     logits = torch.randn(rows, VOCAB)
     states = [SamplingState(SamplingParams(temperature=1.0), None, [1], []) for _ in range(rows)]
-
-    def sample(use_kernels: bool) -> None:
-        kernels.cpu_kernels = built if use_kernels else (lambda: None)
+    def sample() -> None:
         Sampler().sample(logits.clone(), states)
 
-    ms = compare({"PyTorch ops": functools.partial(sample, False),
-                  "exponential-race kernel": functools.partial(sample, True)})
-    kernels.cpu_kernels = built
+    ms = compare({"PyTorch ops": functools.partial(_with_kernels, False, sample),
+                  "exponential-race kernel": sample})
     show(f"random sampling, {rows} rows x {VOCAB} tokens", ms)
 
 
@@ -284,7 +348,8 @@ def cmd_prefill(prompt_len: int = 1024) -> None:
 
 def main() -> None:
     commands = {"gemm": cmd_gemm, "linear": cmd_linear, "attention": cmd_attention, "rotary": cmd_rotary,
-                "step": cmd_step, "kernels": cmd_kernels, "threads": cmd_threads,
+                "step": cmd_step, "kernels": cmd_kernels, "elementwise": cmd_elementwise,
+                "bandwidth": cmd_bandwidth, "threads": cmd_threads,
                 "sampler": cmd_sampler, "prefill": cmd_prefill}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=commands)
