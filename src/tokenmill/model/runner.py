@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -54,6 +55,11 @@ class ModelRunner:
         # torch.empty: untouched pages cost no RAM on CPU until a block is first written.
         self.kv_caches = [torch.empty(shape, dtype=config.dtype, device=self.device) for _ in range(m.num_layers)]
         self.sampler = Sampler()
+        # When set, receives every scored prompt position's full log-softmax row as
+        # sink(request_id, first_position, rows [count, vocab]); row i predicts prompt
+        # token first_position + i + 1. The quality lab (bench/quality) measures KL
+        # divergence on them, through the real engine path.
+        self.prompt_logprobs_sink: Callable[[str, int, torch.Tensor], None] | None = None
         # Decode attention runs the compiled kernel when it is there (built now, on CPU,
         # rather than inside the first step). The kernel reads exactly each request's
         # tokens; the batched-matmul fallback reads whole blocks, so it needs a mask and
@@ -172,7 +178,9 @@ class ModelRunner:
         for r, first, count in prompt_rows:
             p0 = r.first_prompt_logprob_position
             targets = torch.tensor(r.prompt_token_ids[p0 + 1 : p0 + 1 + count], device=self.device)
-            lps = torch.log_softmax(logits[first : first + count], dim=-1)
+            lps = torch.log_softmax(logits[first : first + count], dim=-1)  # [count, vocab]
+            if self.prompt_logprobs_sink is not None:
+                self.prompt_logprobs_sink(r.request_id, p0, lps)
             num_top = min(r.params.prompt_logprobs, lps.shape[-1])
             out.prompt_logprobs[r.request_id] = gather_logprobs(lps, targets, num_top)
         return out
