@@ -167,10 +167,10 @@ def create_engine_config(
     `model` defaults to the bundled demo model. `max_model_len` defaults to the
     model's max_position_embeddings and may not exceed it.
     """
-    from tokenmill.model.hf_config import load_hf_config
+    from tokenmill.model.hf_config import load_model_config
 
     model_path = model or DEMO_MODEL_DIR
-    model_cfg = load_hf_config(model_path)
+    model_cfg = load_model_config(model_path)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but torch.cuda.is_available() is False.")

@@ -1,8 +1,9 @@
-"""Tokenizer: a Hugging Face checkpoint's tokenizer, special tokens and chat template.
+"""Tokenizer: a checkpoint's tokenizer, special tokens and chat template.
 
 Wraps `tokenizers.Tokenizer` (the Rust library, no transformers at run time) and reads the
-side files a checkpoint directory carries. Encoding follows `tokenizer.json` exactly, which
-is what transformers 5 does too: its post-processor alone decides whether BOS is added.
+side files a checkpoint directory carries, or the metadata of a GGUF file. Encoding follows
+`tokenizer.json` exactly, which is what transformers 5 does too: its post-processor alone
+decides whether BOS is added.
 """
 
 from __future__ import annotations
@@ -123,6 +124,28 @@ class Tokenizer:
         template_path = root / "chat_template.jinja"
         template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
         return cls(tok, config, generation_config, template)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """Build the tokenizer a GGUF file describes in its metadata (vocabulary, merges,
+        special tokens, add_bos, chat template), as its tokenizer files would have it.
+
+        Raises:
+            FileNotFoundError: the file is missing.
+            ValueError: the file has no tokenizer, or one of a kind tokenmill cannot rebuild.
+        """
+        from tokenmill.model.gguf.reader import GGUFFile
+        from tokenmill.model.gguf.vocab import vocab_from_gguf
+
+        vocab = vocab_from_gguf(str(path), GGUFFile(path).metadata)
+        return cls(vocab.tokenizer, vocab.config, vocab.generation_config)
+
+    @classmethod
+    def load(cls, model: str | Path) -> Tokenizer:
+        """The tokenizer of a checkpoint: a Hugging Face directory or a GGUF file."""
+        from tokenmill.model.gguf import is_gguf_file
+
+        return cls.from_gguf(model) if is_gguf_file(model) else cls.from_dir(model)
 
     # ---- special tokens -------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ def _call_in_fresh_thread(fn, *args):
 class AsyncLLM:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
-        self.tokenizer = tokenizer or Tokenizer.from_dir(config.model_path)
+        self.tokenizer = tokenizer or Tokenizer.load(config.model_path)
         self.core = _call_in_fresh_thread(EngineCore, config)
         self.processor = OutputProcessor(self.tokenizer, config.model.eos_token_ids)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()

@@ -48,7 +48,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.config: EngineConfig = create_engine_config(model, **engine_args)
-        self.tokenizer = Tokenizer.from_dir(self.config.model_path)
+        self.tokenizer = Tokenizer.load(self.config.model_path)
         self.engine = EngineCore(self.config)
         self.processor = OutputProcessor(self.tokenizer, self.config.model.eos_token_ids)
         self._defaults = default_sampling_params(self.config.model_path)

@@ -1,4 +1,5 @@
-"""Parse a Hugging Face `config.json` into a ModelConfig, refusing what we cannot run."""
+"""A checkpoint's ModelConfig: Hugging Face `config.json` (or GGUF metadata, via
+`load_model_config`), refusing what we cannot run."""
 
 from __future__ import annotations
 
@@ -105,3 +106,24 @@ def load_hf_config(model_dir: str | Path) -> ModelConfig:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )
+
+
+def load_model_config(model: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint: a Hugging Face directory (config.json) or a GGUF file.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file or its options are not supported (the message names them).
+    """
+    from tokenmill.model.gguf import is_gguf_file
+    from tokenmill.model.gguf.config import model_config_from_gguf
+    from tokenmill.model.gguf.reader import GGUFFile
+
+    path = Path(model)
+    if is_gguf_file(path):
+        return model_config_from_gguf(GGUFFile(path))
+    if path.suffix.lower() == ".gguf" and not path.exists():
+        raise FileNotFoundError(f"{path}: GGUF file not found.")
+    if path.is_file():
+        raise ValueError(f"{path}: not a GGUF file; a model is a Hugging Face checkpoint directory or a .gguf file.")
+    return load_hf_config(path)

@@ -1,7 +1,9 @@
-"""Checkpoint directory -> ready-to-run model on the chosen device and dtype."""
+"""Checkpoint (Hugging Face directory or GGUF file) -> ready-to-run model on the chosen
+device and dtype."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -11,6 +13,19 @@ from tokenmill.config import ModelConfig
 from tokenmill.model.layers.linear import Linear
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.weights import iter_weights
+
+
+def _checkpoint_tensors(model_path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) for every tensor of a safetensors directory or GGUF file."""
+    from tokenmill.model.gguf import is_gguf_file
+
+    if is_gguf_file(model_path):
+        from tokenmill.model.gguf.reader import GGUFFile
+        from tokenmill.model.gguf.weights import iter_gguf_weights
+
+        return iter_gguf_weights(GGUFFile(model_path), cfg)
+    return iter_weights(model_path)
+
 
 # Tensors some checkpoints carry that we recompute instead of loading.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -65,7 +80,7 @@ def _materialize(model: nn.Module, name: str, dtype: torch.dtype, device: torch.
 def load_model(
     model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
 ) -> LlamaForCausalLM:
-    """Build the model and fill it from the checkpoint's safetensors.
+    """Build the model and fill it from the checkpoint's safetensors or GGUF tensors.
 
     Raises ValueError naming the tensor when a tensor is missing, unexpected or of the
     wrong shape.
@@ -74,7 +89,7 @@ def load_model(
         model = LlamaForCausalLM(cfg, max_positions)
     expected = _checkpoint_layout(model, cfg)
     loaded: set[str] = set()
-    for name, tensor in iter_weights(model_dir):
+    for name, tensor in _checkpoint_tensors(model_dir, cfg):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -82,12 +97,12 @@ def load_model(
         if name not in expected:
             raise ValueError(
                 f"{model_dir}: unexpected tensor {name!r} for {cfg.architecture} "
-                "(does config.json match the weights?)."
+                "(does the config match the weights?)."
             )
         target, rows, shape = expected[name]
         if tuple(tensor.shape) != shape:
             raise ValueError(
-                f"{model_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {shape}."
+                f"{model_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {shape}."
             )
         if rows is None and tensor.dtype == dtype and device.type == "cpu":
             # Keep it memory-mapped: no copy at load.
