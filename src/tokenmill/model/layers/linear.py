@@ -33,7 +33,12 @@ class Linear(nn.Module):
     def pack_for_cpu(self) -> None:
         """Replace the plain weight by a oneDNN-packed copy (the plain one is released)."""
         if self._packed is None and self.can_pack(self.weight):
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+            try:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+            except RuntimeError:
+                # oneDNN has no bf16 path on CPUs without AVX512-BW/VL/DQ or AVX-NE-CONVERT
+                # (AVX2-only EPYC): the plain weight stays and F.linear runs it.
+                return
             self.weight = None  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
