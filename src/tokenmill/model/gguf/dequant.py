@@ -143,6 +143,8 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> torch
     qt = QUANT_TYPES[ggml_type]
     blocks = raw.reshape(-1, qt.block_bytes)  # [num_blocks, block_bytes]
     out = np.empty((blocks.shape[0], qt.block_size), dtype=np.float32)
-    for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-        out[start : start + _CHUNK_BLOCKS] = fn(blocks[start : start + _CHUNK_BLOCKS])
+    # A NaN or inf scale stored in the file gives NaN values, as in the reference; no warnings.
+    with np.errstate(invalid="ignore", over="ignore"):
+        for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
+            out[start : start + _CHUNK_BLOCKS] = fn(blocks[start : start + _CHUNK_BLOCKS])
     return torch.from_numpy(out.reshape(shape))
