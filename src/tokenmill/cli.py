@@ -1,4 +1,4 @@
-"""`tokenmill` command line: serve, generate, bench."""
+"""`tokenmill` command line: serve, generate, bench, eval."""
 
 from __future__ import annotations
 
@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenmill.bench.cli import add_bench_subcommands
 
     add_bench_subcommands(bench.add_subparsers(dest="bench_cmd", required=True))
+
+    evaluate = sub.add_parser("eval", help="Quality lab: perplexity, KL divergence, regression verdicts.",
+                              description="The accuracy side of the bench lab (docs/quality.md).")
+    from tokenmill.bench.quality.cli import add_eval_subcommands
+
+    add_eval_subcommands(evaluate.add_subparsers(dest="eval_cmd", required=True))
     return parser
 
 

@@ -14,7 +14,7 @@ Endpoint = Literal["completions", "chat"]
 # ok: stream finished normally; error: HTTP/stream error; incomplete: cut short by Ctrl-C,
 # the run's deadline or the client timeout before the stream finished.
 RequestStatus = Literal["ok", "error", "incomplete"]
-RunKind = Literal["serve", "throughput", "capacity"]
+RunKind = Literal["serve", "throughput", "capacity", "quality"]  # quality: `tokenmill eval`
 
 
 @dataclass(frozen=True)
