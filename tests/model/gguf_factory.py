@@ -166,3 +166,15 @@ def hf_reference_weights(gguf_path: Path) -> dict[str, torch.Tensor]:
         values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         out[t.name] = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(tuple(reversed(t.shape.tolist())))
     return out
+
+
+def real_model_path() -> str:
+    """The real SmolLM2-135M-Instruct GGUF; fails the test (never skips) when it is missing."""
+    import pytest
+
+    from tokenmill.model.default_model import default_model_path
+
+    try:
+        return default_model_path()
+    except FileNotFoundError as e:
+        pytest.fail(f"this test needs the real model file. {e}", pytrace=False)
