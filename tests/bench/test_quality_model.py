@@ -1,7 +1,8 @@
 """`tokenmill eval` on the bundled demo model, through the CLI: PPL against transformers'
 perplexity computed here on the same text and protocol, KL divergence of a run against
 itself and of bfloat16 against float32, the stored distributions' error on real rows, and
-the verdicts (bf16 and a perturbed model flagged, an identical run passed).
+the verdicts (bf16 and a perturbed model flagged, an identical run passed), and the server
+path over real loopback HTTP against a real `tokenmill serve`.
 
 Short windows and few of them keep this to seconds: 4 windows of 128 tokens.
 """
@@ -182,3 +183,21 @@ def test_stored_distributions_error_on_real_rows(lab):
     bound = STEP_NATS * (p.exp() * (p - q).abs()).sum(-1).numpy() + 1e-8
     assert (np.abs(kld - exact) <= bound).all()
     assert abs(kld.mean() / exact.mean() - 1) < 0.01  # the mean KLD is off by well under 1%
+
+
+def test_server_path_over_loopback_matches_the_local_path(lab, capsys):
+    """A real `tokenmill serve` (float32) scored over HTTP: the same PPL as the local run,
+    and against the local reference a KLD (over the 20 listed tokens) of ~0."""
+    from tokenmill.bench.server_process import tokenmill_server
+
+    serve_args = ["--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory", "64MiB"]
+    with tokenmill_server(DEMO_MODEL_DIR, serve_args, start_timeout_s=600) as base_url:
+        run = eval_json(capsys, lab, "--base-url", base_url, "--tokenizer", DEMO_MODEL_DIR,
+                        "--reference", lab["ref"], "--logprobs", "20")
+    local = lab_ppl(lab)
+    assert run["server"]["name"] == "tokenmill" and run["server"]["config"]
+    assert run["summary"]["backend"] == "server"
+    assert abs(run["summary"]["perplexity"]["ppl"] / local - 1) < 1e-5
+    d = run["summary"]["divergence"]
+    assert 0 <= d["mean_kld"] < 1e-6 and d["same_top"] == 1.0 and d["num_top_judged"] > 0.9 * CHUNKS * 63
+    assert main(["eval", "compare", "1", str(run["id"]), "--db", lab["db"], "--max-kld", "1e-5"]) == 0
