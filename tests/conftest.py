@@ -126,3 +126,36 @@ def kernel_path(request, monkeypatch):
     else:
         monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
     return request.param
+
+
+# ---- CPU kernel instruction-set paths ----------------------------------------------------------
+
+ALL_ISAS = ("generic", "avx2", "avx512")
+_ISAS_RUN: set[str] = set()
+
+
+@pytest.fixture(params=ALL_ISAS)
+def isa(request):
+    """Run a kernel test on each instruction-set path of the CPU kernels that this CPU can
+    execute; the others are reported as skipped, and the run's summary lists both."""
+    from tokenmill.model import kernels
+
+    runnable = kernels.available_isas()
+    if request.param not in runnable:
+        pytest.skip(f"this CPU cannot run the {request.param} kernel path (it runs: {', '.join(runnable)})")
+    _ISAS_RUN.add(request.param)
+    with kernels.use_isa(request.param):
+        yield request.param
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tokenmill.model import kernels
+
+    if "tokenmill.model.kernels" not in __import__("sys").modules or kernels.cpu_kernels.cache_info().currsize == 0:
+        return  # no test touched the kernels
+    ran = [name for name in ALL_ISAS if name in _ISAS_RUN]
+    missing = [name for name in ALL_ISAS if name not in ran]
+    line = f"CPU kernel paths tested: {', '.join(ran) or 'none'}"
+    if missing:
+        line += f"; not run here: {', '.join(missing)} (this CPU runs {', '.join(kernels.available_isas()) or 'none'})"
+    terminalreporter.write_sep("-", line)

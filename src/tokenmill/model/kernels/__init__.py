@@ -1,99 +1,114 @@
-"""Compiled CPU kernels for the decode hot path, built on first use.
+"""Compiled CPU kernels for the decode hot path (torch.ops.tokenmill.*).
 
-The C++ source (cpu_kernels.cpp) is compiled for this machine's CPU the first time a
-model loads on CPU (about half a minute; a C++ compiler is needed) and cached under
-~/.cache/tokenmill/kernels (one folder per CPU model and torch installation), so later
-starts load it in well under a second. Where it
-cannot be built, or with TOKENMILL_CPU_KERNELS=0, the model runs the equivalent
-PyTorch ops instead: the same math (decode attention keeps float32 where the ops round
-to bfloat16), slower decode steps.
+The library in csrc/ holds each kernel three times: a portable generic path (always
+built), an AVX2 + FMA + F16C path and an AVX-512 path, written once against a vector
+type per instruction set. At load it runs the widest path this CPU supports;
+TOKENMILL_CPU_ISA=generic|avx2|avx512 picks a narrower one, and tests run every path the
+machine can execute. It is built once by `tokenmill kernels build` (which `make run` and
+`make test` call), or else when a model first loads, never inside a request.
+
+TOKENMILL_CPU_KERNELS selects what happens without them:
+  auto (default)  build/load them; if that fails, warn once and run PyTorch ops;
+  require         a failed build is an error (CI uses this: green means they were tested);
+  0               do not use them.
+The PyTorch ops compute the same math, so the engine's output does not depend on it
+(sampling draws the same tokens for the same seed; see layers/sampler.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import logging
 import os
-import shlex
-import shutil
-from pathlib import Path
-from types import ModuleType
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
+from tokenmill.model.kernels.build import KernelBuildError, ensure_built, library_path
+
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 ENV_SWITCH = "TOKENMILL_CPU_KERNELS"
+ISA_ENV = "TOKENMILL_CPU_ISA"
+_MODES = ("auto", "1", "require", "0")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+__all__ = [
+    "ENV_SWITCH", "ISA_ENV", "KernelBuildError", "available_isas", "cpu_kernels", "decode_attention_kernel",
+    "for_tensor", "library_path", "mode", "selected_isa", "use_isa",
+]
 
 
-def _build_key() -> str:
-    """Short hash of what a build depends on besides the source: the CPU model and flags
-    (a build with -march=native for one CPU must never load on another) and the torch
-    installation (its headers are in the compile command, so two environments sharing
-    one folder would rebuild each other's copy on every switch)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        import platform
-
-        cpu = platform.processor() or platform.machine()
-    text = f"{cpu}\n{torch.__version__}\n{Path(torch.__file__).parent}"
-    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
-
-
-def _build_dir() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenmill" / "kernels"
-    path = root / _build_key()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def mode() -> str:
+    value = os.environ.get(ENV_SWITCH, "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(f"{ENV_SWITCH}={value!r}: use auto, require or 0.")
+    return "auto" if value == "1" else value
 
 
 @functools.cache
-def cpu_kernels() -> ModuleType | None:
-    """The compiled kernel module, or None (PyTorch fallback) with the reason logged once."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+def cpu_kernels() -> Any | None:
+    """The kernel operators (torch.ops.tokenmill), or None: PyTorch ops run instead.
+
+    Raises:
+        KernelBuildError: the build failed and TOKENMILL_CPU_KERNELS=require.
+    """
+    how = mode()
+    if how == "0":
         logger.info("%s=0: CPU kernels disabled, using PyTorch ops.", ENV_SWITCH)
         return None
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(shlex.split(compiler)[0] if compiler.strip() else "c++") is None:
-        logger.warning("No C++ compiler (%s) found: using PyTorch ops, decode will be slower. Install g++ "
-                       "for tokenmill's CPU kernels, or set %s=0 to silence this.", compiler, ENV_SWITCH)
-        return None
     try:
-        from torch.utils.cpp_extension import load
-
-        build_dir = _build_dir()
-        if not any(build_dir.glob("*.so")):
-            logger.info("Compiling tokenmill's CPU kernels for this CPU (once, about half a minute)...")
-        return load(
-            name="tokenmill_cpu_kernels",
-            sources=[str(_SOURCE)],
-            build_directory=str(build_dir),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as exc:  # a broken toolchain, a read-only home...: run slower, not fail
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        logger.warning("CPU kernels could not be built (%s): using PyTorch ops, decode will be slower. "
-                       "Set %s=0 to skip the attempt.", first_line, ENV_SWITCH)
+        torch.ops.load_library(str(ensure_built()))
+    except (KernelBuildError, OSError) as exc:
+        if how == "require":
+            raise KernelBuildError(f"{ENV_SWITCH}=require, but the CPU kernels are not available: {exc}") from exc
+        logger.warning("CPU kernels unavailable (%s): using PyTorch ops, decode will be slower. "
+                       "Set %s=0 to skip the attempt.", exc, ENV_SWITCH)
         return None
+    ops = torch.ops.tokenmill
+    isa = os.environ.get(ISA_ENV, "").strip()
+    if isa:
+        ops.set_cpu_isa(isa)  # raises with the list of paths this CPU runs
+    return ops
 
 
-def for_tensor(t: torch.Tensor) -> ModuleType | None:
-    """The kernel module if `t` lives on the CPU and the kernels are built, else None
-    (the caller runs its PyTorch ops)."""
-    return cpu_kernels() if t.is_cpu else None
+def for_tensor(t: torch.Tensor) -> Any | None:
+    """The kernel operators if `t` is a CPU tensor of a dtype they take and they are
+    built, else None (the caller runs its PyTorch ops)."""
+    return cpu_kernels() if t.is_cpu and t.dtype in _KERNEL_DTYPES else None
 
 
 def decode_attention_kernel(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether decode attention of this shape can run the compiled kernel."""
     ops = cpu_kernels()
-    return (
-        ops is not None
-        and num_heads // num_kv_heads <= ops.MAX_QUERY_HEADS_PER_KV_HEAD
-        and head_dim <= ops.MAX_HEAD_DIM
-    )
+    if ops is None:
+        return False
+    max_group, max_head_dim = ops.kernel_limits()
+    return num_heads // num_kv_heads <= max_group and head_dim <= max_head_dim
+
+
+def available_isas() -> list[str]:
+    """The kernel paths this CPU can run, narrowest first ([] without the kernels)."""
+    ops = cpu_kernels()
+    return list(ops.cpu_isas()) if ops is not None else []
+
+
+def selected_isa() -> str | None:
+    ops = cpu_kernels()
+    return ops.cpu_isa() if ops is not None else None
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Run the kernels' `name` path inside the block (tests and micro-benchmarks)."""
+    ops = cpu_kernels()
+    if ops is None:
+        raise KernelBuildError("the CPU kernels are not built")
+    before = ops.cpu_isa()
+    ops.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        ops.set_cpu_isa(before)
