@@ -82,6 +82,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kernels(args: argparse.Namespace) -> int:
+    from tokenmill import cpu
+    from tokenmill.model import kernels
+
+    how = kernels.mode()
+    if how == "0":
+        print(f"{kernels.ENV_SWITCH}=0: the CPU kernels are switched off; PyTorch ops run instead.")
+        return 0
+    if args.kernels_cmd == "build":
+        try:
+            ops = kernels.cpu_kernels()  # builds if needed, with progress on stderr
+        except kernels.KernelBuildError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if ops is None:  # the warning above says why; serving still works, slower
+            return 0
+    ops = kernels.cpu_kernels()
+    print(f"CPU: {cpu.cpu_model()} ({cpu.isa_class()})")
+    if ops is None:
+        print("CPU kernels: not available (see the warning above); PyTorch ops run instead.")
+        return 0
+    print(f"library: {kernels.library_path()}")
+    print(f"paths this CPU runs: {', '.join(kernels.available_isas())}; in use: {kernels.selected_isa()} "
+          f"(set {kernels.ISA_ENV} to choose a narrower one)")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.server.api_server import run_server
 
@@ -116,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=_cmd_serve)
+
+    kern = sub.add_parser(
+        "kernels", help="Build tokenmill's CPU kernels ahead of time, or show which paths this CPU runs.",
+        description="tokenmill's compiled CPU kernels (decode attention, norms, rotary, sampling) hold a "
+                    "generic, an AVX2 and an AVX-512 path in one library, built once per installation with the "
+                    "system C++ compiler. `make run` and `make test` run `tokenmill kernels build` first; "
+                    "otherwise the first model load builds them. Environment: TOKENMILL_CPU_KERNELS=auto "
+                    "(default; fall back to PyTorch ops with a warning) | require (a failed build is an error) | "
+                    "0 (off); TOKENMILL_CPU_ISA=generic|avx2|avx512 picks a narrower path; "
+                    "TOKENMILL_CPU_KERNELS_BUILD_TIMEOUT (seconds, default 600).")
+    kern.add_argument("kernels_cmd", choices=["build", "info"],
+                      help="build: build them now if needed (exit 1 on failure with require); "
+                           "info: where they are and which instruction-set paths this CPU runs.")
+    kern.set_defaults(func=_cmd_kernels)
 
     bench = sub.add_parser("bench", help="Benchmark any OpenAI-compatible endpoint or the offline engine.",
                            description="The bench lab: load generation, history, regression verdicts, cost, reports.")

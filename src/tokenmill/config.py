@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from tokenmill import cpu
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -16,31 +21,29 @@ _DTYPES = {
 }
 
 
-def cpu_has_bf16_matmul() -> bool:
-    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """Map a user dtype ("auto", "bfloat16", ...) to a torch dtype for `device`."""
+    """Map a user dtype ("auto", "bfloat16", ...) to a torch dtype for `device`.
+
+    auto on CPU is bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX),
+    else float32: without those instructions oneDNN emulates bf16 matmuls (and cannot
+    pack bf16 weights at all on AVX2-only CPUs), measured slower than float32 there
+    (docs/performance.md, "Which dtype is fastest").
+    """
     if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
+        resolved = dtype
+    elif dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # Without bf16 matrix units a bf16 GEMM is emulated and slower than fp32.
-        return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
-    if dtype not in _DTYPES:
+        return torch.bfloat16 if cpu.has_bf16_matmul() else torch.float32
+    elif dtype in _DTYPES:
+        resolved = _DTYPES[dtype]
+    else:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}.")
-    return _DTYPES[dtype]
+    if device.type == "cpu" and resolved != torch.float32 and not cpu.has_bf16_matmul():
+        logger.warning("%s on a CPU without bf16 matrix instructions (%s): it runs, with emulated matmuls "
+                       "slower than float32 here; --dtype auto picks float32 on this CPU.",
+                       str(resolved).removeprefix("torch."), cpu.isa_class())
+    return resolved
 
 
 @dataclass(frozen=True)

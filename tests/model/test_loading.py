@@ -85,13 +85,19 @@ def test_missing_files(tmp_path):
         LLM(str(tmp_path))
 
 
-def test_auto_dtype_follows_cpu_flags(monkeypatch):
-    import tokenmill.config as config
+def test_auto_dtype_follows_cpu_flags(monkeypatch, caplog):
+    from tokenmill import cpu
 
-    monkeypatch.setattr(config, "cpu_has_bf16_matmul", lambda: True)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    monkeypatch.setattr(config, "cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert not caplog.records
+    # Asked for explicitly, bf16 runs there too, with one line saying it is the slow choice.
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert "without bf16 matrix instructions (avx512)" in caplog.text
     with pytest.raises(ValueError, match="dtype must be one of"):
         resolve_dtype("int3", torch.device("cpu"))
 

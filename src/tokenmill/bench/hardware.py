@@ -16,26 +16,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import tokenmill.cpu
+from tokenmill.cpu import cpu_flags
+
 # ISA features that change LLM kernel speed, by the names /proc/cpuinfo uses.
 _ISA_FLAGS = (
     "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
     "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
     "asimd", "sve", "sve2", "bf16", "i8mm",  # Arm
 )
-
-
-def _cpuinfo() -> dict[str, str]:
-    info: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key and key not in info:
-            info[key] = value.strip()
-    return info
 
 
 def _memory_bytes() -> int | None:
@@ -80,16 +69,16 @@ def hardware_fingerprint(sku: str | None = None) -> dict[str, Any]:
     Returns:
         {"sku", "cpu_model", "cpu_cores", "memory_bytes", "isa_flags", "gpus", "machine", "os"}.
     """
-    info = _cpuinfo()
-    flags = set((info.get("flags") or info.get("features") or "").split())
-    cpu_model = info.get("model name") or platform.processor() or platform.machine()
+    flags = cpu_flags()
+    cpu_model = tokenmill.cpu.cpu_model()
     cores = os.cpu_count() or 0
     gpus = _gpus()
     if sku is None:
         if gpus:
             sku = f"{len(gpus)}x {gpus[0]['name']}"
         else:
-            sku = f"{cpu_model} x{cores}"
+            # The ISA class too: one model name covers CPUs with and without AVX-512.
+            sku = f"{cpu_model} x{cores} {tokenmill.cpu.isa_class()}"
     return {
         "sku": sku,
         "cpu_model": cpu_model,

@@ -142,8 +142,11 @@ class _BuildLock:
         self._file.close()  # releases the flock
 
 
-def _compile(target: Path, timeout_s: float) -> None:
-    """Compile in a child process into a private folder, then move the library into place."""
+def _compile(target: Path, timeout_s: float, command: list[str] | None = None) -> None:
+    """Compile in a child process into a private folder, then move the library into place.
+
+    `command` (tests) replaces the compiler child; it gets the folder as its last argument.
+    """
     work = target.parent / f"partial-{os.getpid()}"
     for leftover in target.parent.glob("partial-*"):
         shutil.rmtree(leftover, ignore_errors=True)  # of builds that were killed
@@ -154,24 +157,24 @@ def _compile(target: Path, timeout_s: float) -> None:
                 "about 20-60 s)...")
     with open(log_path, "w") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "tokenmill.model.kernels.build", str(work)],
+            [*(command or [sys.executable, "-m", "tokenmill.model.kernels.build"]), str(work)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: killable whole
         )
         try:
-            while True:
-                try:
-                    child.wait(timeout=_PROGRESS_EVERY_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    elapsed = time.monotonic() - started
-                    if elapsed > timeout_s:
-                        os.killpg(child.pid, signal.SIGKILL)
-                        child.wait()
-                        raise KernelBuildError(
-                            f"the kernel build took longer than {timeout_s:.0f} s and was stopped "
-                            f"(log: {log_path}; raise {TIMEOUT_ENV} on a slow machine)."
-                        ) from None
-                    logger.info("  ... still compiling (%.0f s)", elapsed)
+            next_progress = started + _PROGRESS_EVERY_S
+            while child.poll() is None:
+                time.sleep(0.1)
+                now = time.monotonic()
+                if now - started > timeout_s:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+                    raise KernelBuildError(
+                        f"the kernel build took longer than {timeout_s:.0f} s and was stopped "
+                        f"(log: {log_path}; raise {TIMEOUT_ENV} on a slow machine)."
+                    )
+                if now > next_progress:
+                    logger.info("  ... still compiling (%.0f s)", now - started)
+                    next_progress += _PROGRESS_EVERY_S
         except BaseException:
             if child.poll() is None:  # interrupted (Ctrl-C): take the compiler down too
                 os.killpg(child.pid, signal.SIGKILL)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,24 +26,30 @@ class Linear(nn.Module):
 
     @staticmethod
     def can_pack(weight: torch.Tensor) -> bool:
-        return (
-            weight.device.type == "cpu"
-            and weight.dtype in (torch.bfloat16, torch.float32)
-            and torch.backends.mkldnn.is_available()
-        )
+        return weight.device.type == "cpu" and onednn_packs(weight.dtype)
 
     def pack_for_cpu(self) -> None:
         """Replace the plain weight by a oneDNN-packed copy (the plain one is released)."""
         if self._packed is None and self.can_pack(self.weight):
-            try:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-            except RuntimeError:
-                # oneDNN has no bf16 path on CPUs without AVX512-BW/VL/DQ or AVX-NE-CONVERT
-                # (AVX2-only EPYC): the plain weight stays and F.linear runs it.
-                return
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
             self.weight = None  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+@functools.cache
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can repack weights of `dtype` on this CPU. It packs float32 on any
+    x86-64 CPU; bfloat16 and float16 only with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, and
+    says so by raising. Trying once on a tiny weight is the one test that cannot drift from
+    oneDNN's own rules; elsewhere the plain F.linear path runs."""
+    if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), None)
+    except RuntimeError:
+        return False
+    return True
