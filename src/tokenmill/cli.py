@@ -30,6 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="Reuse the KV blocks of shared prompt prefixes across requests. (default: on)")
     g.add_argument("--seed", type=int, default=0, help="Seed of the engine's default random generator. (default: 0)")
+    g.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="Do not load a tokenizer (for checkpoints without one): prompts must be token ids and "
+                        "outputs are token ids; text prompts, chat and stop strings are refused.")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -44,6 +47,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
+        skip_tokenizer_init=args.skip_tokenizer_init,
     )
 
 
@@ -59,9 +63,21 @@ def _parse_bytes(text: str) -> int:
     return int(float(num) * _UNITS[unit])
 
 
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated token ids, e.g. 1,2,3") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from tokenmill import LLM, SamplingParams
 
+    if args.skip_tokenizer_init and args.prompt_token_ids is None:
+        raise SystemExit("error: --skip-tokenizer-init needs --prompt-token-ids (there is no tokenizer for text).")
     llm = LLM(args.model, **engine_kwargs(args))
     params = SamplingParams(
         temperature=args.temperature,
@@ -71,8 +87,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.gen_seed,
         ignore_eos=args.ignore_eos,
     )
-    tok = llm.get_tokenizer()
-    ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
+    if args.prompt_token_ids is not None:
+        ids = args.prompt_token_ids
+        if args.skip_tokenizer_init:  # no text to stream: print the generated ids
+            outs = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+            print(" ".join(str(t) for t in outs[0].outputs[0].token_ids))
+            return 0
+        args.prompt, args.chat = llm.get_tokenizer().decode(ids), False
+    else:
+        tok = llm.get_tokenizer()
+        ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     if not args.chat:
         sys.stdout.write(args.prompt)
     for delta in llm.stream(ids, params):
@@ -125,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="Generate text for one prompt, streamed to the terminal.",
                          description="Generate text for one prompt and stream it to the terminal as it is decoded.")
     gen.add_argument("--prompt", default="ROMEO:", help="Prompt text. (default: 'ROMEO:')")
+    gen.add_argument("--prompt-token-ids", type=_parse_ids, default=None, metavar="IDS",
+                     help="The prompt as comma-separated token ids instead of text (needed with --skip-tokenizer-init).")
     gen.add_argument("--chat", action="store_true", help="Wrap the prompt as a user message with the model's chat template.")
     gen.add_argument("--max-tokens", type=int, default=64, help="Tokens to generate at most. (default: 64)")
     gen.add_argument("--temperature", type=float, default=0.8, help="Sampling temperature; 0 = greedy. (default: 0.8)")

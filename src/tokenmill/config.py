@@ -131,6 +131,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
+    # No tokenizer: prompts are token ids and outputs token ids only (vLLM's name).
+    skip_tokenizer_init: bool = False
 
     def to_dict(self) -> dict:
         """A JSON-friendly summary (served at /version, stored by the bench lab)."""
@@ -164,6 +166,7 @@ def create_engine_config(
     num_kv_blocks: int | None = None,
     enable_prefix_caching: bool = True,
     seed: int = 0,
+    skip_tokenizer_init: bool = False,
 ) -> EngineConfig:
     """Build a validated EngineConfig from user-facing arguments (vLLM's names).
 
@@ -202,4 +205,5 @@ def create_engine_config(
             max_model_len=max_model_len,
         ),
         seed=seed,
+        skip_tokenizer_init=skip_tokenizer_init,
     )

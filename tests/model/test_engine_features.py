@@ -194,3 +194,30 @@ def test_stream_stopped_early_frees_its_request(llm):
     it.close()
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_kv_blocks
+
+
+def test_checkpoint_without_tokenizer_runs_on_token_ids(checkpoint_factory, tmp_path):
+    """skip_tokenizer_init (vLLM's name): config + weights only; ids in, ids out, the same
+    ids as with the tokenizer; text prompts, chat and stop strings get a clear error."""
+    import shutil
+
+    full = checkpoint_factory("llama")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(full / name, bare / name)
+    prompt = {"prompt_token_ids": [5, 17, 42, 99, 7]}
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        LLM(str(bare), dtype="float32")
+    llm = LLM(str(bare), dtype="float32", skip_tokenizer_init=True)
+    out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    want = LLM(str(full), dtype="float32").generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == want.token_ids and len(out.token_ids) == 12
+    assert out.text == ""
+    with pytest.raises(ValueError, match="skip_tokenizer_init=True"):
+        llm.generate("ROMEO:", params, use_tqdm=False)
+    with pytest.raises(ValueError, match="skip_tokenizer_init=True"):
+        llm.chat([{"role": "user", "content": "hi"}], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="stop strings need the tokenizer"):
+        llm.generate(prompt, SamplingParams(max_tokens=4, stop=["x"]), use_tqdm=False)

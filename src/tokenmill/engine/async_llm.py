@@ -65,7 +65,8 @@ def _call_in_fresh_thread(fn, *args):
 class AsyncLLM:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
-        self.tokenizer = tokenizer or Tokenizer.load(config.model_path)
+        # None with skip_tokenizer_init: token ids in, token ids out.
+        self.tokenizer = tokenizer or (None if config.skip_tokenizer_init else Tokenizer.load(config.model_path))
         self.core = _call_in_fresh_thread(EngineCore, config)
         self.processor = OutputProcessor(self.tokenizer, config.model.eos_token_ids)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -142,6 +143,13 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
+    def fail_all(self, error: BaseException) -> list[str]:
+        """End every unfinished request's stream by raising `error` in its consumer, which
+        then aborts it in the engine (the server's drain deadline). Returns their ids."""
+        for q in self._queues.values():
+            q.put_nowait(error)
+        return list(self._queues)
+
     def abort(self, request_id: str) -> None:
         """Stop a request now: forget it here and free its blocks in the engine."""
         engine_ids = self.processor.engine_ids(request_id)
@@ -188,8 +196,7 @@ class AsyncLLM:
                 q.put_nowait(out)
 
     def _fail_all(self, error: BaseException) -> None:
-        for q in self._queues.values():
-            q.put_nowait(EngineDeadError(f"the engine stopped: {error!r}"))
+        self.fail_all(EngineDeadError(f"the engine stopped: {error!r}"))
 
 
 __all__ = ["AsyncLLM", "EngineDeadError", "RequestTimes"]

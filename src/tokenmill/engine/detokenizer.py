@@ -165,3 +165,19 @@ class IncrementalDetokenizer:
         end, start, stop = best
         self.output_text = text[:end] if self.include_stop_str_in_output else text[:start]
         self.stop_str = stop
+
+
+class NoDetokenizer:
+    """IncrementalDetokenizer's interface for engines without a tokenizer
+    (skip_tokenizer_init): outputs are token ids only, their text stays empty."""
+
+    output_text = ""
+
+    def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None:
+        return None
+
+    def get_delta_text(self, finished: bool) -> str:
+        return ""
+
+    def decode_token(self, token_id: int) -> str | None:
+        return None

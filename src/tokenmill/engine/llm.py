@@ -48,13 +48,20 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.config: EngineConfig = create_engine_config(model, **engine_args)
-        self.tokenizer = Tokenizer.load(self.config.model_path)
+        # skip_tokenizer_init: token ids in, token ids out (checkpoints without a tokenizer).
+        self.tokenizer = None if self.config.skip_tokenizer_init else Tokenizer.load(self.config.model_path)
         self.engine = EngineCore(self.config)
         self.processor = OutputProcessor(self.tokenizer, self.config.model.eos_token_ids)
         self._defaults = default_sampling_params(self.config.model_path)
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:
+        return self._require_tokenizer("get_tokenizer()")
+
+    def _require_tokenizer(self, what: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs the tokenizer, which this LLM skipped (skip_tokenizer_init=True); "
+                             "pass prompts as {'prompt_token_ids': [...]}.")
         return self.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -86,10 +93,11 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params_list = self._params_for(len(conversations), sampling_params)
         prompts = []
+        tokenizer = self._require_tokenizer("chat()")
         for conv in conversations:
             # The template writes BOS itself when the model wants one (HF's tokenize=True).
-            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
-            prompts.append((text, self.tokenizer.encode(text, add_special_tokens=False)))
+            text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+            prompts.append((text, tokenizer.encode(text, add_special_tokens=False)))
         return self._generate(prompts, params_list, use_tqdm)
 
     def stream(self, prompt: PromptType | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
@@ -124,12 +132,12 @@ class LLM:
         return list(sp)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if "prompt_token_ids" in prompt:
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if isinstance(prompt, str):
+            return prompt, self._require_tokenizer("a text prompt").encode(prompt)
         if "prompt" in prompt:
-            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            return prompt["prompt"], self._require_tokenizer("a text prompt").encode(prompt["prompt"])
         raise ValueError("a prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}.")
 
     def _generate(

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
 from tokenmill.engine.scheduler_output import EngineCoreOutput
 from tokenmill.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -35,7 +35,7 @@ class RequestTimes:
 class _Sample:
     index: int
     params: SamplingParams
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | NoDetokenizer
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float | None = None
@@ -61,13 +61,14 @@ class _RequestState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer, model_eos_token_ids: Iterable[int] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, model_eos_token_ids: Iterable[int] = ()) -> None:
         """Args:
-            tokenizer: the model's tokenizer (its eos ids include generation_config's).
+            tokenizer: the model's tokenizer (its eos ids include generation_config's);
+                None (skip_tokenizer_init): token ids only, no text, no stop strings.
             model_eos_token_ids: eos ids from config.json, which may add to those.
         """
         self.tokenizer = tokenizer
-        self.eos_token_ids = set(tokenizer.eos_token_ids) | set(model_eos_token_ids)
+        self.eos_token_ids = set(tokenizer.eos_token_ids if tokenizer else ()) | set(model_eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
         self._children: dict[str, tuple[_RequestState, _Sample]] = {}
 
@@ -80,12 +81,21 @@ class OutputProcessor:
         delta: bool = False,
         arrival_time: float | None = None,
     ) -> list[tuple[str, SamplingParams]]:
-        """Register a request; returns the (engine request id, params) of each sample."""
+        """Register a request; returns the (engine request id, params) of each sample.
+
+        Raises:
+            ValueError: stop strings without a tokenizer (nothing to match them in).
+        """
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need the tokenizer, which this engine skipped (skip_tokenizer_init); "
+                             "use stop_token_ids.")
         params.all_stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         samples = []
         for i in range(params.n):
             child = params if params.n == 1 else params.clone_for_child(i)
-            samples.append(_Sample(i, child, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child)))
+            detok = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child) if self.tokenizer
+                     else NoDetokenizer())
+            samples.append(_Sample(i, child, detok))
             if child.logprobs is not None:
                 samples[-1].logprobs, samples[-1].cumulative_logprob = [], 0.0
         state = _RequestState(
