@@ -14,6 +14,11 @@ repetitions), so the ratios hold even when absolute times drift:
     python scripts/microbench.py threads     # decode steps on the loading thread vs another
     python scripts/microbench.py sampler     # random sampling of 64 rows: kernel vs PyTorch ops
     python scripts/microbench.py prefill     # one 1,024-token prompt through the engine
+    python scripts/microbench.py dtypes      # decode steps in float32, bfloat16 and float16
+
+The kernel benchmarks time every instruction-set path this CPU runs (generic, avx2,
+avx512) beside the PyTorch ops. `--dtype` sets the dtype of the layer and kernel
+benchmarks (default: what `--dtype auto` picks on this CPU).
 
 Shapes are SmolLM2-135M's (hidden 576, 9 heads, 3 KV heads, head_dim 64, intermediate
 1536, vocab 49152). `step` and `prefill` use the random-weight checkpoint of
@@ -30,7 +35,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-BF16 = torch.bfloat16
+# The dtype the kernel and layer benchmarks run in: --dtype, default what `auto` picks here.
+DTYPE = torch.float32
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 576, 1536, 9, 3, 64, 49152
 
 
@@ -48,6 +54,23 @@ def compare(fns: dict[str, Callable[[], object]], reps: int = 5, calls: int = 20
     return {name: t / reps * 1e3 for name, t in total.items()}
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _per_isa(label: str, fn: Callable[[], object]) -> dict[str, Callable[[], object]]:
+    """fn on each instruction-set path of the CPU kernels this CPU runs ({} without them)."""
+    from tokenmill.model import kernels
+
+    def on(isa: str) -> Callable[[], object]:
+        def run() -> object:
+            with kernels.use_isa(isa):
+                return fn()
+        return run
+
+    return {f"{label} ({isa})": on(isa) for isa in kernels.available_isas()}
+
+
 def show(title: str, ms: dict[str, float]) -> None:
     base = next(iter(ms.values()))
     print(title)
@@ -62,7 +85,7 @@ def cmd_gemm() -> None:
 
 def _gemm(rows: int) -> None:
     w32, x32 = torch.randn(INTER, HIDDEN), torch.randn(rows, HIDDEN)
-    w, x = w32.to(BF16), x32.to(BF16)
+    w, x = w32.to(torch.bfloat16), x32.to(torch.bfloat16)
     ms = compare({"bf16": lambda: F.linear(x, w), "fp32": lambda: F.linear(x32, w32)})
     gflop = 2 * rows * HIDDEN * INTER / 1e9
     print(f"{rows:4d} rows: bf16 {gflop / ms['bf16'] * 1e3:6.1f} GFLOP/s, fp32 {gflop / ms['fp32'] * 1e3:6.1f} GFLOP/s")
@@ -70,25 +93,31 @@ def _gemm(rows: int) -> None:
 
 def cmd_linear() -> None:
     """The four projections of one decoder layer, three ways."""
-    w = {k: torch.randn(*s, dtype=BF16) for k, s in dict(
+    w = {k: torch.randn(*s, dtype=DTYPE) for k, s in dict(
         q=(HIDDEN, HIDDEN), k=(KV_HEADS * HEAD_DIM, HIDDEN), v=(KV_HEADS * HEAD_DIM, HIDDEN),
         o=(HIDDEN, HIDDEN), g=(INTER, HIDDEN), u=(INTER, HIDDEN), d=(HIDDEN, INTER)).items()}
+    from tokenmill.model.layers.linear import onednn_packs
+
     qkv, gate_up = torch.cat([w["q"], w["k"], w["v"]]), torch.cat([w["g"], w["u"]])
     pack = torch.ops.mkldnn._reorder_linear_weight
-    packed = {k: pack(t, None) for k, t in dict(qkv=qkv, o=w["o"], gu=gate_up, d=w["d"]).items()}
+    packed = ({k: pack(t, None) for k, t in dict(qkv=qkv, o=w["o"], gu=gate_up, d=w["d"]).items()}
+              if onednn_packs(DTYPE) else None)
     for rows in (1, 64):
         _linear_layer(rows, w, qkv, gate_up, packed)
 
 
 def _linear_layer(rows: int, w: dict, qkv: torch.Tensor, gate_up: torch.Tensor, packed: dict) -> None:
     lp = torch.ops.mkldnn._linear_pointwise
-    x, h = torch.randn(rows, HIDDEN, dtype=BF16), torch.randn(rows, INTER, dtype=BF16)
-    show(f"one layer's linears, {rows} rows", compare({
+    x, h = torch.randn(rows, HIDDEN, dtype=DTYPE), torch.randn(rows, INTER, dtype=DTYPE)
+    fns = {
         "7 x F.linear": lambda: [F.linear(x, w[k]) for k in "qkvogu"] + [F.linear(h, w["d"])],
         "4 x F.linear (fused)": lambda: [F.linear(x, qkv), F.linear(x, w["o"]), F.linear(x, gate_up), F.linear(h, w["d"])],
-        "4 x oneDNN packed": lambda: [lp(x, packed["qkv"], None, "none", [], ""), lp(x, packed["o"], None, "none", [], ""),
-                                      lp(x, packed["gu"], None, "none", [], ""), lp(h, packed["d"], None, "none", [], "")],
-    }))
+    }
+    if packed is not None:  # oneDNN packs float32 anywhere, 16-bit types only with AVX-512
+        fns["4 x oneDNN packed"] = lambda: [lp(x, packed["qkv"], None, "none", [], ""),
+                                            lp(x, packed["o"], None, "none", [], ""),
+                                            lp(x, packed["gu"], None, "none", [], ""), lp(h, packed["d"], None, "none", [], "")]
+    show(f"one layer's linears, {rows} rows, {_name(DTYPE)}", compare(fns))
 
 
 def cmd_attention(batch: int = 64, context: int = 256, block_size: int = 16) -> None:
@@ -96,11 +125,11 @@ def cmd_attention(batch: int = 64, context: int = 256, block_size: int = 16) -> 
     group, num_blocks = HEADS // KV_HEADS, 4096
     per_req = context // block_size
     tables = torch.stack([torch.randperm(num_blocks)[:per_req] for _ in range(batch)])
-    q = torch.randn(batch, HEADS, HEAD_DIM, dtype=BF16)
+    q = torch.randn(batch, HEADS, HEAD_DIM, dtype=DTYPE)
     mask_bool = torch.ones(batch, context, dtype=torch.bool)
     mask = torch.zeros(batch, context)
-    token_major = torch.randn(num_blocks, block_size, KV_HEADS, HEAD_DIM, dtype=BF16)  # K (and V)
-    head_major = torch.randn(2, KV_HEADS, num_blocks, block_size, HEAD_DIM, dtype=BF16)
+    token_major = torch.randn(num_blocks, block_size, KV_HEADS, HEAD_DIM, dtype=DTYPE)  # K (and V)
+    head_major = torch.randn(2, KV_HEADS, num_blocks, block_size, HEAD_DIM, dtype=DTYPE)
 
     def sdpa():
         k = token_major[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
@@ -111,21 +140,21 @@ def cmd_attention(batch: int = 64, context: int = 256, block_size: int = 16) -> 
         k = token_major[tables].flatten(1, 2).transpose(1, 2)
         v = token_major[tables].flatten(1, 2).transpose(1, 2)
         s = torch.matmul(q.view(batch, KV_HEADS, group, HEAD_DIM), k.transpose(-1, -2)).float()
-        p = torch.softmax(s.mul_(HEAD_DIM**-0.5).add_(mask[:, None, None, :]), -1).to(BF16)
+        p = torch.softmax(s.mul_(HEAD_DIM**-0.5).add_(mask[:, None, None, :]), -1).to(DTYPE)
         return torch.matmul(p, v)
 
     def bmm_head_major():  # what tokenmill does (layers/attention.py)
         kv = head_major[:, :, tables].flatten(3, 4).flatten(1, 2)  # [2, Hkv * B, L, D]
         qg = q.view(batch, KV_HEADS, group, HEAD_DIM).permute(1, 0, 3, 2).reshape(-1, HEAD_DIM, group)
         s = torch.bmm(kv[0], qg).float().view(KV_HEADS, batch, context, group)
-        p = torch.softmax(s.mul_(HEAD_DIM**-0.5).add_(mask[None, :, :, None]), dim=2).to(BF16)
+        p = torch.softmax(s.mul_(HEAD_DIM**-0.5).add_(mask[None, :, :, None]), dim=2).to(DTYPE)
         return torch.bmm(p.view(-1, context, group).transpose(1, 2), kv[1])
 
     def bmm_q_kt():  # the other orientation: BLAS copies the transposed K
         kv = head_major[:, :, tables].flatten(3, 4).flatten(1, 2)
         qg = q.view(batch, KV_HEADS, group, HEAD_DIM).transpose(0, 1).reshape(-1, group, HEAD_DIM)
         s = torch.bmm(qg, kv[0].transpose(1, 2)).float().view(KV_HEADS, batch, group, context)
-        p = torch.softmax(s.mul_(HEAD_DIM**-0.5).add_(mask[None, :, None, :]), dim=-1).to(BF16)
+        p = torch.softmax(s.mul_(HEAD_DIM**-0.5).add_(mask[None, :, None, :]), dim=-1).to(DTYPE)
         return torch.bmm(p.view(-1, group, context), kv[1])
 
     def bmm_fp32():  # the head-major path computed in float32
@@ -139,9 +168,9 @@ def cmd_attention(batch: int = 64, context: int = 256, block_size: int = 16) -> 
 
     ops, out = cpu_kernels(), torch.empty_like(q)
     tables32, seq_lens = tables.to(torch.int32), torch.full((batch,), context, dtype=torch.int32)
-    kernel = {"compiled kernel, in place": lambda: ops.paged_decode_attention(
-        out, q, head_major, tables32, seq_lens, HEAD_DIM**-0.5)} if ops is not None else {}
-    show(f"decode attention, {batch} requests x {context} tokens, one layer", compare({
+    kernel = _per_isa("kernel", lambda: ops.paged_decode_attention(out, q, head_major, tables32, seq_lens,
+                                                                    HEAD_DIM**-0.5))
+    show(f"decode attention, {batch} requests x {context} tokens, one layer, {_name(DTYPE)}", compare({
         "SDPA + padding mask": sdpa,
         "bmm, token-major cache": bmm_token_major,
         "bmm, head-major cache": bmm_head_major,
@@ -158,8 +187,8 @@ def cmd_rotary() -> None:
 
 
 def _rotary(tokens: int) -> None:
-    x = torch.randn(tokens, HEADS + KV_HEADS, HEAD_DIM, dtype=BF16)
-    cos, sin = torch.randn(tokens, 1, HEAD_DIM, dtype=BF16), torch.randn(tokens, 1, HEAD_DIM, dtype=BF16)
+    x = torch.randn(tokens, HEADS + KV_HEADS, HEAD_DIM, dtype=DTYPE)
+    cos, sin = torch.randn(tokens, 1, HEAD_DIM, dtype=DTYPE), torch.randn(tokens, 1, HEAD_DIM, dtype=DTYPE)
     half = HEAD_DIM // 2
     show(f"rotary, {tokens} tokens", compare({
         "rotate_half (cat)": lambda: x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin,
@@ -171,14 +200,15 @@ def _engine(**kwargs):
     from tokenmill import LLM
     from tokenmill.bench.model_configs import cached_checkpoint
 
-    return LLM(str(cached_checkpoint("smollm2-135m")), dtype="bfloat16", **kwargs)
+    kwargs.setdefault("dtype", DTYPE)
+    return LLM(str(cached_checkpoint("smollm2-135m")), **kwargs)
 
 
-def _decoding_engine(batch: int, steps: int):
+def _decoding_engine(batch: int, steps: int, dtype: torch.dtype | None = None):
     """An engine with `batch` 128-token requests admitted and prefilled, ready to decode."""
     from tokenmill import SamplingParams
 
-    llm = _engine(max_model_len=512, max_num_seqs=batch, max_num_batched_tokens=batch * 128)
+    llm = _engine(max_model_len=512, max_num_seqs=batch, max_num_batched_tokens=batch * 128, dtype=dtype or DTYPE)
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
     for _ in range(batch):
@@ -216,18 +246,18 @@ def _with_kernels(use_kernels: bool, fn: Callable[[], object]) -> object:
 
 
 def cmd_kernels(steps: int = 20) -> None:
-    """Decode step time with the compiled CPU kernels and with the PyTorch fallback, two
-    engines in one process, steps interleaved."""
+    """Decode step time with the PyTorch fallback and with each instruction-set path of the
+    compiled CPU kernels, two engines in one process, steps interleaved."""
     from tokenmill.model import kernels
 
     if kernels.cpu_kernels() is None:
         raise SystemExit("the CPU kernels could not be built here; nothing to compare")
     for batch in (1, 64):
-        fast = _decoding_engine(batch, 2 * steps)
+        fast = _decoding_engine(batch, (1 + len(kernels.available_isas())) * steps)
         slow = _with_kernels(False, functools.partial(_decoding_engine, batch, 2 * steps))
         ms = compare({"PyTorch ops (fallback)": functools.partial(_with_kernels, False, slow.engine.step),
-                      "compiled CPU kernels": fast.engine.step}, reps=steps // 2, calls=2)
-        show(f"one decode step, {batch} requests", ms)
+                      **_per_isa("CPU kernels", fast.engine.step)}, reps=steps // 2, calls=2)
+        show(f"one decode step, {batch} requests, {_name(DTYPE)}", ms)
 
 
 def cmd_elementwise() -> None:
@@ -246,14 +276,14 @@ def _elementwise(ops, rows: int) -> None:
     from tokenmill.model.layers.norm import RMSNorm
     from tokenmill.model.layers.rotary import RotaryEmbedding, apply_rotary
 
-    norm = RMSNorm(HIDDEN, 1e-5).to(BF16)
-    x, r = torch.randn(rows, HIDDEN, dtype=BF16), torch.randn(rows, HIDDEN, dtype=BF16)
-    gate_up, h = torch.randn(rows, 2 * INTER, dtype=BF16), torch.empty(rows, INTER, dtype=BF16)
+    norm = RMSNorm(HIDDEN, 1e-5).to(DTYPE)
+    x, r = torch.randn(rows, HIDDEN, dtype=DTYPE), torch.randn(rows, HIDDEN, dtype=DTYPE)
+    gate_up, h = torch.randn(rows, 2 * INTER, dtype=DTYPE), torch.empty(rows, INTER, dtype=DTYPE)
     gate, up = gate_up.split(INTER, dim=-1)
     heads = HEADS + 2 * KV_HEADS
-    qkv = torch.randn(rows, heads * HEAD_DIM, dtype=BF16)
-    cos_sin = RotaryEmbedding(HEAD_DIM, 4096, 10000.0).lookup(torch.arange(rows) + 100, BF16)
-    cache = torch.zeros(2, KV_HEADS, 256, 16, HEAD_DIM, dtype=BF16)
+    qkv = torch.randn(rows, heads * HEAD_DIM, dtype=DTYPE)
+    cos_sin = RotaryEmbedding(HEAD_DIM, 4096, 10000.0).lookup(torch.arange(rows) + 100, DTYPE)
+    cache = torch.zeros(2, KV_HEADS, 256, 16, HEAD_DIM, dtype=DTYPE)
     slots = torch.randperm(256 * 16)[:rows]
     meta = AttentionMetadata(slots, 0, None, None, None, [])
 
@@ -261,15 +291,16 @@ def _elementwise(ops, rows: int) -> None:
         qk = apply_rotary(qkv.view(rows, heads, HEAD_DIM)[:, : HEADS + KV_HEADS], cos_sin)
         write_kv(cache, qk[:, HEADS:], qkv.view(rows, heads, HEAD_DIM)[:, HEADS + KV_HEADS :], meta)
 
-    show(f"add + RMSNorm, {rows} rows", compare({
+    dt = _name(DTYPE)
+    show(f"add + RMSNorm, {rows} rows, {dt}", compare({
         "PyTorch ops": lambda: norm._norm(x + r),
-        "kernel": lambda: ops.add_rms_norm(x, r, norm.weight, 1e-5)}, calls=200))
-    show(f"silu * up, {rows} rows", compare({
+        **_per_isa("kernel", lambda: ops.add_rms_norm(x, r, norm.weight, 1e-5))}, calls=200))
+    show(f"silu * up, {rows} rows, {dt}", compare({
         "PyTorch ops": lambda: F.silu(gate) * up,
-        "kernel": lambda: ops.silu_and_mul(h, gate_up)}, calls=200))
-    show(f"rotary + KV write, {rows} tokens", compare({
+        **_per_isa("kernel", lambda: ops.silu_and_mul(h, gate_up))}, calls=200))
+    show(f"rotary + KV write, {rows} tokens, {dt}", compare({
         "PyTorch ops": rotary_ops,
-        "kernel": lambda: ops.rotary_and_cache(qkv, *cos_sin, cache, slots, HEADS)}, calls=200))
+        **_per_isa("kernel", lambda: ops.rotary_and_cache(qkv, *cos_sin, cache, slots, HEADS))}, calls=200))
 
 
 def cmd_bandwidth() -> None:
@@ -279,10 +310,10 @@ def cmd_bandwidth() -> None:
     pack, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
     shapes = [(HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM, HIDDEN), (HIDDEN, HIDDEN), (2 * INTER, HIDDEN),
               (HIDDEN, INTER)] * 30
-    layers = [(pack(torch.randn(*s, dtype=BF16), None), torch.randn(1, s[1], dtype=BF16)) for s in shapes]
+    layers = [(pack(torch.randn(*s, dtype=DTYPE), None), torch.randn(1, s[1], dtype=DTYPE)) for s in shapes]
     layer_bytes = sum(o * i * 2 for o, i in shapes)
-    big = torch.randn(layer_bytes // 2 // HIDDEN, HIDDEN, dtype=BF16)
-    big_packed, x = pack(big, None), torch.randn(1, HIDDEN, dtype=BF16)
+    big = torch.randn(layer_bytes // 2 // HIDDEN, HIDDEN, dtype=DTYPE)
+    big_packed, x = pack(big, None), torch.randn(1, HIDDEN, dtype=DTYPE)
     ms = compare({"sum over the bytes": big.sum,
                   "packed GEMV, one matrix": lambda: linear(x, big_packed, None, "none", [], ""),
                   "packed GEMV, 120 matrices": lambda: [linear(v, w, None, "none", [], "") for w, v in layers]},
@@ -330,9 +361,19 @@ def cmd_sampler(rows: int = 64) -> None:
     def sample() -> None:
         Sampler().sample(logits.clone(), states)
 
-    ms = compare({"PyTorch ops": functools.partial(_with_kernels, False, sample),
-                  "exponential-race kernel": sample})
+    ms = compare({"PyTorch ops (same race)": functools.partial(_with_kernels, False, sample),
+                  **_per_isa("exponential-race kernel", sample)})
     show(f"random sampling, {rows} rows x {VOCAB} tokens", ms)
+
+
+def cmd_dtypes(steps: int = 16) -> None:
+    """The basis of `--dtype auto`: decode step time of the same checkpoint in float32,
+    bfloat16 and float16 (with this CPU's kernels), engines side by side in one process."""
+    for batch in (1, 64):
+        engines = {_name(dt): _decoding_engine(batch, 2 * steps, dt)
+                   for dt in (torch.float32, torch.bfloat16, torch.float16)}
+        show(f"one decode step, {batch} requests", compare({k: e.engine.step for k, e in engines.items()},
+                                                        reps=steps // 2, calls=2))
 
 
 def cmd_prefill(prompt_len: int = 1024) -> None:
@@ -350,10 +391,16 @@ def main() -> None:
     commands = {"gemm": cmd_gemm, "linear": cmd_linear, "attention": cmd_attention, "rotary": cmd_rotary,
                 "step": cmd_step, "kernels": cmd_kernels, "elementwise": cmd_elementwise,
                 "bandwidth": cmd_bandwidth, "threads": cmd_threads,
-                "sampler": cmd_sampler, "prefill": cmd_prefill}
+                "sampler": cmd_sampler, "prefill": cmd_prefill, "dtypes": cmd_dtypes}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=commands)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="dtype of the layer and kernel benchmarks (default: what auto picks on this CPU)")
     args = parser.parse_args()
+    from tokenmill.config import resolve_dtype
+
+    global DTYPE
+    DTYPE = resolve_dtype(args.dtype, torch.device("cpu"))
     torch.manual_seed(0)
     with torch.inference_mode():
         commands[args.command]()
