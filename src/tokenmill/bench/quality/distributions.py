@@ -1,23 +1,30 @@
 """Saved next-token distributions (a reference run), and KL divergence against them.
 
 A reference keeps, for every scored position, the whole vocabulary's log-probabilities,
-as llama-perplexity's --kl-divergence-base file does, quantized to 16 bits:
+as llama-perplexity's --kl-divergence-base file does, quantized to 16 bits relative to the
+row's most likely token:
 
-    code = 65535 - round((top_logprob - logprob) / STEP_NATS), STEP_NATS = SPAN_NATS / 65534
+    code = 65535 - min(round((top_logprob - logprob) / STEP_NATS), 65535)
+    STEP_NATS = SPAN_NATS / 65535 = 24 / 65535 = 3.7e-4 nats
 
-so a row is stored relative to its most likely token, in steps of 3.7e-4 nats over a span of
-SPAN_NATS = 24 nats; tokens more than 24 nats below the top (probability < 4e-11 of the
-top token's) get code 0 and count as probability 0. Exactly kept beside the codes: the log-
-probability of the token that actually follows (PPL and the PPL ratio are exact), and the
-most likely token's id and log-probability (top-1 agreement is exact).
+Tokens more than SPAN_NATS = 24 nats below the top (probability < 3.8e-11 of the top
+token's) are stored at that floor. Kept exactly beside the codes: the log-probability of
+the token that actually follows (PPL and the PPL ratio are exact) and the most likely
+token's id and log-probability (top-1 agreement is exact).
 
-The error this introduces, per position: every log-probability is off by at most STEP/2 =
-1.8e-4 nats (0.018% in probability); the dequantized row is renormalized, so the KL
-divergence of the stored row from the exact one is about STEP^2 / 24 = 6e-9 nats, and the
-mass dropped below the span is at most vocab * e^-24 (2e-6 for a 49,152-token vocabulary).
-A run against its own reference therefore reads KLD ~1e-8, not exactly 0 (tests bound it;
-docs/quality.md shows measured values). Size: 2 bytes x vocab per position (96 KiB for
-SmolLM2), written straight to disk as the run goes (numpy memory-mapped .npy files).
+The error this introduces: every stored log-probability is off by at most STEP/2 = 1.8e-4
+nats (0.018% in probability), and the floor adds at most vocab * e^-24 of mass (2e-6 for
+a 49,152-token vocabulary). KL(P || Q) computed from the stored P is, to first order, off
+by at most STEP * E_P|log p/q| per position, with zero mean, so it averages out over
+positions; the stored row's own divergence from the exact one is ~STEP^2 / 24 = 6e-9
+nats, which is what a run against its own reference reads (not exactly 0). Tests bound all
+three; docs/quality.md shows measured values. Size: 2 bytes x vocab per position (96 KiB
+for SmolLM2), written straight to disk as the run goes (memory-mapped .npy files).
+
+KL sums run over whole rows in float32 with float64 accumulation, and both rows are
+renormalized in float64 (a float32 log-softmax sums to 1 only within ~1e-7, which would
+swamp divergences of that size): KL = sum e^a (a - b) / S_a - log S_a + log S_b for
+log-probabilities a (reference) and b (candidate), S = sum e^(.).
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ import torch
 
 FORMAT = "tokenmill-logits/1"
 SPAN_NATS = 24.0
-STEP_NATS = SPAN_NATS / 65534
 _CODE_MAX = 65535
+STEP_NATS = SPAN_NATS / _CODE_MAX
 _ARRAYS = {  # name -> (dtype, per-position shape given the vocabulary size)
     "target_logprobs": (np.float32, lambda v: ()),  # log p(the token that follows), exact
     "top_ids": (np.int32, lambda v: ()),  # most likely token, exact
@@ -45,39 +52,26 @@ _ARRAYS = {  # name -> (dtype, per-position shape given the vocabulary size)
 def quantize_rows(logprobs: torch.Tensor) -> dict[str, np.ndarray]:
     """[N, vocab] float32 log-softmax rows -> top id, top logprob and codes (no target)."""
     top_values, top_ids = logprobs.max(dim=-1)  # [N]
-    below = (top_values[:, None] - logprobs) / STEP_NATS  # [N, vocab] steps below the top
-    codes = torch.where(below <= 65534.0, _CODE_MAX - torch.round(below).clamp(max=65534.0), 0.0)
+    steps = (top_values[:, None] - logprobs).mul_(1.0 / STEP_NATS).round_().clamp_(max=_CODE_MAX)  # [N, vocab]
+    codes = steps.neg_().add_(_CODE_MAX).to(torch.int32)
     return {"top_ids": top_ids.int().cpu().numpy(), "top_logprobs": top_values.float().cpu().numpy(),
-            "codes": codes.to(torch.int32).cpu().numpy().astype(np.uint16)}
-
-
-def _normalized(logprobs: torch.Tensor) -> torch.Tensor:
-    """Rows as float64 log-probabilities that sum to 1 in float64: a float32 log-softmax
-    sums to 1 only within ~1e-7, which would swamp KL divergences of that size."""
-    lp = logprobs.double()
-    return lp - torch.logsumexp(lp, dim=-1, keepdim=True)
+            "codes": codes.cpu().numpy().astype(np.uint16)}
 
 
 def dequantize_rows(codes: np.ndarray, top_logprobs: np.ndarray) -> torch.Tensor:
-    """Codes [N, vocab] -> normalized float64 log-probabilities [N, vocab] (-inf for code 0)."""
-    c = torch.from_numpy(np.array(codes, dtype=np.int32))
-    top = torch.from_numpy(np.array(top_logprobs, dtype=np.float64))[:, None]
-    lp = (top - (_CODE_MAX - c) * STEP_NATS).masked_fill(c == 0, float("-inf"))
-    return _normalized(lp)
+    """Codes [N, vocab] -> float32 log-probabilities [N, vocab] as stored (not renormalized)."""
+    c = torch.from_numpy(np.asarray(codes).astype(np.float32))
+    top = torch.from_numpy(np.array(top_logprobs, dtype=np.float32))[:, None]
+    return c.sub_(_CODE_MAX).mul_(STEP_NATS).add_(top)
 
 
-@dataclass
-class ListedRows:
-    """Positions known only by the tokens a server listed (OpenAI logprobs)."""
-
-    target_logprobs: np.ndarray  # [N] float32, exact
-    ids: np.ndarray  # [N, M] int64 listed token ids, most likely first; -1: padding / id unknown
-    logprobs: np.ndarray  # [N, M] float32; -inf where ids is -1
-    top_ids: np.ndarray  # [N] most likely listed token; -1 when its id is unknown
+def _log_mass(logprobs: torch.Tensor) -> torch.Tensor:
+    """[N] float64 log sum exp of each row, accumulated in float64."""
+    return torch.log(logprobs.exp().sum(dim=-1, dtype=torch.float64))
 
 
 def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> np.ndarray:
-    """sum_i p_i (log p_i - log q_i) per row (float64 inputs); terms with p_i = 0 are 0."""
+    """sum_i p_i (log p_i - log q_i) per row of float64 log-probabilities; p_i = 0 adds 0."""
     terms = torch.where(torch.isneginf(p_log), 0.0, p_log.exp() * (p_log - q_log))
     return terms.sum(dim=-1).numpy()
 
@@ -92,10 +86,24 @@ def kl_against_full(ref: dict[str, np.ndarray], logprobs: torch.Tensor) -> tuple
     Returns:
         kld [N] float64, and same_top [N] int8 (1: same most likely token, 0: not).
     """
-    p_log = dequantize_rows(ref["codes"], ref["top_logprobs"])
-    kld = _kl(p_log, _normalized(logprobs.cpu()))
-    same = (logprobs.argmax(dim=-1).cpu().numpy() == ref["top_ids"]).astype(np.int8)
+    a = dequantize_rows(ref["codes"], ref["top_logprobs"])  # [N, vocab]
+    b = logprobs.float().cpu()
+    ea = a.exp()
+    mass_a = ea.sum(dim=-1, dtype=torch.float64)
+    cross = ea.mul_(a.sub_(b)).sum(dim=-1, dtype=torch.float64)  # sum e^a (a - b)
+    kld = (cross / mass_a - torch.log(mass_a) + _log_mass(b)).numpy()
+    same = (b.argmax(dim=-1).numpy() == ref["top_ids"]).astype(np.int8)
     return kld, same
+
+
+@dataclass
+class ListedRows:
+    """Positions known only by the tokens a server listed (OpenAI logprobs)."""
+
+    target_logprobs: np.ndarray  # [N] float32, exact
+    ids: np.ndarray  # [N, M] int64 listed token ids, most likely first; -1: padding / id unknown
+    logprobs: np.ndarray  # [N, M] float32; -inf where ids is -1
+    top_ids: np.ndarray  # [N] most likely listed token; -1 when its id is unknown
 
 
 def kl_against_listed(ref: dict[str, np.ndarray], cand: ListedRows) -> tuple[np.ndarray, np.ndarray]:
@@ -107,19 +115,21 @@ def kl_against_listed(ref: dict[str, np.ndarray], cand: ListedRows) -> tuple[np.
     Returns:
         kld [N]; same_top [N] int8 (-1 where the candidate's top token id is unknown).
     """
-    p_full = dequantize_rows(ref["codes"], ref["top_logprobs"])  # [N, vocab]
-    known = torch.from_numpy(cand.ids >= 0)
+    a = dequantize_rows(ref["codes"], ref["top_logprobs"])  # [N, vocab]
+    ea = a.exp()
+    mass = ea.sum(dim=-1, dtype=torch.float64)  # renormalizes the stored row
+    known = torch.from_numpy(cand.ids >= 0)  # listed ids are distinct within a row
     ids = torch.from_numpy(cand.ids).clamp(min=0)  # unknown entries are masked below
-    p_listed = p_full.gather(1, ids).masked_fill(~known, float("-inf"))  # [N, M]
+    p_listed = (a.gather(1, ids).double() - torch.log(mass)[:, None]).masked_fill(~known, float("-inf"))  # [N, M]
     q_listed = torch.from_numpy(cand.logprobs.astype(np.float64)).masked_fill(~known, float("-inf"))
-    # The reference's rest is summed from its own small terms (no 1 - x cancellation).
-    is_listed = torch.zeros(p_full.shape, dtype=torch.int32).scatter_add_(1, ids, known.int()) > 0
-    p_rest = torch.logsumexp(p_full.masked_fill(is_listed, float("-inf")), dim=-1)
+    # The same float32 terms summed in float64 twice: their difference is the rest's mass
+    # to float64 precision, with no 1 - x cancellation of float32 sums.
+    listed_mass = (ea.gather(1, ids).double() * known).sum(dim=-1)
+    p_rest = torch.log((mass - listed_mass).clamp(min=1e-300) / mass)
     q_in = q_listed.exp().sum(dim=-1)
     q_rest = torch.log((1.0 - q_in).clamp(min=1e-30))
     kld = _kl(torch.cat([p_listed, p_rest[:, None]], 1), torch.cat([q_listed, q_rest[:, None]], 1))
     same = np.where(cand.top_ids < 0, -1, cand.top_ids == ref["top_ids"]).astype(np.int8)
-    # A row where the reference's listed mass is all -inf would still give 0; that is right.
     return kld, same
 
 

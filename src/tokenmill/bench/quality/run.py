@@ -97,10 +97,10 @@ def default_model_path() -> str:
 
 
 def load_tokenizer(path: str | None) -> Any:
-    """tokenmill's tokenizer for a checkpoint (default: the default model's)."""
+    """tokenmill's tokenizer for a checkpoint folder or .gguf file (default: the default model's)."""
     from tokenmill.tokenizer import Tokenizer
 
-    return Tokenizer.from_dir(path or default_model_path())
+    return Tokenizer.load(path or default_model_path())
 
 
 def _file_sha256(path: str) -> str:

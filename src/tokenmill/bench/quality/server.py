@@ -78,6 +78,7 @@ def parse_window(logprobs: dict[str, Any], window: np.ndarray, first: int,
             raise RuntimeError(f"no logprobs for prompt token {entry}")
         targets[j] = token_lps[entry]
         listed = sorted(tops[entry].items(), key=lambda kv: -kv[1])
+        seen: set[int] = set()
         for k, (key, value) in enumerate(listed):
             if key == target_texts[j]:
                 token_id = int(window[entry])
@@ -85,6 +86,9 @@ def parse_window(logprobs: dict[str, Any], window: np.ndarray, first: int,
                 token_id = int(key.split(":", 1)[1])
             else:
                 token_id = text_index.get(key, _AMBIGUOUS)
+            if token_id in seen:  # listed once already: keep the first (larger) value
+                token_id = _AMBIGUOUS
+            seen.add(token_id)
             ids[j, k] = token_id
             values[j, k] = value
     top_ids = ids[:, 0].copy()  # the most likely listed token (-1 if its text is ambiguous)
