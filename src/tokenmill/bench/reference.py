@@ -35,7 +35,15 @@ from tokenmill.bench.workloads import WorkloadSpec
 DEFAULT_CONCURRENCIES = {"smollm2-135m": (1, 16, 64), "qwen2.5-0.5b": (1, 64), "llama-3.2-1b": (1, 64)}
 PRIMARY_MODEL = "smollm2-135m"
 LABEL = "reference"
-DTYPE = "bfloat16"  # the natural CPU dtype here (DESIGN.md); HF runs in it too
+def reference_dtype() -> str:
+    """The dtype `--dtype auto` picks on this CPU (bfloat16 with native bf16 matmuls, else
+    float32), by name, so tokenmill, HF and the served engine all run in it."""
+    import torch
+
+    from tokenmill.config import resolve_dtype
+
+    return str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+
 SEED = 0  # workload seed: offline, HF and served rows get the same prompts
 ENGINE_MAX_MODEL_LEN = 512  # context configured for offline and served engines alike
 PREFILL_PROMPTS = 3  # prefill rate = mean over this many prompts, one at a time
@@ -168,7 +176,7 @@ def count_steps(spec: ReferenceSpec) -> int:
 def _offline(ctx: _Context, model: str, model_dir: str, backend: str, concurrency: int) -> ThroughputResult:
     spec = ctx.spec
     tp = ThroughputSpec(model_dir, backend, num_prompts=concurrency if concurrency > 1 else 2,
-                        input_len=spec.input_len, output_len=spec.output_len, seed=SEED, dtype=DTYPE,
+                        input_len=spec.input_len, output_len=spec.output_len, seed=SEED, dtype=reference_dtype(),
                         max_num_seqs=concurrency, max_model_len=spec.max_model_len)
     what = "tokenmill offline (LLM.generate)" if backend == "tokenmill" else "HF transformers generate, static batch"
     is_large = model in DEFAULT_CONCURRENCIES and model != PRIMARY_MODEL
@@ -190,7 +198,7 @@ def _served(ctx: _Context, model: str, model_dir: str, concurrency: int) -> Serv
     workload = WorkloadSpec("random", random_input_len=spec.input_len, random_output_len=spec.output_len,
                             random_range_ratio=0.0, prompt_format="token-ids", seed=SEED)
     load = LoadSpec(max_concurrency=concurrency, num_prompts=num_prompts, num_warmups=1, seed=SEED)
-    serve_args = ["--dtype", DTYPE, "--max-model-len", str(spec.max_model_len),
+    serve_args = ["--dtype", reference_dtype(), "--max-model-len", str(spec.max_model_len),
                   "--max-num-seqs", str(concurrency)]
     with tokenmill_server(model_dir, serve_args) as base:
         serve = ServeSpec(base_url=base, workload=workload, load=load, tokenizer_path=model_dir, ignore_eos=True,
@@ -212,7 +220,7 @@ def _served(ctx: _Context, model: str, model_dir: str, concurrency: int) -> Serv
 def _prefill(ctx: _Context, model: str, model_dir: str, backend: str) -> ThroughputResult:
     spec = ctx.spec
     tp = ThroughputSpec(model_dir, backend, num_prompts=PREFILL_PROMPTS, input_len=spec.prefill_len, output_len=1,
-                        seed=SEED, dtype=DTYPE, max_num_seqs=1,
+                        seed=SEED, dtype=reference_dtype(), max_num_seqs=1,
                         max_model_len=max(ENGINE_MAX_MODEL_LEN, spec.prefill_len + 1))
     name = "tokenmill offline" if backend == "tokenmill" else "HF transformers"
     t0 = ctx.start(f"prefill, {name}, {model}: {PREFILL_PROMPTS} prompts of {spec.prefill_len} tokens, "

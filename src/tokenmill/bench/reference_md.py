@@ -8,7 +8,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from tokenmill.bench.reference import DTYPE, LABEL, PREFILL_PROMPTS, ReferenceResult, ReferenceSpec
+from tokenmill.bench.reference import (
+    LABEL,
+    PREFILL_PROMPTS,
+    ReferenceResult,
+    ReferenceSpec,
+    reference_dtype,
+)
 
 MARK_BEGIN, MARK_END = "<!-- reference:begin -->", "<!-- reference:end -->"
 
@@ -90,7 +96,7 @@ def render_markdown(result: ReferenceResult, command: str) -> str:
                    "2 x concurrency requests (4 at concurrency 1) after 1 warm-up.")
     lines = [MARK_BEGIN, "", f"Measured {result.started_at:%Y-%m-%d %H:%M} UTC with", "",
              f"    {command}", "", *_machine_lines(result.hardware, result.software),
-             f"- Workload: {source}, {DTYPE}, {spec.input_len} prompt + {spec.output_len} output tokens "
+             f"- Workload: {source}, {reference_dtype()}, {spec.input_len} prompt + {spec.output_len} output tokens "
              "per request, greedy, ignore_eos. Throughput is output tokens/s.", "",
              method, "",
              "### Decode throughput", "", _decode_table(result)]
