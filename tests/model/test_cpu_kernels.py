@@ -254,3 +254,27 @@ def test_sampling_kernel_draws_exactly_what_the_pytorch_race_draws(isa):
         out = torch.empty(rows, dtype=torch.long)
         ops.sample_exponential_race(out, logits, keys)
         assert torch.equal(out, exponential_race(logits, keys)), (rows, vocab)
+
+
+def test_wide_instructions_stay_in_their_own_paths():
+    """The library is built once for every x86-64 CPU: AVX-512 registers may appear only in
+    the avx512 path and 256-bit ones only in avx2/avx512, or an older CPU would crash on a
+    shared helper (this also runs on CPUs that cannot execute the wide paths)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed")
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(kernels.library_path())],
+                             capture_output=True, text=True, check=True).stdout
+    function, uses = "", {}
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line.split("<", 1)[1][:-2]
+        for reg in ("zmm", "ymm"):
+            if f"%{reg}" in line:
+                uses.setdefault(reg, set()).add(function)
+    assert uses.get("zmm"), "no AVX-512 code at all: was the avx512 path compiled?"
+    # (template names start with their return type: "void tmk::avx512::decode_attention<...")
+    assert all("tmk::avx512::" in f for f in uses["zmm"]), sorted(uses["zmm"])[:5]
+    assert all("tmk::avx512::" in f or "tmk::avx2::" in f for f in uses["ymm"]), sorted(uses["ymm"])[:5]
