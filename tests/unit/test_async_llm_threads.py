@@ -27,7 +27,7 @@ def test_reraises_the_error_in_the_caller():
 def test_async_llm_builds_the_engine_off_the_calling_thread(monkeypatch):
     """The point of the helper: the model (and its OpenMP pool) never loads on the thread
     that creates AsyncLLM (the server's main thread)."""
-    from tokenmill.config import create_engine_config
+    from tokenmill.config import DEMO_MODEL_DIR, create_engine_config
     from tokenmill.engine import async_llm
     from tokenmill.engine.core import EngineCore
 
@@ -39,5 +39,5 @@ def test_async_llm_builds_the_engine_off_the_calling_thread(monkeypatch):
             super().__init__(config)
 
     monkeypatch.setattr(async_llm, "EngineCore", RecordingCore)
-    async_llm.AsyncLLM(create_engine_config())  # the bundled demo model
+    async_llm.AsyncLLM(create_engine_config(DEMO_MODEL_DIR))
     assert built_on and built_on[0] != threading.get_ident()

@@ -40,7 +40,8 @@ class LLM:
     """Generate text for many prompts at once with continuous batching.
 
     Args:
-        model: a Hugging Face checkpoint directory; default: the bundled demo model.
+        model: a Hugging Face checkpoint directory or a GGUF file; default:
+            SmolLM2-135M-Instruct (see tokenmill.model.default_model).
         **engine_args: see `tokenmill.config.create_engine_config` (dtype, device,
             max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
             kv_cache_memory_bytes, num_kv_blocks, enable_prefix_caching, seed).

@@ -39,10 +39,16 @@ class ServerSettings:
 
 
 def default_model_name(model_dir: str | None) -> str:
-    """The checkpoint directory's name, as `--served-model-name` would be set by hand."""
-    if model_dir is None or Path(model_dir).resolve() == Path(DEMO_MODEL_DIR).resolve():
+    """The checkpoint directory's name (a GGUF file's without .gguf), as
+    `--served-model-name` would be set by hand; the default model is `smollm2-135m-instruct`."""
+    from tokenmill.model.default_model import DEFAULT_MODEL_NAME, is_default_model
+
+    if is_default_model(model_dir):
+        return DEFAULT_MODEL_NAME
+    path = Path(model_dir).resolve()
+    if path == Path(DEMO_MODEL_DIR).resolve():
         return DEMO_MODEL_NAME
-    return Path(model_dir).resolve().name
+    return path.stem if path.is_file() else path.name
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +59,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=8000, help="TCP port to listen on. (default: 8000)")
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="Name(s) clients pass as `model`; the first is reported in responses. "
-                        f"(default: the model directory's name, {DEMO_MODEL_NAME!r} for the demo model)")
+                        "(default: the model directory's or GGUF file's name, 'smollm2-135m-instruct' "
+                        "for the default model)")
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help="Require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize. "
                         f"(default: ${API_KEY_ENV}, else no key)")
