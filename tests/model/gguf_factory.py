@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
-
-import gguf
 from gguf import GGMLQuantizationType as QT
 
 _LAYER_NAMES = {

@@ -4,13 +4,13 @@ as from safetensors, and everything unsupported refused with a message naming it
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
-
-import gguf
 from gguf import GGMLQuantizationType as QT
-from tests.model.gguf_factory import hf_reference_weights, hf_to_gguf, llama_cpp_permute, random_blocks
+from gguf_factory import hf_reference_weights, hf_to_gguf, llama_cpp_permute, random_blocks
+
 from tokenmill import LLM, SamplingParams
 from tokenmill.model.gguf.dequant import dequantize
 from tokenmill.model.gguf.reader import GGUFFile
@@ -212,7 +212,7 @@ def test_quantized_weights_load_as_reference_dequantization(checkpoint_factory, 
     reference = hf_reference_weights(path)
     ref_types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
     assert ref_types["blk.0.attn_k.weight"] == QT.Q4_0
-    from tests.model.gguf_factory import gguf_name
+    from gguf_factory import gguf_name
 
     loaded = dict(iter_gguf_weights(GGUFFile(path), cfg))
     for hf, value in loaded.items():
@@ -327,7 +327,8 @@ def test_missing_and_non_gguf_paths(tmp_path):
 
 
 def test_default_model_is_the_real_smollm2_file():
-    from tests.model.gguf_factory import real_model_path
+    from gguf_factory import real_model_path
+
     from tokenmill.config import create_engine_config
     from tokenmill.server.args import default_model_name
 

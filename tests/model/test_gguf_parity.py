@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf_factory import real_model_path
 
-from tests.model.gguf_factory import real_model_path
 from tokenmill import LLM, SamplingParams
 from tokenmill.model.gguf.reader import GGUFFile
 from tokenmill.tokenizer import Tokenizer

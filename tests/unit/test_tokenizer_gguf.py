@@ -5,23 +5,19 @@ real SmolLM2 file and on synthetic files of each vocabulary kind and pre-tokeniz
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import pytest
-
 import gguf
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tokenizer_factory import (  # noqa: E402
+import pytest
+from tokenizer_factory import (
     CHATML_TEMPLATE,
     LLAMA3_TEMPLATE,
     build_byte_level,
     build_sentencepiece_like,
 )
 
-from tests.model.gguf_factory import real_model_path  # noqa: E402
-from tokenmill.tokenizer import Tokenizer  # noqa: E402
+from tokenmill.model.default_model import default_model_path
+from tokenmill.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -104,8 +100,12 @@ def with_digit_split(ref):
 
 @pytest.fixture(scope="session")
 def real_tokenizers():
-    """(ours, transformers') for SmolLM2-135M-Instruct's GGUF; transformers takes ~10 s."""
-    path = Path(real_model_path())
+    """(ours, transformers') for SmolLM2-135M-Instruct's GGUF; transformers takes ~10 s.
+    Fails (never skips) when the file is not installed."""
+    try:
+        path = Path(default_model_path())
+    except FileNotFoundError as e:
+        pytest.fail(f"this test needs the real model file. {e}", pytrace=False)
     ours = Tokenizer.load(path)
     ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return ours, ref

@@ -17,7 +17,20 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from tokenmill.model.gguf.quant_types import BF16, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QUANT_TYPES
+from tokenmill.model.gguf.quant_types import (
+    BF16,
+    F16,
+    F32,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    QUANT_TYPES,
+)
 
 # Blocks per chunk: small enough that each chunk's temporaries stay in cache.
 _CHUNK_BLOCKS = 8192
