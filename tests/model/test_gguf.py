@@ -1,6 +1,7 @@
 """GGUF loading on synthetic files: dequantization bit-exact against the `gguf` package's
-reference, llama.cpp's q/k row order undone, tiny checkpoints converted to GGUF run exactly
-as from safetensors, and everything unsupported refused with a message naming it."""
+reference, the reader against gguf-py's, llama.cpp's q/k row order undone, and tiny
+checkpoints converted to GGUF running exactly as from safetensors (refusals:
+test_gguf_refusals.py)."""
 
 from __future__ import annotations
 
