@@ -89,7 +89,7 @@ def _model_name(path: str) -> str:
     return p.stem if p.suffix == ".gguf" else p.resolve().name
 
 
-def default_model_path() -> str:
+def _engine_default_model() -> str:
     """The checkpoint `LLM()` loads when given no model."""
     from tokenmill.config import create_engine_config
 
@@ -100,7 +100,7 @@ def load_tokenizer(path: str | None) -> Any:
     """tokenmill's tokenizer for a checkpoint folder or .gguf file (default: the default model's)."""
     from tokenmill.tokenizer import Tokenizer
 
-    return Tokenizer.load(path or default_model_path())
+    return Tokenizer.load(path or _engine_default_model())
 
 
 def _file_sha256(path: str) -> str:
@@ -135,9 +135,13 @@ def run_eval(spec: EvalSpec) -> EvalOutcome:
     acc = Accumulator(windows, reference, spec.save_logits)
     progress = Progress(acc, windows.num_chunks, spec.show_progress)
     if llm is not None:
+        from tokenmill.model import kernels
+
         cfg = llm.config
         config = {"backend": "tokenmill", **spec.engine_args, "dtype": str(cfg.dtype).removeprefix("torch."),
                   "device": str(cfg.device)}
+        if cfg.device.type == "cpu":  # the kernels round differently from the PyTorch ops
+            config["cpu_kernels"] = kernels.selected_isa() or "off"
         server_info = {"name": "tokenmill", "config": config}
         model_name = _model_name(cfg.model_path)
         t0 = time.perf_counter()
@@ -145,7 +149,7 @@ def run_eval(spec: EvalSpec) -> EvalOutcome:
     elif spec.backend == "hf":
         dtype = spec.engine_args.get("dtype", "auto")
         dtype = "float32" if dtype == "auto" else dtype  # the reference runs in float32
-        model_path = spec.model or default_model_path()
+        model_path = spec.model or _engine_default_model()
         model = load_transformers_model(model_path, dtype)
         server_info = {"name": "transformers", "config": {"backend": "hf", "dtype": dtype}}
         model_name = _model_name(model_path)
