@@ -3,7 +3,7 @@
 Backends (the engine, transformers, a server) hand over rows in any order and in pieces (a
 window may be prefilled over several engine steps); the Accumulator keeps only the scored
 positions, turns each into its NLL (and KL divergence / top-1 agreement when a reference is
-given, compact rows when logits are to be saved) and says when a window is complete.
+given; written to the --save-logits folder when asked) and says when a window is complete.
 """
 
 from __future__ import annotations
