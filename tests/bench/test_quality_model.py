@@ -60,7 +60,8 @@ def lab(tmp_path_factory):
 
 
 def perplexity_args(env: dict, *extra: str) -> list[str]:
-    return ["eval", "perplexity", "--text", env["text"], "-c", str(CTX), "--chunks", str(CHUNKS),
+    # The demo model explicitly (the default is SmolLM2); a later --model in `extra` wins.
+    return ["eval", "perplexity", "--model", DEMO_MODEL_DIR, "--text", env["text"], "-c", str(CTX), "--chunks", str(CHUNKS),
             "--db", env["db"], "--no-progress", "--json", *extra]
 
 
@@ -153,7 +154,7 @@ def test_stored_distributions_error_on_real_rows(lab):
 
     rows: dict[str, list[torch.Tensor]] = {}
     for dtype in ("float32", "bfloat16"):
-        llm = LLM(None, dtype=dtype)
+        llm = LLM(DEMO_MODEL_DIR, dtype=dtype)
         windows = windows_for_text(llm.get_tokenizer(), open(lab["text"]).read(), Protocol(CTX, CHUNKS))
 
         class Capture(Accumulator):
