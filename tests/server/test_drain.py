@@ -1,8 +1,15 @@
-"""`tokenmill serve` as a real process: SIGTERM drains (running stream completes, new
-connections are refused, exit code 0), and the command line's options."""
+"""`tokenmill serve` as a real process, stopped by SIGTERM: requests in progress finish (or,
+at the drain timeout, end with an error event and [DONE], or a 503 body), the listener stays
+open meanwhile answering 503, and the process exits 0 with one log line per aborted request
+and no traceback; plus the command line's options.
+
+No test depends on the machine's speed: generations are thousands of steps longer than
+anything the test waits for, and every wait is for an event, with a generous ceiling.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,11 +20,16 @@ import time
 
 import httpx
 import pytest
+from server_harness import CEILING_S, metric, wait_until
 
 from tokenmill.cli import build_parser
+from tokenmill.config import DEMO_MODEL_DIR
 from tokenmill.server.args import DEMO_MODEL_NAME, server_settings
 
-NUM_TOKENS = 1500
+CONTEXT = 8192
+# Far more decode steps than any wait below lasts, on any machine: a stream that must still
+# run when the signal comes always does.
+LONG = {"model": "m", "prompt": "ROMEO:", "max_tokens": CONTEXT - 16, "ignore_eos": True}
 
 
 def _free_port() -> int:
@@ -26,58 +38,132 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def served_process(checkpoint_factory):
-    model = checkpoint_factory("llama", max_position_embeddings=2048)
-    port = _free_port()
-    cmd = [sys.executable, "-m", "tokenmill.server", "--model", str(model), "--port", str(port),
-           "--dtype", "float32", "--kv-cache-memory", "64MiB", "--drain-timeout", "60",
-           "--served-model-name", "m"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
+class Served:
+    def __init__(self, model, drain_timeout_s: float) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "tokenmill.server", "--model", str(model), "--port", str(self.port),
+               "--dtype", "float32", "--kv-cache-memory", "256MiB", "--drain-timeout", str(drain_timeout_s),
+               "--served-model-name", "m"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # (the first start may also build the CPU kernels)
+        deadline = time.monotonic() + 2 * CEILING_S
+        while not self._healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("server did not start:\n" + self.proc.stdout.read())
+            time.sleep(0.1)
+
+    def _healthy(self) -> bool:
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
+            return httpx.get(self.url + "/health", timeout=CEILING_S).status_code == 200
         except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not start:\n" + proc.stdout.read())
-        time.sleep(0.1)
-    yield proc, url
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+            return False
+
+    def num_running(self) -> float:
+        return metric(httpx.get(self.url + "/metrics", timeout=CEILING_S).text, "tokenmill:num_requests_running")
+
+    def stop(self) -> str:
+        """Wait for the exit (asserting code 0) and return the log."""
+        assert self.proc.wait(timeout=CEILING_S) == 0
+        return self.proc.stdout.read()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
-def test_sigterm_drains_running_requests_then_exits_0(served_process):
-    proc, url = served_process
-    body = {"model": "m", "prompt": "ROMEO:", "max_tokens": NUM_TOKENS, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as resp:
-        lines = resp.iter_lines()
-        assert next(lines).startswith("data: ")
-        proc.send_signal(signal.SIGTERM)
-        # New connections are refused once the listener is closed (uvicorn checks every 0.1 s).
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=1)
-            except httpx.ConnectError:
-                break
-            assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
-            time.sleep(0.05)
-        events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
-    # The stream that was running when the signal came still ran to completion.
-    assert events[-1] == "[DONE]"
-    usage = json.loads(events[-2])["usage"]
-    assert usage["completion_tokens"] == NUM_TOKENS
-    assert proc.wait(timeout=30) == 0
-    log = proc.stdout.read()
-    assert "draining" in log and "engine stopped" in log
+@pytest.fixture
+def model(checkpoint_factory):
+    return checkpoint_factory("llama", max_position_embeddings=CONTEXT)
+
+
+def _assert_refused_while_draining(url: str) -> None:
+    """New connections are still accepted; /health and new POSTs get 503 + Retry-After."""
+    with httpx.Client(base_url=url, timeout=CEILING_S) as fresh:
+        health = wait_until(lambda: (r := fresh.get("/health")).status_code == 503 and r)
+        post = fresh.post("/v1/completions", json={**LONG, "max_tokens": 1})
+    for resp in (health, post):
+        assert resp.headers["retry-after"] == "1"
+        assert resp.json()["error"]["code"] == "shutting_down"
+    assert post.status_code == 503
+
+
+def test_sigterm_drains_running_requests_then_exits_0(model):
+    served = Served(model, drain_timeout_s=600)
+    try:
+        # Long enough that the probes below (a few ms) end first on any machine; short enough
+        # to finish soon on a loaded one (1500 steps: ~45 s with both cores busy elsewhere).
+        body = {**LONG, "max_tokens": 1500, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=CEILING_S) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            served.proc.send_signal(signal.SIGTERM)
+            _assert_refused_while_draining(served.url)
+            events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        # The stream that was running when the signal came still ran to completion.
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 1500
+        log = served.stop()
+    finally:
+        served.kill()
+    assert "draining" in log and "engine stopped" in log and "Traceback" not in log
+    with pytest.raises(httpx.ConnectError):  # the listener closed with the process
+        httpx.get(served.url + "/health", timeout=CEILING_S)
+
+
+@pytest.mark.parametrize("how", ["drain timeout", "second signal"])
+def test_unfinished_requests_end_cleanly_at_the_drain_deadline(model, how):
+    num_streams, num_full = 20, 2
+    served = Served(model, drain_timeout_s=1 if how == "drain timeout" else 600)
+
+    async def main() -> tuple[list[list[str]], list[httpx.Response]]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=served.url, timeout=CEILING_S, limits=limits) as c:
+            started = asyncio.Event()
+            num_started = 0
+
+            async def stream() -> list[str]:
+                nonlocal num_started
+                async with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as resp:
+                    assert resp.status_code == 200
+                    lines = resp.aiter_lines()
+                    events = [await lines.__anext__()]
+                    num_started += 1
+                    if num_started == num_streams:
+                        started.set()
+                    events += [line async for line in lines]
+                return [e.removeprefix("data: ") for e in events if e]
+
+            streams = [asyncio.ensure_future(stream()) for _ in range(num_streams)]
+            fulls = [asyncio.ensure_future(c.post("/v1/completions", json=LONG)) for _ in range(num_full)]
+            await asyncio.wait_for(started.wait(), CEILING_S)
+            await asyncio.to_thread(wait_until, lambda: served.num_running() == num_streams + num_full)
+            served.proc.send_signal(signal.SIGTERM)
+            if how == "second signal":
+                await asyncio.to_thread(_assert_refused_while_draining, served.url)
+                served.proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*streams), await asyncio.gather(*fulls)
+
+    try:
+        streams, fulls = asyncio.run(main())
+        log = served.stop()
+    finally:
+        served.kill()
+    for events in streams:
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "shutting_down" and error["type"] == "server_error"
+        assert all(json.loads(e)["choices"][0]["finish_reason"] is None for e in events[:-2])
+    for resp in fulls:
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "shutting_down"
+    assert "Traceback" not in log and "Cancel" not in log, log
+    aborted = [line for line in log.splitlines() if "aborted while draining" in line]
+    assert len(aborted) == num_streams + num_full, log
+    reason = "a second signal" if how == "second signal" else "the drain timeout of 1 s ran out"
+    assert all(reason in line for line in aborted)
 
 
 def test_serve_help_and_defaults(capsys):
@@ -87,12 +173,17 @@ def test_serve_help_and_defaults(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for option in ("--host", "--port", "--served-model-name", "--api-key", "--max-waiting-requests",
-                   "--drain-timeout", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
-                   "--kv-cache-memory", "--enable-prefix-caching"):
+                   "--drain-timeout", "--max-request-body-bytes", "--max-model-len", "--max-num-seqs",
+                   "--max-num-batched-tokens", "--kv-cache-memory", "--enable-prefix-caching"):
         assert option in text
     args = parser.parse_args(["serve"])
     assert (args.host, args.port) == ("127.0.0.1", 8000)
-    assert server_settings(args).model_name == DEMO_MODEL_NAME
-    args = parser.parse_args(["serve", "--model", "/models/Qwen2.5-0.5B/", "--api-key", "k"])
+    settings = server_settings(args)
+    assert settings.model_name == "smollm2-135m-instruct" and settings.max_request_body_bytes is None
+    demo = server_settings(parser.parse_args(["serve", "--model", DEMO_MODEL_DIR]))
+    assert demo.model_name == DEMO_MODEL_NAME
+    args = parser.parse_args(["serve", "--model", "/models/Qwen2.5-0.5B/", "--api-key", "k",
+                              "--max-request-body-bytes", "2000000"])
     settings = server_settings(args)
     assert settings.model_name == "Qwen2.5-0.5B" and settings.api_key == "k"
+    assert settings.max_request_body_bytes == 2_000_000

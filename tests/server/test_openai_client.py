@@ -186,7 +186,7 @@ def test_32_concurrent_streams_finish_with_the_right_counts(server):
 
         async def one(i: int) -> int:
             stream = await aclient.completions.create(
-                model=MODEL_NAME, prompt=f"{i} ROMEO:", max_tokens=24 + i, temperature=0.8, seed=i,
+                model=MODEL_NAME, prompt=f"{i} ROMEO:", max_tokens=200 + i, temperature=0.8, seed=i,
                 stream=True, stream_options={"include_usage": True}, extra_body=GREEDY_LONG)
             first = last = None
             async for chunk in stream:
@@ -203,7 +203,8 @@ def test_32_concurrent_streams_finish_with_the_right_counts(server):
         return counts, spans
 
     counts, spans = asyncio.run(main())
-    assert counts == [24 + i for i in range(32)]
-    # They progressed together: when the first stream ended, most others had started.
+    assert counts == [200 + i for i in range(32)]
+    # They progressed together: when the first stream ended (200 steps in, far longer than
+    # admitting 32 requests takes on any machine), all had started.
     first_end = min(end for _, end in spans)
-    assert sum(start < first_end for start, _ in spans) >= 24
+    assert all(start < first_end for start, _ in spans)

@@ -1,48 +1,58 @@
-"""The bounded waiting queue: refuse work past a limit instead of piling it up.
+"""Admission: the server holds at most max_num_seqs running + max_waiting_requests waiting
+sequences, and refuses work beyond that instead of piling it up.
 
 The engine's own queue has no bound, so the server counts the sequences it has handed over
-and not yet seen finish (a request counts n per prompt). Those not running are waiting.
-`engine.stats.num_running` lags by at most one step, so during a burst the estimate can only
-run high: admission errs towards refusing early, never towards an unbounded pile-up.
+and not yet seen finish (a request counts n per prompt). The engine runs up to
+max_num_seqs of them; the rest wait. The count is the server's own, updated as each request
+is admitted, so a burst is admitted up to exactly the capacity: the engine's running count
+(`engine.stats`) lags by a step and would make a burst look like a full queue.
 """
 
 from __future__ import annotations
 
-from tokenmill.engine.async_llm import AsyncLLM
+from collections.abc import Callable
+
 from tokenmill.server.errors import bad_request, unavailable
 
 
 class Admission:
     """Owns the count of in-flight engine sequences. Event-loop thread only."""
 
-    def __init__(self, engine: AsyncLLM, max_waiting_requests: int) -> None:
-        self.engine = engine
+    def __init__(self, max_num_seqs: int, max_waiting_requests: int, is_draining: Callable[[], bool],
+                 on_reject: Callable[[str], None] = lambda reason: None) -> None:
+        """Args:
+            on_reject: called with the reason ("capacity", "too_large", "shutting_down") of
+                each refusal, for the metrics.
+        """
+        self.max_num_seqs = max_num_seqs
         self.max_waiting_requests = max_waiting_requests
+        self.capacity = max_num_seqs + max_waiting_requests
         self.num_inflight_seqs = 0
-        self.draining = False  # set on SIGTERM: refuse everything new
+        self._is_draining = is_draining
+        self._on_reject = on_reject
 
-    @property
-    def num_waiting_estimate(self) -> int:
-        return max(0, self.num_inflight_seqs - self.engine.stats.num_running)
+    def check_size(self, num_seqs: int) -> None:
+        """400 for a request larger than the whole capacity (retrying cannot help). Checked
+        before its prompts are tokenized, as well as on admission."""
+        if num_seqs > self.capacity:
+            self._on_reject("too_large")
+            raise bad_request(f"The request asks for {num_seqs} sequences (prompts x n); this server "
+                              f"holds at most {self.capacity} at once ({self.max_num_seqs} running + "
+                              f"{self.max_waiting_requests} waiting).", param="n")
 
     def reserve(self, num_seqs: int) -> Reservation:
-        """Admit `num_seqs` new sequences or raise a 503 APIError (with Retry-After).
-
-        A request is refused when the waiting queue would exceed the limit; a request larger
-        than the limit alone is still admitted into an empty queue, so it is not refused
-        forever, unless it could not even fit running batch plus queue (400: retrying is futile).
-        """
-        if self.draining:
+        """Admit `num_seqs` new sequences, or raise 503 (with Retry-After) when the server
+        would then hold more than its capacity, 400 when the request alone exceeds it."""
+        if self._is_draining():
+            self._on_reject("shutting_down")
             raise unavailable("The server is shutting down.", code="shutting_down")
-        most = self.engine.config.scheduler.max_num_seqs + self.max_waiting_requests
-        if num_seqs > most:
-            raise bad_request(f"The request asks for {num_seqs} sequences (prompts x n); this server "
-                              f"takes at most {most} at once.", param="n")
-        waiting = self.num_waiting_estimate
-        if waiting > 0 and waiting + num_seqs > self.max_waiting_requests:
+        self.check_size(num_seqs)
+        if self.num_inflight_seqs + num_seqs > self.capacity:
+            self._on_reject("capacity")
             raise unavailable(
-                f"The server is overloaded: {waiting} sequences are waiting (limit "
-                f"{self.max_waiting_requests}). Please retry later.",
+                f"The server is full: it holds {self.num_inflight_seqs} unfinished sequences and its "
+                f"capacity is {self.capacity} ({self.max_num_seqs} running + {self.max_waiting_requests} "
+                f"waiting); this request needs {num_seqs}. Please retry later.",
                 code="engine_overloaded",
             )
         self.num_inflight_seqs += num_seqs

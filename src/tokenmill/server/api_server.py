@@ -6,11 +6,12 @@ Handlers live in serving_*.py, schemas in protocol.py, metrics in metrics.py.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +27,16 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.async_llm import AsyncLLM
 from tokenmill.server.admission import Admission
 from tokenmill.server.args import ServerSettings, server_settings
+from tokenmill.server.drain import ABORT_GRACE_S, Drain
 from tokenmill.server.errors import APIError, error_body, unavailable
+from tokenmill.server.limits import RequestLimits
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.middleware import RequestContextMiddleware
+from tokenmill.server.openapi import document_routes
 from tokenmill.server.prompt_encoder import PromptEncoder
 from tokenmill.server.serving_chat import ServingChat
 from tokenmill.server.serving_completions import ServingCompletion
-from tokenmill.server.serving_tokenization import ServingTokenization
+from tokenmill.server.serving_tokenization import ServingTokenization, json_response
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -45,6 +49,9 @@ class ServerState:
     settings: ServerSettings
     metrics: ServerMetrics
     admission: Admission
+    drain: Drain
+    limits: RequestLimits
+    encoder: PromptEncoder
     completions: ServingCompletion
     chat: ServingChat
     tokenization: ServingTokenization
@@ -67,33 +74,40 @@ def build_app(
         url: where the server listens, for the startup log.
     """
     engine = engine or AsyncLLM(engine_config)
-    metrics = ServerMetrics(engine, settings.model_name, engine.config.scheduler.max_model_len)
+    sched = engine.config.scheduler
+    metrics = ServerMetrics(engine, settings.model_name, sched.max_model_len)
     engine.on_output.append(metrics.on_output)
-    admission = Admission(engine, settings.max_waiting_requests)
+    drain = Drain(engine, settings.drain_timeout_s)
+    admission = Admission(sched.max_num_seqs, settings.max_waiting_requests, lambda: drain.is_draining,
+                          on_reject=metrics.record_rejection)
+    limits = RequestLimits.for_model(engine.tokenizer, sched.max_model_len, admission.capacity,
+                                     settings.max_request_body_bytes)
     encoder = PromptEncoder(engine.tokenizer)
-    parts = (engine, settings, metrics, admission, encoder)
-    state = ServerState(engine, settings, metrics, admission, ServingCompletion(*parts),
+    parts = (engine, settings, metrics, admission, encoder, limits)
+    state = ServerState(engine, settings, metrics, admission, drain, limits, encoder, ServingCompletion(*parts),
                         ServingChat(*parts), ServingTokenization(*parts), int(time.time()))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        drain.bind(asyncio.get_running_loop())
         engine.start()
         where = f" at {url}/v1" if url else ""
         logger.info("serving model %r%s", settings.model_name, where)
         try:
             yield
         finally:
-            admission.draining = True
+            drain.is_draining = True
             engine.shutdown()
             encoder.shutdown()
             logger.info("engine stopped")
 
     app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
     app.state.server = state
-    app.add_middleware(RequestContextMiddleware, api_key=settings.api_key,
-                       is_draining=lambda: admission.draining)
+    app.add_middleware(RequestContextMiddleware, api_key=settings.api_key, drain=drain,
+                       max_body_bytes=limits.max_body_bytes, routes=app.routes, on_response=metrics.record_http)
     _add_exception_handlers(app)
     _add_routes(app, state)
+    document_routes(app, has_api_key=settings.api_key is not None)
     return app
 
 
@@ -114,37 +128,38 @@ def _add_exception_handlers(app: FastAPI) -> None:
 
 
 def _add_routes(app: FastAPI, s: ServerState) -> None:
+    # POST handlers take the raw request (parsed by serving_*.py into protocol.py's models)
+    # and run until their client leaves; openapi.py documents their bodies.
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await s.completions.create(request)
+        return await s.completions.handle(request, s.completions.create)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await s.chat.create(request)
+        return await s.chat.handle(request, s.chat.create)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await s.tokenization.handle(request, s.tokenization.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await s.tokenization.handle(request, s.tokenization.detokenize)
 
     @app.get("/v1/models")
     async def models() -> Response:
-        return Response(s.tokenization.models(s.created).model_dump_json(), media_type="application/json")
+        return json_response(s.tokenization.models(s.created))
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> Response:
         s.tokenization.check_model(model_id)
-        card = next(c for c in s.tokenization.models(s.created).data if c.id == model_id)
-        return Response(card.model_dump_json(), media_type="application/json")
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> dict[str, Any]:
-        return await s.tokenization.tokenize(request)
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> dict[str, Any]:
-        return await s.tokenization.detokenize(request)
+        return json_response(next(c for c in s.tokenization.models(s.created).data if c.id == model_id))
 
     @app.get("/health")
     async def health() -> Response:
         if not s.engine.is_alive:
             return unavailable("The engine is not running.", code="engine_dead").response()
-        if s.admission.draining:
+        if s.drain.is_draining:
             return unavailable("The server is shutting down.", code="shutting_down").response()
         return Response(status_code=200)
 
@@ -153,39 +168,26 @@ def _add_routes(app: FastAPI, s: ServerState) -> None:
         return Response(s.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
-    async def version() -> dict[str, Any]:
-        return {"version": tokenmill.__version__, "name": "tokenmill", "config": s.engine.config.to_dict()}
+    async def version(request: Request) -> Response:
+        return json_response(s.tokenization.version(request.state.authorized))
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, telling the app when a shutdown signal arrives so it refuses new
-    work (503) while uvicorn lets running requests finish (timeout_graceful_shutdown)."""
+    """uvicorn's server, draining on the first shutdown signal (drain.py) and exiting only
+    once the drain is over; the listener stays open meanwhile."""
 
-    def __init__(self, config: uvicorn.Config, admission: Admission, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
         super().__init__(config)
-        self._admission = admission
-        self._drain_timeout_s = drain_timeout_s
+        self._drain = drain
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        if not self._admission.draining:
-            logger.info("received %s: draining, running requests get up to %.0f s to finish",
-                        signal.Signals(sig).name, self._drain_timeout_s)
-        self._admission.draining = True
-        super().handle_exit(sig, frame)
+        if self.should_exit or not self.started:  # nothing to drain yet, or the drain is over:
+            super().handle_exit(sig, frame)  # uvicorn's own handling (a repeated Ctrl-C forces)
+            return
+        self._drain.request_from_signal(signal.Signals(sig).name, on_done=self._drained)
 
-
-@contextlib.contextmanager
-def _exit_cleanly_after_signals() -> Iterator[None]:
-    """uvicorn re-raises the shutdown signal once it has shut down gracefully, which would
-    kill the process with it (exit 143 for SIGTERM) after all. A no-op handler in place
-    during run() turns that into a normal return, so `tokenmill serve` exits 0."""
-    handled = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    def _drained(self) -> None:
+        self.should_exit = True
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -212,9 +214,10 @@ def run_server(args: argparse.Namespace) -> int:
                 config.scheduler.max_num_batched_tokens, "on" if config.cache.enable_prefix_caching else "off")
     url = f"http://{args.host}:{args.port}"
     app = build_app(config, settings, engine, url=url)
+    # The drain has ended every request by the time uvicorn shuts down; its own timeout only
+    # catches a connection stuck on a client that does not read.
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                               timeout_graceful_shutdown=settings.drain_timeout_s)
-    server = _DrainingServer(uv_config, app.state.server.admission, settings.drain_timeout_s)
-    with _exit_cleanly_after_signals():
-        server.run()
+                               timeout_graceful_shutdown=ABORT_GRACE_S)
+    server = _DrainingServer(uv_config, app.state.server.drain)
+    server.run()
     return 0 if server.started else 1

@@ -24,6 +24,7 @@ class ServerSettings:
     drain_timeout_s: float = 30.0  # SIGTERM: how long running requests may take to finish
     max_logprobs: int = 20  # most top alternatives per position a request may ask for
     log_requests: bool = True
+    max_request_body_bytes: int | None = None  # None: sized from max_model_len (limits.py)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -32,6 +33,8 @@ class ServerSettings:
             raise ValueError(f"max_waiting_requests must be non-negative, got {self.max_waiting_requests}.")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout must be non-negative, got {self.drain_timeout_s}.")
+        if self.max_request_body_bytes is not None and self.max_request_body_bytes < 1:
+            raise ValueError(f"max_request_body_bytes must be positive, got {self.max_request_body_bytes}.")
 
     @property
     def model_name(self) -> str:
@@ -68,8 +71,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="Sequences that may wait for a batch slot (a request counts n per prompt); "
                         "past this, new requests get 503 with Retry-After. (default: 256)")
     g.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="On SIGTERM/SIGINT stop accepting, let running requests finish for up to this "
-                        "long, then abort the rest and exit. (default: 30)")
+                   help="On SIGTERM/SIGINT answer new requests with 503, let running requests finish for "
+                        "up to this long, then end the rest with an error and exit. A second signal "
+                        "ends them at once. (default: 30)")
+    g.add_argument("--max-request-body-bytes", type=int, default=None, metavar="BYTES",
+                   help="Largest request body accepted; larger ones get 413 before they are read. "
+                        "(default: 64 bytes per token of max_model_len, at least 1 MiB)")
     g.add_argument("--max-logprobs", type=int, default=20,
                    help="Most top-logprob alternatives one request may ask for. (default: 20)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -90,4 +97,5 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         drain_timeout_s=args.drain_timeout,
         max_logprobs=args.max_logprobs,
         log_requests=not args.disable_log_requests,
+        max_request_body_bytes=args.max_request_body_bytes,
     )

@@ -3,8 +3,9 @@
 Request histograms are fed by AsyncLLM.on_output (called on the event loop with each
 delivered output and its RequestTimes). Scheduler gauges and the engine's cumulative
 counters are read from `engine.stats` at scrape time, so they cost nothing between
-scrapes. Each app has its own CollectorRegistry: several servers in one process (tests)
-do not collide.
+scrapes. HTTP counts come from the middleware, process metrics from prometheus_client's
+own collectors. Each app has its own CollectorRegistry: several servers in one process
+(tests) do not collide.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tokenmill.engine.async_llm import AsyncLLM, RequestTimes
@@ -26,6 +35,9 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 FINISH_REASONS = ("stop", "length", "abort")
+# vLLM's buckets for tokens per engine step.
+ITERATION_TOKENS_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+ADMISSION_REJECTION_REASONS = ("capacity", "too_large", "shutting_down")
 
 
 def buckets_1_2_5(limit: int) -> list[int]:
@@ -89,7 +101,14 @@ class ServerMetrics:
         prometheus_client.disable_created_metrics()
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStatsCollector(engine, model_name))
+        # process_* (resident memory, CPU seconds, open fds), python_info, python_gc_*: what
+        # prometheus_client's default registry exports, as vLLM's /metrics does.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
         self._live: dict[str, _Tracked] = {}
+        # The engine step whose outputs are being delivered: its time and tokens so far.
+        self._step_time: float | None = None
+        self._step_tokens = 0
         labels, reg = ["model_name"], self.registry
 
         def counter(name: str, doc: str) -> Counter:
@@ -135,8 +154,34 @@ class ServerMetrics:
                                                    "Histogram of the max_tokens request parameter.",
                                                    token_buckets)
 
+        # vLLM's: prompt tokens of requests that reached their first output in a step plus
+        # the tokens generated in it, observed once per step.
+        self.iteration_tokens = histogram("iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+                                          ITERATION_TOKENS_BUCKETS)
+        rejections = Counter("tokenmill:admission_rejections", "Requests refused at admission, by reason.",
+                             labels + ["reason"], registry=reg)
+        self.admission_rejections = {r: rejections.labels(model_name, r) for r in ADMISSION_REJECTION_REASONS}
+        # vLLM's instrumentator names; the status is the exact code (499: the client left first).
+        self.http_requests = Counter("http_requests", "Total number of requests by method, status and handler.",
+                                     ["handler", "method", "status"], registry=reg)
+        cache = engine.config.cache
+        cache_info = {"block_size": cache.block_size, "cache_dtype": str(engine.config.dtype).removeprefix("torch."),
+                      "enable_prefix_caching": cache.enable_prefix_caching,
+                      "num_gpu_blocks": engine.core.num_kv_blocks,  # vLLM's name, whatever the device
+                      "kv_cache_capacity_tokens": engine.core.kv_capacity_tokens}
+        Gauge("tokenmill:cache_config_info", "Information of the LLMEngine CacheConfig",
+              labels + list(cache_info), registry=reg).labels(
+                  model_name, *(str(v) for v in cache_info.values())).set(1)
+
     def render(self) -> bytes:
+        self._end_step()
         return prometheus_client.generate_latest(self.registry)
+
+    def record_http(self, handler: str, method: str, status: int) -> None:
+        self.http_requests.labels(handler, method, str(status)).inc()
+
+    def record_rejection(self, reason: str) -> None:
+        self.admission_rejections[reason].inc()
 
     def record_params(self, n: int, max_tokens: int) -> None:
         self.request_params_n.observe(n)
@@ -144,11 +189,18 @@ class ServerMetrics:
 
     def on_output(self, out: RequestOutput, times: RequestTimes) -> None:
         """AsyncLLM observer: one delivered (delta) output of a request."""
+        # Every output of one engine step carries that step's time (the OutputProcessor
+        # stamps a delivery once): a new time means the previous step is complete.
+        step_time = times.token_times[-1] if times.token_times else None
+        if step_time != self._step_time:
+            self._end_step()
+            self._step_time = step_time
         st = self._live.get(out.request_id)
         if st is None:
             # The first output comes once the prompt has been prefilled.
             st = self._live[out.request_id] = _Tracked(len(out.prompt_token_ids))
             self.prompt_tokens.inc(st.num_prompt_tokens)
+            self._step_tokens += st.num_prompt_tokens
         num_new = 0
         for o in out.outputs:
             num_new += len(o.token_ids)
@@ -157,6 +209,7 @@ class ServerMetrics:
                 st.finish_reasons[o.index] = o.finish_reason
         if num_new:
             self.generation_tokens.inc(num_new)
+            self._step_tokens += num_new
         if times.first_token is not None and not st.ttft_observed:
             st.ttft_observed = True
             self.ttft.observe(times.first_token - times.arrival)
@@ -168,6 +221,11 @@ class ServerMetrics:
         st.num_token_times_seen = len(times.token_times)
         if out.finished:
             self._finish(out.request_id, st, times)
+
+    def _end_step(self) -> None:
+        if self._step_tokens:
+            self.iteration_tokens.observe(self._step_tokens)
+        self._step_tokens = 0
 
     def _finish(self, request_id: str, st: _Tracked, times: RequestTimes) -> None:
         del self._live[request_id]

@@ -1,12 +1,13 @@
 """OpenAI request and response schemas (pydantic), with vLLM's extra sampling fields.
 
 Requests allow extra fields: unsupported.py decides which of them are refused with a 400,
-which are accepted silently, and the rest are logged and ignored.
+which are accepted silently, and the rest are logged and ignored. Known fields are strict,
+as OpenAI's API is: `"stream": "yes"` or `"n": "2"` is a 400, not coerced.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -20,6 +21,8 @@ from pydantic import (
 
 # torch.Generator.manual_seed takes a 64-bit value; n>1 adds the sample index to it.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 1024
+# OpenAI's own limit on n.
+MAX_N = 128
 
 
 # Fields where an explicit null means something other than the default (vLLM: no limit).
@@ -27,7 +30,7 @@ _NULL_IS_MEANINGFUL = frozenset({"max_tokens"})
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -42,9 +45,21 @@ class OpenAIBaseModel(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool | None = False
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool | None = None
+    # vLLM's: usage (this choice's prompt and completion tokens so far) in every chunk.
+    continuous_usage_stats: bool | None = False
     include_obfuscation: bool | None = None  # OpenAI's padding against side channels; no-op here
+
+    @property
+    def wants_final_usage(self) -> bool:
+        # vLLM defaults include_usage to true inside stream_options, so a client that sends
+        # only continuous_usage_stats gets both there; OpenAI's default (false) holds otherwise.
+        return self.include_usage if self.include_usage is not None else bool(self.continuous_usage_stats)
+
+    @property
+    def wants_continuous_usage(self) -> bool:
+        return self.wants_final_usage and bool(self.continuous_usage_stats)
 
 
 class SamplingFields(OpenAIBaseModel):
@@ -54,7 +69,7 @@ class SamplingFields(OpenAIBaseModel):
     """
 
     model: str | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
     presence_penalty: float | None = None
@@ -75,8 +90,12 @@ class SamplingFields(OpenAIBaseModel):
     include_stop_str_in_output: bool = False
 
 
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[int], Field(min_length=1)]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: _Text | Annotated[list[_Text], Field(min_length=1)] | _TokenIds | Annotated[list[_TokenIds], Field(min_length=1)]
     max_tokens: int | None = 16  # OpenAI's and vLLM's default for completions
     logprobs: int | None = None
     echo: bool | None = False
@@ -91,19 +110,34 @@ class CompletionRequest(SamplingFields):
 
         if isinstance(v, str) or (isinstance(v, list) and (
                 all(isinstance(x, str) for x in v) or is_ids(v) or all(is_ids(x) for x in v))):
+            if v in ("", []) or (isinstance(v, list) and any(x in ("", []) for x in v)):
+                raise ValueError("must not be empty (nor hold an empty prompt)")
             return v
         raise ValueError("must be a string, a list of strings, a list of token ids, or a list of "
                          "token-id lists")
 
 
+# The schema states what serving_chat.py accepts (its 400s name the rest); the validation
+# stays there, for OpenAI-style messages.
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+
+
 class ChatMessage(OpenAIBaseModel):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    # Only the assistant may omit its content.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"role": {"const": "assistant"}}},
+        {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}},
+    ]})
+    role: str = Field(json_schema_extra={"enum": ["system", "developer", "user", "assistant"]})
+    content: str | list[dict[str, Any]] | None = Field(
+        default=None, json_schema_extra={"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART},
+                                                   {"type": "null"}]})
     name: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -116,6 +150,10 @@ class ChatCompletionRequest(SamplingFields):
 class TokenizeRequest(OpenAIBaseModel):
     """vLLM's /tokenize: either `prompt` or chat `messages`."""
 
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array", "minItems": 1}}},
+    ]})
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -254,3 +292,32 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+    name: str
+    # The engine's settings (no filesystem paths); only for a caller with the API key.
+    config: dict[str, Any] | None = None
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

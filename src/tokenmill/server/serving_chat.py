@@ -27,7 +27,8 @@ from tokenmill.server.protocol import (
     DeltaMessage,
     UsageInfo,
 )
-from tokenmill.server.serving_engine import OpenAIServing, SampleState
+from tokenmill.server.responses import SampleState
+from tokenmill.server.serving_engine import OpenAIServing
 from tokenmill.server.streaming import ChunkWriter
 from tokenmill.server.unsupported import UNSUPPORTED_CHAT
 from tokenmill.tokenizer import Tokenizer
@@ -100,9 +101,11 @@ class ServingChat(OpenAIServing):
         if reserved:
             raise bad_request(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}.",
                               param="chat_template_kwargs")
-        prompt = render_chat(self.tokenizer, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        self.admission.check_size(req.n)
+        prompt = render_chat(self.require_tokenizer("messages"), req.messages, req.add_generation_prompt,
+                             req.chat_template_kwargs)
         # The template writes the special tokens itself (no second BOS).
-        prompt_ids = await self.encode(prompt, add_special_tokens=False)
+        prompt_ids = await self.encode_prompt(prompt, add_special_tokens=False, param="messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.resolve_max_tokens(len(prompt_ids), getattr(req, param), "messages", param)
         params = self.sampling_params(req, max_tokens=max_tokens, logprobs=num_top)
@@ -113,11 +116,11 @@ class ServingChat(OpenAIServing):
         stream = self.generate(prompt_ids, params, request_id, prompt, reservation)
         envelope = {"id": request_id, "created": int(time.time()), "model": model}
         if req.stream:
-            writer = ChunkWriter(ChatCompletionChunk(**envelope, choices=[]))
+            writer = self.chunk_writer(req, ChatCompletionChunk(**envelope, choices=[]), [len(prompt_ids)] * req.n)
             return self.stream_response(raw_request, req, writer, self._events(req, writer, stream, num_top),
                                         len(prompt_ids), start, reservation)
         body = self._full(req, envelope, len(prompt_ids), stream, num_top)
-        return await self.full_response(raw_request, body, start, reservation)
+        return await self.full_response(raw_request, request_id, body, start, reservation)
 
     async def _full(self, req: ChatCompletionRequest, envelope: dict[str, Any], num_prompt: int,
                     stream: AsyncIterator[RequestOutput], num_top: int | None) -> ChatCompletionResponse:

@@ -15,7 +15,6 @@ from starlette.responses import Response
 
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.server.errors import bad_request
 from tokenmill.server.logprobs import completion_logprobs
 from tokenmill.server.protocol import (
     CompletionChoice,
@@ -24,7 +23,8 @@ from tokenmill.server.protocol import (
     CompletionResponse,
     UsageInfo,
 )
-from tokenmill.server.serving_engine import OpenAIServing, SampleState
+from tokenmill.server.responses import SampleState
+from tokenmill.server.serving_engine import OpenAIServing
 from tokenmill.server.streaming import ChunkWriter, merge_streams
 from tokenmill.server.unsupported import UNSUPPORTED_COMPLETION
 
@@ -42,6 +42,10 @@ class ServingCompletion(OpenAIServing):
         req = await self.parse(raw_request, CompletionRequest, UNSUPPORTED_COMPLETION)
         model = self.check_request(req)
         self.check_num_logprobs(req.logprobs, "logprobs")
+        # Token texts, the prompt's text, text to match: all need the tokenizer.
+        for param, used in (("logprobs", req.logprobs is not None), ("echo", req.echo), ("stop", req.stop)):
+            if used:
+                self.require_tokenizer(param)
         prompts = await self._tokenize(req)
         for p in prompts:
             max_tokens = self.resolve_max_tokens(len(p.token_ids), req.max_tokens, "prompt", "max_tokens")
@@ -63,26 +67,23 @@ class ServingCompletion(OpenAIServing):
         envelope = {"id": request_id, "created": int(time.time()), "model": model}
         num_prompt = sum(len(p.token_ids) for p in prompts)
         if req.stream:
-            writer = ChunkWriter(CompletionResponse(**envelope, choices=[]))
+            prompt_tokens = [len(p.token_ids) for p in prompts for _ in range(req.n)]
+            writer = self.chunk_writer(req, CompletionResponse(**envelope, choices=[]), prompt_tokens)
             return self.stream_response(raw_request, req, writer, self._events(req, writer, prompts, streams),
                                         num_prompt, start, reservation)
         body = self._full(req, envelope, num_prompt, prompts, streams)
-        return await self.full_response(raw_request, body, start, reservation)
+        return await self.full_response(raw_request, request_id, body, start, reservation)
 
     async def _tokenize(self, req: CompletionRequest) -> list[_Prompt]:
+        # (the validator has refused empty prompts)
         prompt = req.prompt
-        if isinstance(prompt, str):
-            items: list = [prompt]
-        elif not prompt:
-            raise bad_request("prompt must not be empty.", param="prompt")
-        elif isinstance(prompt[0], int):
-            items = [prompt]
-        else:
-            items = list(prompt)
+        items: list = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
+        # Before any tokenizing: a batch that can never be admitted costs nothing.
+        self.admission.check_size(req.n * len(items))
         out = []
         for item in items:
             if isinstance(item, str):
-                out.append(_Prompt(item, await self.encode(item, req.add_special_tokens)))
+                out.append(_Prompt(item, await self.encode_prompt(item, req.add_special_tokens, "prompt")))
             else:
                 out.append(_Prompt(None, list(item)))
         return out

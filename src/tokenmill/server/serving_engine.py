@@ -1,87 +1,57 @@
 """What every OpenAI handler shares: body parsing, model check, tokenization, sampling
-params, context-length check, the engine stream, and the two ways a response ends (one
-JSON body, or SSE events then [DONE])."""
+params, context-length check, the engine stream; the response tails are in responses.py."""
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from tokenmill.engine.async_llm import AsyncLLM, EngineDeadError
 from tokenmill.engine.llm import default_sampling_params
-from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.admission import Admission, Reservation
 from tokenmill.server.args import ServerSettings
+from tokenmill.server.drain import DrainAborted
 from tokenmill.server.errors import (
     APIError,
     bad_request,
-    error_body,
     from_validation_error,
     from_value_error,
     unavailable,
 )
+from tokenmill.server.limits import RequestLimits
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.prompt_encoder import PromptEncoder
-from tokenmill.server.protocol import OpenAIBaseModel, ResponseBase, SamplingFields, UsageInfo
-from tokenmill.server.streaming import (
-    SSE_DONE,
-    ChunkWriter,
-    SSEResponse,
-    run_until_disconnect,
-    sse_event,
-)
+from tokenmill.server.protocol import OpenAIBaseModel, SamplingFields
+from tokenmill.server.responses import ResponseWriter
+from tokenmill.server.streaming import STATUS_CLIENT_CLOSED, run_until_disconnect
 from tokenmill.server.unsupported import IGNORED_FIELDS, Unsupported
+from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger("tokenmill.server")
 
 M = TypeVar("M", bound=OpenAIBaseModel)
 
-# OpenAI's own limit on n.
-MAX_N = 128
+MAX_WARNED_FIELDS = 100
 
 
-@dataclass
-class SampleState:
-    """One choice's accumulated output, for non-streaming responses."""
-
-    text_parts: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[PositionLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-    def add(self, out: CompletionOutput) -> None:
-        self.text_parts.append(out.text)
-        self.token_ids.extend(out.token_ids)
-        if out.logprobs:
-            self.logprobs.extend(out.logprobs)
-        if out.finish_reason is not None:
-            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
-
-    @property
-    def text(self) -> str:
-        return "".join(self.text_parts)
-
-
-class OpenAIServing:
+class OpenAIServing(ResponseWriter):
     def __init__(self, engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics,
-                 admission: Admission, encoder: PromptEncoder) -> None:
+                 admission: Admission, encoder: PromptEncoder, limits: RequestLimits) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.settings = settings
         self.metrics = metrics
         self.admission = admission
-        self.encode = encoder.encode
+        self._encoder = encoder
+        self.limits = limits
         self.max_model_len = engine.config.scheduler.max_model_len
         # The checkpoint's generation_config.json defaults apply when a field is not sent.
         self.defaults = default_sampling_params(engine.config.model_path)
@@ -89,14 +59,20 @@ class OpenAIServing:
 
     # ---- request parsing -------------------------------------------------------------------
 
+    @staticmethod
+    async def handle(raw_request: Request, handler: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Run a POST handler until its client leaves: then the handler is cancelled wherever
+        it is (tokenizing, waiting for the engine) and the answer is 499."""
+        try:
+            await raw_request.body()  # read (and size-checked) first: the watcher reads what follows
+        except ClientDisconnect:
+            return Response(status_code=STATUS_CLIENT_CLOSED)
+        return await run_until_disconnect(raw_request, handler(raw_request))
+
     async def parse(self, raw_request: Request, model_cls: type[M], unsupported: Unsupported) -> M:
         """Read the JSON body into `model_cls`; 400 for malformed JSON, bad fields, and
         features that are not implemented."""
-        body = await raw_request.body()
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad_request(f"The request body is not valid JSON: {e}.") from None
+        data = self.limits.parse_json(await raw_request.body())
         if not isinstance(data, dict):
             raise bad_request("The request body must be a JSON object.")
         try:
@@ -109,9 +85,17 @@ class OpenAIServing:
                 raise bad_request(f"{check[1]} is not supported by tokenmill yet.", param=name,
                                   code="unsupported_parameter")
             if check is None and name not in IGNORED_FIELDS and name not in self._warned_fields:
-                self._warned_fields.add(name)
-                logger.warning("ignoring unknown request field %r (logged once per field)", name)
+                self._warn_unknown_field(name)
         return req
+
+    def _warn_unknown_field(self, name: str) -> None:
+        # Bounded: a client inventing a new name per request must not grow memory or the log.
+        if len(self._warned_fields) < MAX_WARNED_FIELDS:
+            self._warned_fields.add(name)
+            logger.warning("ignoring unknown request field %r (logged once per field)", name)
+        elif len(self._warned_fields) == MAX_WARNED_FIELDS:
+            self._warned_fields.add(name)
+            logger.warning("more than %d distinct unknown request fields: no longer logged", MAX_WARNED_FIELDS)
 
     def check_model(self, name: str | None) -> str:
         """The model name to report; 404 for a name this server does not serve."""
@@ -128,8 +112,6 @@ class OpenAIServing:
             raise unavailable("The engine is not running.", code="engine_dead")
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
-        if not 1 <= req.n <= MAX_N:
-            raise bad_request(f"n must be between 1 and {MAX_N}, got {req.n}.", param="n")
         return model
 
     def check_num_logprobs(self, value: int | None, param: str) -> None:
@@ -138,6 +120,23 @@ class OpenAIServing:
             raise bad_request(f"{param} must be between 0 and {limit}, got {value}.", param=param)
 
     # ---- tokens ----------------------------------------------------------------------------
+
+    def require_tokenizer(self, param: str) -> Tokenizer:
+        """The tokenizer; 400 naming `param` when the server runs without one."""
+        if self.tokenizer is None:
+            raise bad_request(f"'{param}' needs the tokenizer, which this server skipped "
+                              "(--skip-tokenizer-init); send prompts as token ids.", param=param)
+        return self.tokenizer
+
+    async def encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        self.require_tokenizer(param)
+        return await self._encoder.encode(text, add_special_tokens)
+
+    async def encode_prompt(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """Token ids of a prompt for generation: 400 before tokenizing one too long to fit."""
+        self.require_tokenizer(param)
+        self.limits.check_prompt_chars(text, param)
+        return await self.encode(text, add_special_tokens, param)
 
     def resolve_max_tokens(self, num_prompt: int, max_tokens: int | None, kind: str, param: str) -> int:
         """The request's max_tokens checked against the context; None -> all the room left.
@@ -221,59 +220,12 @@ class OpenAIServing:
                     yield out
         except EngineDeadError as e:
             raise unavailable(f"The engine stopped: {e}", code="engine_dead") from None
+        except DrainAborted as e:
+            logger.warning("%s aborted while draining: %s", engine_request_id, e.reason)
+            raise unavailable(str(e), code="shutting_down") from None
         except ValueError as e:
             raise from_value_error(e, "prompt") from None
         finally:
             reservation.release(params.n)
             if not finished:
                 self.metrics.record_abort(engine_request_id, params.n)
-
-    # ---- responses -------------------------------------------------------------------------
-
-    async def full_response(self, raw_request: Request, body: Awaitable[ResponseBase], start: float,
-                            reservation: Reservation) -> Response:
-        """A non-streaming response: await `body` unless the client leaves first (499)."""
-        async def respond() -> Response:
-            done = await body
-            self.log_request(raw_request, done.id, done.usage, [c.finish_reason for c in done.choices], start)
-            return Response(done.model_dump_json(), media_type="application/json")
-
-        try:
-            return await run_until_disconnect(raw_request, respond())
-        finally:
-            reservation.release_all()
-
-    def stream_response(self, raw_request: Request, req: SamplingFields, writer: ChunkWriter,
-                        events: AsyncIterator[str], num_prompt: int, start: float,
-                        reservation: Reservation) -> SSEResponse:
-        """A streaming response: the handler's `events`, the usage event if asked, [DONE]."""
-        body = self._sse_body(raw_request, req, writer, events, num_prompt, start)
-        return SSEResponse(body, on_close=reservation.release_all)
-
-    async def _sse_body(self, raw_request: Request, req: SamplingFields, writer: ChunkWriter,
-                        events: AsyncIterator[str], num_prompt: int, start: float) -> AsyncIterator[str]:
-        # The 200 status line went out before the first event, so an error can only be told
-        # as one last event.
-        try:
-            async with aclosing(events):
-                async for event in events:
-                    yield event
-            usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=writer.num_completion_tokens)
-            if req.stream_options is not None and req.stream_options.include_usage:
-                yield writer.usage_event(usage)
-            self.log_request(raw_request, writer.request_id, usage, list(writer.finish_reasons.values()), start)
-        except APIError as e:
-            yield sse_event(e.body())
-        except Exception:
-            logger.exception("%s failed while streaming", writer.request_id)
-            yield sse_event(error_body(f"Internal server error while streaming {writer.request_id}; "
-                                       "see the server log.", "server_error", code="internal_error"))
-        yield SSE_DONE
-
-    def log_request(self, raw_request: Request, request_id: str, usage: UsageInfo,
-                    finish_reasons: list[str | None], start: float) -> None:
-        if self.settings.log_requests:
-            logger.info("%s (x-request-id %s): %d prompt + %d completion tokens, finish=%s, %.3f s",
-                        request_id, getattr(raw_request.state, "request_id", "-"), usage.prompt_tokens,
-                        usage.completion_tokens, ",".join(str(r) for r in finish_reasons),
-                        time.monotonic() - start)

@@ -39,26 +39,40 @@ class ChunkWriter:
     serialized once per response here instead of once per token.
     """
 
-    def __init__(self, envelope: ResponseBase) -> None:
-        """`envelope`: the response with `choices=[]` and no usage."""
+    def __init__(self, envelope: ResponseBase, continuous_usage_prompt_tokens: list[int] | None = None) -> None:
+        """Args:
+            envelope: the response with `choices=[]` and no usage.
+            continuous_usage_prompt_tokens: for vLLM's continuous usage stats, the prompt
+                length of each choice (by index); every event then carries that choice's
+                usage so far instead of `usage: null`.
+        """
         self._envelope = envelope
-        # No JSON string holds an unescaped quote, so this finds the choices field itself.
+        # No JSON string holds an unescaped quote, so these find the fields themselves.
         head, marker, tail = envelope.model_dump_json().partition('"choices":[]')
-        assert marker, "the envelope must have choices=[]"
+        assert marker and '"usage":null' in tail, "the envelope must have choices=[] and no usage"
         self._head = f'data: {head}"choices":['
         self._tail = f"]{tail}\n\n"
+        self._continuous_prompt_tokens = continuous_usage_prompt_tokens
         self.request_id = envelope.id
         self.num_completion_tokens = 0
+        self.tokens_per_choice: dict[int, int] = {}
         self.finish_reasons: dict[int, str] = {}  # choice index -> reason, in finishing order
 
     def choice_event(self, choice: CompletionChoice | ChatChunkChoice,
                      out: CompletionOutput | None = None) -> str:
         """The event for `choice`; `out` is the engine output it carries, if any."""
+        index = choice.index
         if out is not None:
             self.num_completion_tokens += len(out.token_ids)
+            self.tokens_per_choice[index] = self.tokens_per_choice.get(index, 0) + len(out.token_ids)
             if out.finish_reason is not None:
-                self.finish_reasons[choice.index] = out.finish_reason
-        return self._head + choice.model_dump_json() + self._tail
+                self.finish_reasons[index] = out.finish_reason
+        tail = self._tail
+        if self._continuous_prompt_tokens is not None:
+            usage = UsageInfo(prompt_tokens=self._continuous_prompt_tokens[index],
+                              completion_tokens=self.tokens_per_choice.get(index, 0))
+            tail = tail.replace('"usage":null', f'"usage":{usage.model_dump_json()}', 1)
+        return self._head + choice.model_dump_json() + tail
 
     def usage_event(self, usage: UsageInfo) -> str:
         """The last event with `stream_options.include_usage`: no choices, only the usage."""
