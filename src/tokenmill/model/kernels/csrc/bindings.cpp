@@ -203,6 +203,70 @@ void sample_exponential_race(at::Tensor& out, const at::Tensor& logits, const at
   run(selected()->sample, args, logits.size(0), 1);
 }
 
+// ggml type id -> (format, values per block, bytes per block).
+struct StoredFormat {
+  int64_t ggml_type;
+  tmk::WeightFormat format;
+  int64_t block_values, block_bytes;
+};
+constexpr StoredFormat kStoredFormats[] = {
+    {1, tmk::kWF16, 1, 2},       {30, tmk::kWBF16, 1, 2},     {2, tmk::kWQ4_0, 32, 18},
+    {3, tmk::kWQ4_1, 32, 20},    {6, tmk::kWQ5_0, 32, 22},    {7, tmk::kWQ5_1, 32, 24},
+    {8, tmk::kWQ8_0, 32, 34},    {12, tmk::kWQ4_K, 256, 144}, {13, tmk::kWQ5_K, 256, 176},
+    {14, tmk::kWQ6_K, 256, 210},
+};
+
+const StoredFormat& stored_format(int64_t ggml_type, int64_t k, const at::Tensor& w, const char* op) {
+  for (const auto& f : kStoredFormats) {
+    if (f.ggml_type != ggml_type) continue;
+    TORCH_CHECK(k % 32 == 0 && k % f.block_values == 0, op, ": rows of ", k, " values are not whole blocks");
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) == k / f.block_values * f.block_bytes, op,
+                ": weights must be uint8 [rows, ", k / f.block_values * f.block_bytes, "] for ", k, " values per row");
+    return f;
+  }
+  TORCH_CHECK(false, op, ": no kernel reads ggml type ", ggml_type);
+}
+
+// Tokens per pass over the weights: their activations (64 x k float32) stay in L2 while
+// every panel of rows is multiplied by them.
+constexpr int64_t kTokenBlock = 64;
+
+void weight_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t ggml_type) {
+  const char* op = "weight_matmul";
+  check_cpu_contiguous({&x, &w}, op);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, op,
+              ": x and out must be float32 matrices");
+  const int64_t tokens = x.size(0), k = x.size(1), n = w.size(0);
+  const StoredFormat& f = stored_format(ggml_type, k, w, op);
+  // out may be a column slice of a wider output (one part of a fused projection).
+  TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.size(0) == tokens && out.size(1) == n &&
+                  out.stride(1) == 1,
+              op, ": out must be [tokens, rows] with contiguous rows");
+  const int64_t ldo = out.stride(0);
+  const int64_t panels = (n + tmk::kPanelRows - 1) / tmk::kPanelRows;
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
+    const tmk::WeightMatmulArgs args{out.data_ptr<float>() + t0 * ldo, x.data_ptr<float>() + t0 * k,
+                                     w.data_ptr<uint8_t>(), std::min(kTokenBlock, tokens - t0), n, k, w.size(1), ldo,
+                                     f.format};
+    run(selected()->weight_matmul, args, panels, 1);
+  }
+}
+
+void decode_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& rows, int64_t ggml_type) {
+  const char* op = "decode_rows";
+  check_cpu_contiguous({&out, &w, &rows}, op);
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && rows.scalar_type() == at::kLong &&
+                  rows.numel() == out.size(0),
+              op, ": out must be float32 [len(rows), k], rows int64");
+  const StoredFormat& f = stored_format(ggml_type, out.size(1), w, op);
+  const int64_t* ids = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < w.size(0), op, ": row ", ids[i], " out of range");
+  }
+  const tmk::DecodeRowsArgs args{out.data_ptr<float>(), w.data_ptr<uint8_t>(), ids, out.size(1), w.size(1), f.format};
+  run(selected()->decode_rows, args, rows.numel(), 16);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenmill, m) {
@@ -216,6 +280,8 @@ TORCH_LIBRARY(tokenmill, m) {
         "int num_heads) -> ()",
         &rotary_and_cache);
   m.def("sample_exponential_race(Tensor(a!) out, Tensor logits, Tensor keys) -> ()", &sample_exponential_race);
+  m.def("weight_matmul(Tensor(a!) out, Tensor x, Tensor w, int ggml_type) -> ()", &weight_matmul);
+  m.def("decode_rows(Tensor(a!) out, Tensor w, Tensor rows, int ggml_type) -> ()", &decode_rows);
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("set_cpu_isa(str name) -> ()", &set_cpu_isa);

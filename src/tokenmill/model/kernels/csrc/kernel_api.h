@@ -69,6 +69,36 @@ struct SampleArgs {
   int64_t vocab;
 };
 
+// Stored weight formats the weight kernels read in place: 16-bit floats and ggml's
+// quantized blocks (ggml type ids in the bindings' table; layouts in weight_formats.h).
+enum WeightFormat : int {
+  kWF16 = 0, kWBF16, kWQ4_0, kWQ4_1, kWQ5_0, kWQ5_1, kWQ8_0, kWQ4_K, kWQ5_K, kWQ6_K, kNumWeightFormats
+};
+
+// Writes the k float32 values of one stored row.
+using RowDecoder = void (*)(const uint8_t* row, float* out, int64_t k);
+
+// out[t, n] = sum_k x[t, k] * W[n, k], W stored as `format` rows of row_bytes. Work items
+// are panels of kPanelRows output rows: each panel is decoded once into float32 (in L1)
+// and multiplied by every token.
+constexpr int64_t kPanelRows = 4;
+struct WeightMatmulArgs {
+  float* out;          // [tokens, n], row stride ldo
+  const float* x;      // [tokens, k]
+  const uint8_t* w;    // [n, row_bytes]
+  int64_t tokens, n, k, row_bytes, ldo;
+  WeightFormat format;
+};
+
+// out[i] = decoded row rows[i] of W (embedding lookups, tests).
+struct DecodeRowsArgs {
+  float* out;             // [num_rows, k]
+  const uint8_t* w;       // [n, row_bytes]
+  const int64_t* rows;    // [num_rows]
+  int64_t k, row_bytes;
+  WeightFormat format;
+};
+
 // Every kernel processes items [begin, end) (requests x KV heads, rows or tokens): the
 // caller owns the threads, so all kernels share torch's one OpenMP pool.
 template <typename Args>
@@ -81,6 +111,8 @@ struct KernelTable {
   KernelFn<SiluAndMulArgs> silu_and_mul[kNumDTypes];
   KernelFn<RotaryCacheArgs> rotary_and_cache[kNumDTypes];
   KernelFn<SampleArgs> sample;
+  KernelFn<WeightMatmulArgs> weight_matmul;
+  KernelFn<DecodeRowsArgs> decode_rows;
 };
 
 // The tables compiled into this library; nullptr where the compiler could not build
