@@ -10,7 +10,8 @@ import sys
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine settings shared by `serve` and `generate` (named as in vLLM)."""
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: the bundled demo model).")
+    g.add_argument("--model", default=None, help="A Hugging Face checkpoint directory or a .gguf file (default: SmolLM2-135M-Instruct, "
+                        "installed by `make run`).")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="Weight and activation dtype. auto: bfloat16 on CPUs with bf16 matrix "
                         "instructions (AVX512-BF16/AMX), float32 otherwise; bf16 on CUDA. (default: auto)")
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="Generate text for one prompt, streamed to the terminal.",
                          description="Generate text for one prompt and stream it to the terminal as it is decoded.")
-    gen.add_argument("--prompt", default="ROMEO:", help="Prompt text. (default: 'ROMEO:')")
+    gen.add_argument("--prompt", default="The capital of France is",
+                     help="Prompt text. (default: 'The capital of France is')")
     gen.add_argument("--prompt-token-ids", type=_parse_ids, default=None, metavar="IDS",
                      help="The prompt as comma-separated token ids instead of text (needed with --skip-tokenizer-init).")
     gen.add_argument("--chat", action="store_true", help="Wrap the prompt as a user message with the model's chat template.")

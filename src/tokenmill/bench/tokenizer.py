@@ -1,8 +1,9 @@
 """The client-side tokenizer: makes random prompts and counts tokens a server did not report.
 
 Only the `tokenizers` package is used (no transformers at run time). The default is the
-bundled demo model's tokenizer, so `bench serve` works against tokenmill without flags;
-for another server's model pass `--tokenizer DIR` (a folder with tokenizer.json, or the file).
+default model's tokenizer (SmolLM2-135M-Instruct, from its GGUF file), so `bench serve` works
+against tokenmill without flags; for another server's model pass `--tokenizer PATH` (a folder
+with tokenizer.json, the file itself, or a .gguf file).
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ class HFTokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
-        self._tok = Tokenizer.from_file(str(file))
+        if file.suffix == ".gguf":  # the vocabulary in the file's metadata
+            from tokenmill.tokenizer import Tokenizer as ModelTokenizer
+
+            self._tok = ModelTokenizer.from_gguf(file).backend
+        else:
+            self._tok = Tokenizer.from_file(str(file))
         self.path = str(file)
 
     def encode(self, text: str) -> list[int]:
@@ -60,17 +66,24 @@ def load_tokenizer(path: str | Path | None) -> HFTokenizer | None:
     """Load the tokenizer to use for prompts and token counting.
 
     Args:
-        path: a folder holding tokenizer.json or the file itself; None: the demo model's.
+        path: a folder holding tokenizer.json, the file itself, or a .gguf file; None: the
+            default model's (the demo model's where the default model is not installed).
 
     Returns:
-        The tokenizer, or None when path is None and the demo model has no tokenizer yet
-        (the caller then sends token ids and counts one token per streamed chunk).
+        The tokenizer, or None when path is None and neither model is there (the caller
+        then sends token ids and counts one token per streamed chunk).
 
     Raises:
         FileNotFoundError: an explicit path holds no tokenizer.
     """
     if path is not None:
         return HFTokenizer(path)
+    from tokenmill.model.default_model import default_model_path
+
+    try:
+        return HFTokenizer(default_model_path())
+    except FileNotFoundError:
+        pass
     if (DEMO_MODEL_DIR / "tokenizer.json").is_file():
         return HFTokenizer(DEMO_MODEL_DIR)
     return None
