@@ -50,6 +50,12 @@ def describe_run(record: RunRecord) -> str:
     return " ".join(parts)
 
 
+def _small(v: float) -> str:
+    """llama-perplexity prints 6 decimals; values below 1e-3 get 4 significant digits, so a
+    divergence of 1e-6 between two float32 implementations does not read as 0."""
+    return f"{v:.6f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.4e}"
+
+
 def format_result(record: RunRecord) -> str:
     """The result block, in llama-perplexity's terms."""
     s, proto = record.summary, record.workload["protocol"]
@@ -70,9 +76,9 @@ def format_result(record: RunRecord) -> str:
             f"{(ref.get('config') or {}).get('dtype', '')} (run {ref.get('run_id')}) ======",
             f"Mean PPL(base)                : {d['ref_ppl']:.6f}",
             f"Mean PPL(Q)/PPL(base)         : {d['ppl_ratio']:.6f}",
-            f"Mean ln(PPL(Q)/PPL(base))     : {d['ln_ppl_ratio']:.6f} +/- {d['ln_ppl_ratio_se']:.6f}",
-            f"Mean    KLD: {d['mean_kld']:.6f} +/- {d['kld_se']:.6f}",
-            *(f"{name:<7} KLD: {v:.6f}" for name, v in d["kld_percentiles"].items()),
+            f"Mean ln(PPL(Q)/PPL(base))     : {_small(d['ln_ppl_ratio'])} +/- {_small(d['ln_ppl_ratio_se'])}",
+            f"Mean    KLD: {_small(d['mean_kld'])} +/- {_small(d['kld_se'])}",
+            *(f"{name:<7} KLD: {_small(v)}" for name, v in d["kld_percentiles"].items()),
             f"Same top p: {100 * d['same_top']:.3f} +/- {100 * d['same_top_se']:.3f} % "
             f"({d['num_top_judged']:,} positions judged)",
         ]
