@@ -69,10 +69,12 @@ def test_operator_metrics(server, http):
     http.post("/v1/completions", json={**LONG, "max_tokens": 1})
     http.post("/v1/completions", json={**LONG, "temperature": -1})
     http.get("/v1/nothing")
+    http.request("BREW", "/v1/completions")  # a method name of the client's choosing
     text = scrape(http)
     assert metric(text, "http_requests_total", handler="/v1/completions", method="POST", status="200") >= 1
     assert metric(text, "http_requests_total", handler="/v1/completions", method="POST", status="400") == 1
     assert metric(text, "http_requests_total", handler="none", method="GET", status="404") == 1
+    assert metric(text, "http_requests_total", handler="/v1/completions", method="other", status="405") == 1
     for reason in ("capacity", "too_large", "shutting_down"):
         assert metric(text, "tokenmill:admission_rejections_total", model_name=MODEL_NAME, reason=reason) == 0
     assert metric(text, "process_resident_memory_bytes") > 10**7

@@ -38,6 +38,7 @@ FINISH_REASONS = ("stop", "length", "abort")
 # vLLM's buckets for tokens per engine step.
 ITERATION_TOKENS_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 ADMISSION_REJECTION_REASONS = ("capacity", "too_large", "shutting_down")
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def buckets_1_2_5(limit: int) -> list[int]:
@@ -178,6 +179,8 @@ class ServerMetrics:
         return prometheus_client.generate_latest(self.registry)
 
     def record_http(self, handler: str, method: str, status: int) -> None:
+        # Clients choose the method: any other name would be a new series each.
+        method = method if method in _HTTP_METHODS else "other"
         self.http_requests.labels(handler, method, str(status)).inc()
 
     def record_rejection(self, reason: str) -> None:

@@ -1,0 +1,100 @@
+"""One huge request against a real `tokenmill serve`: how long until the client gets its 4xx,
+how much memory the server took, and whether a small request is served meanwhile.
+
+    python tests/server/bench_body_limit.py                # 50 MB prompt, bundled demo model
+    python tests/server/bench_body_limit.py --mb 8 --serve-arg=--max-request-body-bytes=16000000
+
+Peak memory is the server process's VmHWM (Linux's exact high-water mark of resident memory).
+Not a test: the point is the numbers in docs/server.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tokenmill.config import DEMO_MODEL_DIR
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEMO_MODEL_DIR)
+    ap.add_argument("--mb", type=float, default=50.0, help="prompt size in MB (default: 50)")
+    ap.add_argument("--serve-arg", action="append", default=[], help="extra `tokenmill serve` option")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    args = ap.parse_args()
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "tokenmill.server", "--model", args.model, "--port", str(port),
+           "--uvicorn-log-level", "warning", *args.serve_arg]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        rss_idle = _rss_mb(proc.pid, "VmRSS")
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        body = json.dumps({"model": model, "prompt": "ROMEO: " * int(args.mb * 1e6 / 7), "max_tokens": 1}).encode()
+        # A 2,500-character prompt sent meanwhile: is it held up?
+        small = {"model": model, "prompt": "JULIET: " * 300, "max_tokens": 1}
+        small_times: list[float] = []
+        done = threading.Event()
+
+        def probe() -> None:
+            while not done.is_set():
+                t = time.monotonic()
+                httpx.post(url + "/v1/completions", json=small, timeout=args.timeout)
+                small_times.append(time.monotonic() - t)
+                time.sleep(0.2)
+
+        prober = threading.Thread(target=probe, daemon=True)
+        prober.start()
+        start = time.monotonic()
+        try:
+            resp = httpx.post(url + "/v1/completions", content=body, timeout=args.timeout,
+                              headers={"content-type": "application/json"})
+            outcome = f"HTTP {resp.status_code}: {resp.text[:160]}"
+        except httpx.HTTPError as e:
+            outcome = f"{type(e).__name__}: {e}"
+        elapsed = time.monotonic() - start
+        done.set()
+        prober.join()
+        print(f"request body: {len(body) / 1e6:.1f} MB")
+        print(f"answer after {elapsed:.2f} s: {outcome}")
+        print(f"server resident memory: {rss_idle:.0f} MB idle, peak {_rss_mb(proc.pid, 'VmHWM'):.0f} MB")
+        if small_times:
+            print(f"small requests meanwhile: {len(small_times)}, slowest {max(small_times):.2f} s")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
