@@ -14,6 +14,7 @@ from torch import nn
 from tokenmill.config import ModelConfig
 from tokenmill.model import kernels
 from tokenmill.model.layers.attention import AttentionMetadata, paged_attention, write_kv
+from tokenmill.model.layers.embedding import Embedding
 from tokenmill.model.layers.linear import Linear
 from tokenmill.model.layers.norm import RMSNorm
 from tokenmill.model.layers.rotary import RotaryEmbedding, apply_rotary
@@ -110,7 +111,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

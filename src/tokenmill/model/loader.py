@@ -10,21 +10,37 @@ import torch
 from torch import nn
 
 from tokenmill.config import ModelConfig
+from tokenmill.model import kernels
+from tokenmill.model.layers.embedding import Embedding
 from tokenmill.model.layers.linear import Linear
 from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.stored_weight import StoredWeight
 from tokenmill.model.weights import iter_weights
 
 
-def _checkpoint_tensors(model_path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, tensor) for every tensor of a safetensors directory or GGUF file."""
+def _checkpoint_tensors(
+    model_path: str | Path, cfg: ModelConfig, keep_stored: bool
+) -> Iterator[tuple[str, torch.Tensor | StoredWeight]]:
+    """(Hugging Face name, tensor) for every tensor of a safetensors directory or GGUF file;
+    with keep_stored, a GGUF file's quantized and 16-bit matrices stay as stored."""
     from tokenmill.model.gguf import is_gguf_file
 
     if is_gguf_file(model_path):
         from tokenmill.model.gguf.reader import GGUFFile
         from tokenmill.model.gguf.weights import iter_gguf_weights
 
-        return iter_gguf_weights(GGUFFile(model_path), cfg)
+        return iter_gguf_weights(GGUFFile(model_path), cfg, keep_stored)
     return iter_weights(model_path)
+
+
+def _set_stored(model: nn.Module, target: str, rows: slice | None, weight: StoredWeight, dtype: torch.dtype) -> None:
+    module = model.get_submodule(target.rpartition(".")[0])
+    if isinstance(module, Linear):
+        module.set_stored(rows.start if rows is not None else 0, weight)
+    elif isinstance(module, Embedding):
+        module.set_stored(weight, dtype)
+    else:  # no kernel path for this parameter: it never happens for the models we build
+        raise TypeError(f"{target}: a stored weight for a {type(module).__name__}")
 
 
 # Tensors some checkpoints carry that we recompute instead of loading.
@@ -89,7 +105,10 @@ def load_model(
         model = LlamaForCausalLM(cfg, max_positions)
     expected = _checkpoint_layout(model, cfg)
     loaded: set[str] = set()
-    for name, tensor in _checkpoint_tensors(model_dir, cfg):
+    # Quantized GGUF matrices run as stored where the CPU kernels can read them, else are
+    # dequantized to `dtype` here.
+    keep_stored = device.type == "cpu" and kernels.cpu_kernels() is not None
+    for name, tensor in _checkpoint_tensors(model_dir, cfg, keep_stored):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -104,7 +123,9 @@ def load_model(
             raise ValueError(
                 f"{model_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {shape}."
             )
-        if rows is None and tensor.dtype == dtype and device.type == "cpu":
+        if isinstance(tensor, StoredWeight):
+            _set_stored(model, target, rows, tensor, dtype)
+        elif rows is None and tensor.dtype == dtype and device.type == "cpu":
             # Keep it memory-mapped: no copy at load.
             module_name, _, attr = target.rpartition(".")
             model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
@@ -117,7 +138,11 @@ def load_model(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{model_dir}: checkpoint is missing tensors: {shown}.")
     if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        embed = model.model.embed_tokens
+        if embed.stored is not None:
+            model.lm_head.set_stored(0, embed.stored)
+        else:
+            model.lm_head.weight = embed.weight
     model.model.rotary.materialize(device)
     for module in model.modules():
         if isinstance(module, Linear):

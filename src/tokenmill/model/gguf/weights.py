@@ -17,7 +17,9 @@ import torch
 
 from tokenmill.config import ModelConfig
 from tokenmill.model.gguf.dequant import dequantize
+from tokenmill.model.gguf.quant_types import F32
 from tokenmill.model.gguf.reader import GGUFFile
+from tokenmill.model.stored_weight import StoredWeight
 
 _TOP_LEVEL = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -62,11 +64,14 @@ def unpermute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(f: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face name, float32 tensor) for every parameter tensor of the file.
+def iter_gguf_weights(
+    f: GGUFFile, cfg: ModelConfig, keep_stored: bool = False
+) -> Iterator[tuple[str, torch.Tensor | StoredWeight]]:
+    """Yield (Hugging Face name, tensor) for every parameter tensor of the file.
 
     Every tensor's name and type are checked before any is dequantized, so a bad file fails
-    at once.
+    at once. Tensors are float32; with `keep_stored`, matrices stored quantized or in 16
+    bits stay in their format as memory-mapped `StoredWeight`s (the CPU kernels read them).
 
     Raises:
         ValueError: a tensor of an unsupported type or with no place in the model (the
@@ -90,9 +95,18 @@ def iter_gguf_weights(f: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, torc
     permuted = cfg.architecture == "LlamaForCausalLM"
     for name, target in names.items():
         info = f.tensors[name]
-        w = dequantize(f.raw_blocks(name), info.ggml_type, info.shape)
+        if keep_stored and len(info.shape) == 2 and info.ggml_type != F32:
+            w = StoredWeight(info.ggml_type, torch.from_numpy(f.raw_blocks(name)), info.shape[1])
+        else:
+            w = dequantize(f.raw_blocks(name), info.ggml_type, info.shape)
         if permuted and ".self_attn.q_proj." in target:
-            w = unpermute_rotary(w, cfg.num_heads)
+            w = _permute_rows(w, cfg.num_heads)
         elif permuted and ".self_attn.k_proj." in target:
-            w = unpermute_rotary(w, cfg.num_kv_heads)
+            w = _permute_rows(w, cfg.num_kv_heads)
         yield target, w
+
+
+def _permute_rows(w: torch.Tensor | StoredWeight, num_heads: int) -> torch.Tensor | StoredWeight:
+    if isinstance(w, StoredWeight):  # rows are whole blocks: the same row order applies
+        return StoredWeight(w.ggml_type, unpermute_rotary(w.blocks, num_heads), w.cols)
+    return unpermute_rotary(w, num_heads)

@@ -1,4 +1,5 @@
-"""Linear layer whose weight can be repacked once for oneDNN on CPU."""
+"""Linear layer: a float weight (repacked once for oneDNN on CPU), or stored weights read
+in place by the CPU kernels."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.model.stored_weight import StoredWeight
+
 
 class Linear(nn.Module):
     """y = x W^T + b over [T, in_features] inputs.
@@ -15,6 +18,10 @@ class Linear(nn.Module):
     `pack_for_cpu()` reorders the weight into oneDNN's blocked layout: the GEMM then
     skips its per-call weight reformatting: one layer's linears measured 1.25-1.33x
     faster at 64 rows and 2.2-2.4x at 1 row (`python scripts/microbench.py linear`).
+
+    Or the weight stays in its file's storage format (`set_stored`): quantized blocks or
+    16-bit floats, one part per checkpoint tensor of a fused projection (q, k and v may
+    differ in format), each multiplied by the CPU kernels into its rows of the output.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -23,6 +30,12 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self._packed: torch.Tensor | None = None
+        self.stored: list[tuple[int, StoredWeight]] = []  # (first output row, its weight)
+
+    def set_stored(self, first_row: int, weight: StoredWeight) -> None:
+        """Keep rows first_row.. of the weight as `weight` (the float weight is dropped)."""
+        self.stored.append((first_row, weight))
+        self.weight = None  # type: ignore[assignment]
 
     @staticmethod
     def can_pack(weight: torch.Tensor) -> bool:
@@ -30,11 +43,18 @@ class Linear(nn.Module):
 
     def pack_for_cpu(self) -> None:
         """Replace the plain weight by a oneDNN-packed copy (the plain one is released)."""
-        if self._packed is None and self.can_pack(self.weight):
+        if not self.stored and self._packed is None and self.can_pack(self.weight):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
             self.weight = None  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stored:
+            xf = x.float().contiguous()  # [T, in]
+            out = xf.new_empty(xf.shape[0], self.out_features)  # [T, out] float32
+            for first_row, weight in self.stored:
+                weight.matmul(xf, out[:, first_row : first_row + weight.shape[0]])
+            out = out.to(x.dtype)
+            return out if self.bias is None else out.add_(self.bias)
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -213,7 +213,7 @@ constexpr StoredFormat kStoredFormats[] = {
     {1, tmk::kWF16, 1, 2},       {30, tmk::kWBF16, 1, 2},     {2, tmk::kWQ4_0, 32, 18},
     {3, tmk::kWQ4_1, 32, 20},    {6, tmk::kWQ5_0, 32, 22},    {7, tmk::kWQ5_1, 32, 24},
     {8, tmk::kWQ8_0, 32, 34},    {12, tmk::kWQ4_K, 256, 144}, {13, tmk::kWQ5_K, 256, 176},
-    {14, tmk::kWQ6_K, 256, 210},
+    {14, tmk::kWQ6_K, 256, 210}, {0, tmk::kWF32, 1, 4},
 };
 
 const StoredFormat& stored_format(int64_t ggml_type, int64_t k, const at::Tensor& w, const char* op) {

@@ -69,10 +69,10 @@ struct SampleArgs {
   int64_t vocab;
 };
 
-// Stored weight formats the weight kernels read in place: 16-bit floats and ggml's
+// Stored weight formats the weight kernels read in place: 32- and 16-bit floats and ggml's
 // quantized blocks (ggml type ids in the bindings' table; layouts in weight_formats.h).
 enum WeightFormat : int {
-  kWF16 = 0, kWBF16, kWQ4_0, kWQ4_1, kWQ5_0, kWQ5_1, kWQ8_0, kWQ4_K, kWQ5_K, kWQ6_K, kNumWeightFormats
+  kWF16 = 0, kWBF16, kWQ4_0, kWQ4_1, kWQ5_0, kWQ5_1, kWQ8_0, kWQ4_K, kWQ5_K, kWQ6_K, kWF32, kNumWeightFormats
 };
 
 // Writes the k float32 values of one stored row.

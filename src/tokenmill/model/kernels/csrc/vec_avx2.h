@@ -71,6 +71,23 @@ inline FVec round_to<bf16>(FVec a) { return {_mm256_castsi256_ps(_mm256_slli_epi
 template <>
 inline FVec round_to<f16>(FVec a) { return {_mm256_cvtph_ps(_mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT))}; }
 
+// Small integers of stored weights as floats, 8 at a time (see vec_generic.h).
+inline __m256i load_u8x8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline FVec load_u4(const uint8_t* p, int shift) {
+  const __m256i q = _mm256_and_si256(_mm256_srl_epi32(load_u8x8(p), _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(15));
+  return {_mm256_cvtepi32_ps(q)};
+}
+inline FVec load_q6(const uint8_t* ql, int lo_shift, const uint8_t* qh, int hi_shift) {
+  const __m256i lo = _mm256_and_si256(_mm256_srl_epi32(load_u8x8(ql), _mm_cvtsi32_si128(lo_shift)), _mm256_set1_epi32(15));
+  const __m256i hi = _mm256_and_si256(_mm256_srl_epi32(load_u8x8(qh), _mm_cvtsi32_si128(hi_shift)), _mm256_set1_epi32(3));
+  return {_mm256_cvtepi32_ps(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)))};
+}
+inline FVec load_i8(const int8_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+
 inline float reduce_add(FVec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -64,5 +64,22 @@ inline FVec round_to<bf16>(FVec a) { return {_mm512_castsi512_ps(_mm512_slli_epi
 template <>
 inline FVec round_to<f16>(FVec a) { return {_mm512_cvtph_ps(_mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT))}; }
 
+// Small integers of stored weights as floats, 16 at a time (see vec_generic.h).
+inline __m512i load_u8x16(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline FVec load_u4(const uint8_t* p, int shift) {
+  const __m512i q = _mm512_and_si512(_mm512_srl_epi32(load_u8x16(p), _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(15));
+  return {_mm512_cvtepi32_ps(q)};
+}
+inline FVec load_q6(const uint8_t* ql, int lo_shift, const uint8_t* qh, int hi_shift) {
+  const __m512i lo = _mm512_and_si512(_mm512_srl_epi32(load_u8x16(ql), _mm_cvtsi32_si128(lo_shift)), _mm512_set1_epi32(15));
+  const __m512i hi = _mm512_and_si512(_mm512_srl_epi32(load_u8x16(qh), _mm_cvtsi32_si128(hi_shift)), _mm512_set1_epi32(3));
+  return {_mm512_cvtepi32_ps(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)))};
+}
+inline FVec load_i8(const int8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+
 inline float reduce_add(FVec a) { return _mm512_reduce_add_ps(a.v); }
 inline float reduce_max(FVec a) { return _mm512_reduce_max_ps(a.v); }

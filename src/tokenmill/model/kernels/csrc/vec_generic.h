@@ -32,6 +32,14 @@ inline FVec fmadd(FVec a, FVec b, FVec c) { TM_LANES(a.lane[i] * b.lane[i] + c.l
 inline FVec exp(FVec a) { TM_LANES(fast_exp(a.lane[i])); }
 template <typename T>
 inline FVec round_to(FVec a) { TM_LANES(tmk::round_to<T>(a.lane[i])); }
+// Small integers of stored weights as floats, kW at a time: ((p[i] >> shift) & 15) (4-bit
+// values), ((ql[i] >> lo_shift) & 15) | ((qh[i] >> hi_shift) & 3) << 4 (Q6_K's 6-bit values),
+// and signed bytes.
+inline FVec load_u4(const uint8_t* p, int shift) { TM_LANES(static_cast<float>((p[i] >> shift) & 15)); }
+inline FVec load_q6(const uint8_t* ql, int lo_shift, const uint8_t* qh, int hi_shift) {
+  TM_LANES(static_cast<float>(((ql[i] >> lo_shift) & 15) | (((qh[i] >> hi_shift) & 3) << 4)));
+}
+inline FVec load_i8(const int8_t* p) { TM_LANES(static_cast<float>(p[i])); }
 #undef TM_LANES
 
 inline float reduce_add(FVec a) {

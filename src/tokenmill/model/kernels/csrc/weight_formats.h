@@ -41,6 +41,7 @@ inline void k_scales_mins(const uint8_t* s, float d, float dmin, float* scale, f
 }
 
 // Each decoder writes the `k` values of one row starting at `row`.
+inline void decode_f32(const uint8_t* row, float* out, int64_t k) { std::memcpy(out, row, k * sizeof(float)); }
 inline void decode_f16(const uint8_t* row, float* out, int64_t k) { widen(out, reinterpret_cast<const f16*>(row), k); }
 inline void decode_bf16(const uint8_t* row, float* out, int64_t k) {
   widen(out, reinterpret_cast<const bf16*>(row), k);
@@ -48,29 +49,29 @@ inline void decode_bf16(const uint8_t* row, float* out, int64_t k) {
 
 inline void decode_q8_0(const uint8_t* row, float* out, int64_t k) {  // d f16 | 32 x int8
   for (int64_t b = 0; b < k / 32; ++b, row += 34, out += 32) {
-    const float d = f16_at(row);
+    const FVec d = set1(f16_at(row));
     const int8_t* q = reinterpret_cast<const int8_t*>(row + 2);
-    for (int j = 0; j < 32; ++j) out[j] = static_cast<float>(q[j]) * d;
+    for (int i = 0; i < 32; i += kW) store(out + i, mul(load_i8(q + i), d));
   }
 }
 
-inline void decode_q4_0(const uint8_t* row, float* out, int64_t k) {  // d f16 | 16 bytes of nibbles
-  uint8_t q[32];
-  for (int64_t b = 0; b < k / 32; ++b, row += 18, out += 32) {
-    const float d = f16_at(row);
-    nibbles32(row + 2, q);
-    for (int j = 0; j < 32; ++j) out[j] = d * (static_cast<float>(q[j]) - 8.f);
+// Q4_0 / Q4_1: value = d * (q - 8), or d * q + m, with q the nibbles of 16 bytes.
+template <bool kHasMin>
+inline void decode_q4(const uint8_t* row, float* out, int64_t k) {
+  constexpr int64_t kBytes = kHasMin ? 20 : 18;
+  for (int64_t b = 0; b < k / 32; ++b, row += kBytes, out += 32) {
+    const FVec d = set1(f16_at(row)), m = set1(kHasMin ? f16_at(row + 2) : 0.f), eight = set1(8.f);
+    const uint8_t* qs = row + (kHasMin ? 4 : 2);
+    for (int half = 0; half < 2; ++half) {
+      for (int i = 0; i < 16; i += kW) {
+        const FVec q = load_u4(qs + i, 4 * half);
+        store(out + 16 * half + i, kHasMin ? add(mul(d, q), m) : mul(d, sub(q, eight)));
+      }
+    }
   }
 }
-
-inline void decode_q4_1(const uint8_t* row, float* out, int64_t k) {  // d f16 | m f16 | 16 bytes of nibbles
-  uint8_t q[32];
-  for (int64_t b = 0; b < k / 32; ++b, row += 20, out += 32) {
-    const float d = f16_at(row), m = f16_at(row + 2);
-    nibbles32(row + 4, q);
-    for (int j = 0; j < 32; ++j) out[j] = d * static_cast<float>(q[j]) + m;
-  }
-}
+inline void decode_q4_0(const uint8_t* row, float* out, int64_t k) { decode_q4<false>(row, out, k); }
+inline void decode_q4_1(const uint8_t* row, float* out, int64_t k) { decode_q4<true>(row, out, k); }
 
 inline void decode_q5_0(const uint8_t* row, float* out, int64_t k) {  // d f16 | qh u32 | 16 bytes of nibbles
   uint8_t q[32];
@@ -101,9 +102,12 @@ inline void decode_k4(const uint8_t* block, const uint8_t* qs, const uint8_t* qh
   for (int s = 0; s < 8; ++s, out += 32) {
     const uint8_t* bytes = qs + 32 * (s / 2);
     const int shift = 4 * (s % 2);
-    for (int j = 0; j < 32; ++j) {
-      uint8_t q = (bytes[j] >> shift) & 0x0F;
-      if (qh != nullptr) q |= static_cast<uint8_t>(((qh[j] >> s) & 1u) << 4);
+    if (qh == nullptr) {  // Q4_K
+      for (int i = 0; i < 32; i += kW) store(out + i, sub(mul(set1(scale[s]), load_u4(bytes + i, shift)), set1(min[s])));
+      continue;
+    }
+    for (int j = 0; j < 32; ++j) {  // Q5_K
+      const uint8_t q = static_cast<uint8_t>(((bytes[j] >> shift) & 0x0F) | (((qh[j] >> s) & 1u) << 4));
       out[j] = scale[s] * static_cast<float>(q) - min[s];
     }
   }
@@ -133,9 +137,10 @@ inline void decode_q6_k(const uint8_t* row, float* out, int64_t k) {
         float* o = out + 128 * h + 32 * f;
         const float scale0 = d * static_cast<float>(scales[8 * h + 2 * f]);
         const float scale1 = d * static_cast<float>(scales[8 * h + 2 * f + 1]);
-        for (int j = 0; j < 32; ++j) {
-          const int q = ((ql[j] >> lo_shift) & 0x0F) | (((qh[j] >> hi_shift) & 3) << 4);
-          o[j] = (j < 16 ? scale0 : scale1) * (static_cast<float>(q) - 32.f);
+        const FVec thirty_two = set1(32.f);
+        for (int i = 0; i < 32; i += kW) {  // one scale per 16 values (kW divides 16)
+          const FVec q = load_q6(ql + i, lo_shift, qh + i, hi_shift);
+          store(o + i, mul(set1(i < 16 ? scale0 : scale1), sub(q, thirty_two)));
         }
       }
     }
@@ -145,5 +150,5 @@ inline void decode_q6_k(const uint8_t* row, float* out, int64_t k) {
 // In WeightFormat order (kernel_api.h).
 constexpr RowDecoder kDecoders[kNumWeightFormats] = {
     decode_f16, decode_bf16, decode_q4_0, decode_q4_1, decode_q5_0,
-    decode_q5_1, decode_q8_0, decode_q4_k, decode_q5_k, decode_q6_k,
+    decode_q5_1, decode_q8_0, decode_q4_k, decode_q5_k, decode_q6_k, decode_f32,
 };
