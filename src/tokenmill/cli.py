@@ -31,6 +31,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="Reuse the KV blocks of shared prompt prefixes across requests. (default: on)")
     g.add_argument("--seed", type=int, default=0, help="Seed of the engine's default random generator. (default: 0)")
+    g.add_argument("--quantization", default="auto", choices=["auto", "none"],
+                   help="How a quantized checkpoint (a GGUF file's Q4/Q5/Q6/Q8 blocks) runs. auto: its weights stay "
+                        "as stored and are multiplied natively by the CPU kernels (int8 activations, as llama.cpp; "
+                        "memory about the file size); none: dequantize every weight to --dtype at load (the float "
+                        "reference). (default: auto)")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="Do not load a tokenizer (for checkpoints without one): prompts must be token ids and "
                         "outputs are token ids; text prompts, chat and stop strings are refused.")
@@ -49,6 +54,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
         skip_tokenizer_init=args.skip_tokenizer_init,
+        quantization=args.quantization,
     )
 
 

@@ -12,6 +12,8 @@ from tokenmill import cpu
 
 logger = logging.getLogger(__name__)
 
+QUANTIZATION_CHOICES = ("auto", "none")
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -133,6 +135,15 @@ class EngineConfig:
     seed: int = 0
     # No tokenizer: prompts are token ids and outputs token ids only (vLLM's name).
     skip_tokenizer_init: bool = False
+    # How quantized checkpoint weights run: "auto" keeps them as stored and multiplies
+    # them natively on CPU (GGUF blocks with int8 activations, 16-bit floats as such);
+    # "none" dequantizes every weight to `dtype` at load (the float reference).
+    quantization: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; "
+                             f"got {self.quantization!r}.")
 
     def to_dict(self) -> dict:
         """A JSON-friendly summary (served at /version, stored by the bench lab)."""
@@ -146,6 +157,7 @@ class EngineConfig:
             "max_num_seqs": self.scheduler.max_num_seqs,
             "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,
             "max_model_len": self.scheduler.max_model_len,
+            "quantization": self.quantization,
         }
 
 
@@ -168,6 +180,7 @@ def create_engine_config(
     enable_prefix_caching: bool = True,
     seed: int = 0,
     skip_tokenizer_init: bool = False,
+    quantization: str = "auto",
 ) -> EngineConfig:
     """Build a validated EngineConfig from user-facing arguments (vLLM's names).
 
@@ -209,4 +222,5 @@ def create_engine_config(
         ),
         seed=seed,
         skip_tokenizer_init=skip_tokenizer_init,
+        quantization=quantization,
     )

@@ -1,5 +1,7 @@
 """Parity on the real model: SmolLM2-135M-Instruct (Q4_1 GGUF) in tokenmill float32 against
-transformers loading the same file dequantized to float32.
+transformers loading the same file dequantized to float32. tokenmill dequantizes it too
+(quantization="none"); the native path, which multiplies the blocks against int8
+activations as llama.cpp does, is measured against this one in test_native_quantized.py.
 
 Greedy continuations of 20 varied prompts x 64 tokens must be token-identical, and every
 position's top-5 logprobs within 1e-4 -- with the default engine, and with chunked prefill,
@@ -94,7 +96,7 @@ def reference(real_model, prompts):
 
 
 def run_tokenmill(real_model, prompts, **engine_args):
-    llm = LLM(real_model, dtype="float32", **engine_args)
+    llm = LLM(real_model, dtype="float32", quantization="none", **engine_args)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True, logprobs=TOP_K)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return llm, outs

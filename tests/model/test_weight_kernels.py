@@ -70,3 +70,47 @@ def test_weight_kernels_refuse_bad_input():
         ops.weight_matmul(torch.empty(1, 4), torch.randn(1, 512), blocks, 10)
     with pytest.raises(RuntimeError, match="row 4 out of range"):
         ops.decode_rows(torch.empty(1, 512), blocks, torch.tensor([4]), 3)
+
+
+INT8_FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+
+
+def test_activations_quantize_per_block_as_llama_cpp(isa):
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(1)) * 4
+    x[1, :32] = 0.0  # an all-zero block: scale 0, no NaN
+    q, d, s = ops.quantize_activations(x)
+    blocks = x.view(3, 3, 32)
+    want_d = blocks.abs().amax(-1) / 127
+    assert torch.equal(d, want_d) and d[1, 0] == 0
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    xhat = q.float().view(3, 3, 32) * d[..., None]
+    assert ((xhat - blocks).abs() <= d[..., None] / 2 * (1 + 1e-6)).all()  # round to nearest
+    torch.testing.assert_close(s, xhat.sum(-1))
+
+
+@pytest.mark.parametrize("name", INT8_FORMATS)
+@pytest.mark.parametrize("tokens", [1, 6])  # 6: a tile of 4 tokens and two single ones
+def test_quant_matmul_is_exact_on_the_quantized_activations(name, tokens, isa):
+    """Integer products are exact: the result is float64's on the decoded weights and the
+    dequantized activations up to float32 rounding; against the unquantized activations it
+    differs by the activation quantization (about 1% here)."""
+    rows, cols = 37, 512
+    blocks, w = stored(name, rows, cols, seed=tokens + 7)
+    x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+    q, d, s = ops.quantize_activations(x)
+    out = torch.full((tokens, rows + 3), float("nan"))
+    ops.quant_matmul(out[:, 3:], q, d, s, blocks, int(gguf.GGMLQuantizationType[name]))
+    xhat = (q.double().view(tokens, -1, 32) * d.double()[..., None]).view(tokens, cols)
+    w64 = torch.from_numpy(w).double()
+    exact, full = xhat @ w64.T, x.double() @ w64.T
+    scale = exact.abs().max().item()
+    torch.testing.assert_close(out[:, 3:].double(), exact, atol=1e-6 * scale, rtol=1e-5)
+    assert ((out[:, 3:].double() - full).abs().max() / scale) < 0.03
+    assert out[:, :3].isnan().all()
+
+
+def test_quant_matmul_refuses_formats_without_an_integer_kernel():
+    blocks, _ = stored("Q5_0", 4, 512)
+    q, d, s = ops.quantize_activations(torch.randn(1, 512))
+    with pytest.raises(RuntimeError, match="ggml type 6 has no integer kernel"):
+        ops.quant_matmul(torch.empty(1, 4), q, d, s, blocks, 6)

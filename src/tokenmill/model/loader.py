@@ -94,9 +94,13 @@ def _materialize(model: nn.Module, name: str, dtype: torch.dtype, device: torch.
 
 
 def load_model(
-    model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+    model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
+    keep_stored: bool = True,
 ) -> LlamaForCausalLM:
     """Build the model and fill it from the checkpoint's safetensors or GGUF tensors.
+
+    With keep_stored, a GGUF file's quantized and 16-bit matrices stay as stored where the
+    CPU kernels can multiply them; otherwise they are dequantized to `dtype`.
 
     Raises ValueError naming the tensor when a tensor is missing, unexpected or of the
     wrong shape.
@@ -105,9 +109,7 @@ def load_model(
         model = LlamaForCausalLM(cfg, max_positions)
     expected = _checkpoint_layout(model, cfg)
     loaded: set[str] = set()
-    # Quantized GGUF matrices run as stored where the CPU kernels can read them, else are
-    # dequantized to `dtype` here.
-    keep_stored = device.type == "cpu" and kernels.cpu_kernels() is not None
+    keep_stored = keep_stored and device.type == "cpu" and kernels.cpu_kernels() is not None
     for name, tensor in _checkpoint_tensors(model_dir, cfg, keep_stored):
         if name.endswith(_IGNORED_SUFFIXES):
             continue

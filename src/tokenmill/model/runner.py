@@ -48,7 +48,8 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.cache.block_size
         max_positions = max(config.scheduler.max_model_len, 1)
-        self.model = load_model(config.model_path, config.model, config.dtype, self.device, max_positions)
+        self.model = load_model(config.model_path, config.model, config.dtype, self.device, max_positions,
+                                keep_stored=config.quantization == "auto")
         self.num_blocks = num_kv_blocks_for(config)
         m = config.model
         shape = kv_cache_shape(self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)

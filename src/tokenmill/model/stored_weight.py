@@ -1,9 +1,13 @@
 """Weights kept in the storage format of their file (ggml blocks or 16-bit floats).
 
 A quantized GGUF model runs without being dequantized: its matrices stay as the file's
-bytes (memory-mapped: resident memory is about the file size) and the CPU kernels decode
-them block by block inside the matrix products (kernels/csrc/weight_formats.h). Layers
-hold `StoredWeight`s instead of float parameters where the loader chose to keep them.
+bytes (memory-mapped: resident memory is about the file size) and the CPU kernels read
+them block by block inside the matrix products. Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks
+are multiplied in integers against activations quantized to int8 per 32 values, as
+llama.cpp does (kernels/csrc/quant_matmul.h; 2-5x faster than decoding them to float, and
+than float32 weights, at 1-16 tokens: `python scripts/microbench.py quant`); the other
+formats are decoded to float32 inside the product (weight_formats.h). Layers hold
+`StoredWeight`s instead of float parameters where the loader chose to keep them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,18 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.model import kernels
+
+# ggml types multiplied in integers against int8-quantized activations (Q4_0, Q4_1, Q8_0,
+# Q4_K, Q6_K); the others (16-bit floats, Q5_*) are decoded to float32 in the product.
+INT8_ACTIVATION_TYPES = frozenset({2, 3, 8, 12, 14})
+
+
+QuantizedActivations = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # int8 [T, K], scales, sums [T, K/32]
+
+
+def quantize_activations(x: torch.Tensor) -> QuantizedActivations:
+    """x [T, K] float32 -> int8 per 32-value block with its scale and sum (llama.cpp's Q8_1)."""
+    return kernels.cpu_kernels().quantize_activations(x)
 
 
 @dataclass(frozen=True)
@@ -31,13 +47,26 @@ class StoredWeight:
         """Some of its rows (a view for a slice; a permutation copies)."""
         return StoredWeight(self.ggml_type, self.blocks[rows], self.cols)
 
-    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, cols] float32 @ W^T -> [T, rows] float32, into `out` if given (may be a
-        column slice of a wider output)."""
-        if out is None:
-            out = x.new_empty(x.shape[0], self.blocks.shape[0])
-        kernels.cpu_kernels().weight_matmul(out, x, self.blocks, self.ggml_type)
-        return out
+    @property
+    def uses_int8_activations(self) -> bool:
+        return self.ggml_type in INT8_ACTIVATION_TYPES
+
+    def matmul(self, x: torch.Tensor, out: torch.Tensor, x_int8: QuantizedActivations | None = None) -> None:
+        """out [T, rows] float32 (may be a column slice of a wider output) = x [T, cols] @ W^T.
+
+        Args:
+            x: float32 activations.
+            out: where the product goes.
+            x_int8: x quantized per 32-value block (`quantize_activations(x)`), for the
+                formats multiplied in integers (uses_int8_activations); shared by every
+                part of a fused projection.
+        """
+        ops = kernels.cpu_kernels()
+        if self.uses_int8_activations:
+            xq, xd, xs = x_int8 if x_int8 is not None else quantize_activations(x)
+            ops.quant_matmul(out, xq, xd, xs, self.blocks, self.ggml_type)
+        else:
+            ops.weight_matmul(out, x, self.blocks, self.ggml_type)
 
     def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The float32 values of the given rows [len(rows), cols]."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.model.stored_weight import StoredWeight
+from tokenmill.model.stored_weight import StoredWeight, quantize_activations
 
 
 class Linear(nn.Module):
@@ -51,8 +51,10 @@ class Linear(nn.Module):
         if self.stored:
             xf = x.float().contiguous()  # [T, in]
             out = xf.new_empty(xf.shape[0], self.out_features)  # [T, out] float32
+            # Quantized once for every part that multiplies in integers.
+            x_int8 = quantize_activations(xf) if any(w.uses_int8_activations for _, w in self.stored) else None
             for first_row, weight in self.stored:
-                weight.matmul(xf, out[:, first_row : first_row + weight.shape[0]])
+                weight.matmul(xf, out[:, first_row : first_row + weight.shape[0]], x_int8)
             out = out.to(x.dtype)
             return out if self.bias is None else out.add_(self.bias)
         if self._packed is not None:

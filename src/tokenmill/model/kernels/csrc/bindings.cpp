@@ -5,6 +5,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #if defined(__x86_64__)
@@ -13,6 +14,7 @@
 
 #include <initializer_list>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernel_api.h"
@@ -267,6 +269,45 @@ void decode_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& rows, i
   run(selected()->decode_rows, args, rows.numel(), 16);
 }
 
+// The formats quant_matmul multiplies in integers (ggml type ids).
+bool is_int_format(int64_t ggml_type) {
+  return ggml_type == 2 || ggml_type == 3 || ggml_type == 8 || ggml_type == 12 || ggml_type == 14;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x) {
+  const char* op = "quantize_activations";
+  check_cpu_contiguous({&x}, op);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % 32 == 0, op,
+              ": x must be float32 [tokens, k] with k a multiple of 32");
+  const int64_t tokens = x.size(0), k = x.size(1);
+  at::Tensor q = at::empty({tokens, k}, x.options().dtype(at::kChar));
+  at::Tensor d = at::empty({tokens, k / 32}, x.options());
+  at::Tensor s = at::empty({tokens, k / 32}, x.options());
+  const tmk::QuantizeActivationsArgs args{x.data_ptr<float>(), q.data_ptr<int8_t>(), d.data_ptr<float>(),
+                                          s.data_ptr<float>(), k};
+  run(selected()->quantize_activations, args, tokens, 16);
+  return {q, d, s};
+}
+
+void quant_matmul(at::Tensor& out, const at::Tensor& xq, const at::Tensor& xd, const at::Tensor& xs,
+                  const at::Tensor& w, int64_t ggml_type) {
+  const char* op = "quant_matmul";
+  check_cpu_contiguous({&xq, &xd, &xs, &w}, op);
+  TORCH_CHECK(is_int_format(ggml_type), op, ": ggml type ", ggml_type, " has no integer kernel (use weight_matmul)");
+  const int64_t tokens = xq.size(0), k = xq.size(1), n = w.size(0);
+  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xd.scalar_type() == at::kFloat &&
+                  xs.scalar_type() == at::kFloat && xd.numel() == tokens * (k / 32) && xs.numel() == xd.numel(),
+              op, ": activations must come from quantize_activations");
+  const StoredFormat& f = stored_format(ggml_type, k, w, op);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == tokens &&
+                  out.size(1) == n && out.stride(1) == 1,
+              op, ": out must be float32 [tokens, rows] with contiguous rows");
+  const tmk::QuantMatmulArgs args{out.data_ptr<float>(), xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
+                                  xs.data_ptr<float>(), w.data_ptr<uint8_t>(), tokens, n, k, w.size(1),
+                                  out.stride(0), f.format};
+  run(selected()->quant_matmul, args, n, 4);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenmill, m) {
@@ -282,6 +323,9 @@ TORCH_LIBRARY(tokenmill, m) {
   m.def("sample_exponential_race(Tensor(a!) out, Tensor logits, Tensor keys) -> ()", &sample_exponential_race);
   m.def("weight_matmul(Tensor(a!) out, Tensor x, Tensor w, int ggml_type) -> ()", &weight_matmul);
   m.def("decode_rows(Tensor(a!) out, Tensor w, Tensor rows, int ggml_type) -> ()", &decode_rows);
+  m.def("quantize_activations(Tensor x) -> (Tensor, Tensor, Tensor)", &quantize_activations);
+  m.def("quant_matmul(Tensor(a!) out, Tensor xq, Tensor xd, Tensor xs, Tensor w, int ggml_type) -> ()",
+        &quant_matmul);
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("set_cpu_isa(str name) -> ()", &set_cpu_isa);

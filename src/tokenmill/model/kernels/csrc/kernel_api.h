@@ -99,6 +99,29 @@ struct DecodeRowsArgs {
   WeightFormat format;
 };
 
+// Activations quantized per 32-value block for integer dot products with quantized
+// weights (as llama.cpp's Q8_1): q = round(x / d), d = max|x| / 127, s = d * sum(q).
+struct QuantizeActivationsArgs {
+  const float* x;  // [tokens, k]
+  int8_t* q;       // [tokens, k]
+  float* d;        // [tokens, k / 32]
+  float* s;        // [tokens, k / 32]
+  int64_t k;
+};
+
+// out[t, n] = sum over blocks of W[n] . (d * q)[t], with the weight blocks' integers
+// multiplied by the activations' in int8/int16/int32 and scaled once per block. Formats:
+// Q4_0, Q4_1, Q8_0, Q4_K, Q6_K (kIntFormats). Work items are output rows.
+struct QuantMatmulArgs {
+  float* out;          // [tokens, n], row stride ldo
+  const int8_t* xq;    // [tokens, k]
+  const float* xd;     // [tokens, k / 32]
+  const float* xs;     // [tokens, k / 32]
+  const uint8_t* w;    // [n, row_bytes]
+  int64_t tokens, n, k, row_bytes, ldo;
+  WeightFormat format;
+};
+
 // Every kernel processes items [begin, end) (requests x KV heads, rows or tokens): the
 // caller owns the threads, so all kernels share torch's one OpenMP pool.
 template <typename Args>
@@ -113,6 +136,8 @@ struct KernelTable {
   KernelFn<SampleArgs> sample;
   KernelFn<WeightMatmulArgs> weight_matmul;
   KernelFn<DecodeRowsArgs> decode_rows;
+  KernelFn<QuantizeActivationsArgs> quantize_activations;
+  KernelFn<QuantMatmulArgs> quant_matmul;
 };
 
 // The tables compiled into this library; nullptr where the compiler could not build

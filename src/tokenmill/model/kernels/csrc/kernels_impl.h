@@ -301,6 +301,8 @@ inline void decode_rows(const DecodeRowsArgs& a, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) kDecoders[a.format](a.w + a.rows[i] * a.row_bytes, a.out + i * a.k, a.k);
 }
 
+#include "quant_matmul.h"
+
 const KernelTable kTable = {
     TM_ISA_NAME,
     {decode_attention_any<float>, decode_attention_any<bf16>, decode_attention_any<f16>},
@@ -310,4 +312,6 @@ const KernelTable kTable = {
     sample,
     weight_matmul,
     decode_rows,
+    quantize_activations,
+    quant_matmul,
 };

@@ -25,6 +25,7 @@ namespace tmk {
 
 namespace generic {
 #include "vec_generic.h"
+#include "qvec_generic.h"
 #define TM_ISA_NAME "generic"
 #include "kernels_impl.h"
 #undef TM_ISA_NAME
@@ -36,6 +37,7 @@ const KernelTable* generic_kernels() { return &generic::kTable; }
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 #include "vec_avx2.h"
+#include "qvec_avx2.h"
 #define TM_ISA_NAME "avx2"
 #include "kernels_impl.h"
 #undef TM_ISA_NAME
@@ -47,6 +49,7 @@ const KernelTable* avx2_kernels() { return &avx2::kTable; }
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
 #include "vec_avx512.h"
+#include "qvec_avx2.h"  // 256-bit integer blocks
 #define TM_ISA_NAME "avx512"
 #include "kernels_impl.h"
 #undef TM_ISA_NAME

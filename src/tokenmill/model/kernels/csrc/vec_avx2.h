@@ -88,6 +88,9 @@ inline FVec load_i8(const int8_t* p) {
   return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
 }
 
+// One float16 (block scales of stored weights): exact in every path.
+inline float f16_value(uint16_t bits) { return _cvtsh_ss(bits); }
+
 inline float reduce_add(FVec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

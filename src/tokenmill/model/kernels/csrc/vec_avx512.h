@@ -81,5 +81,8 @@ inline FVec load_i8(const int8_t* p) {
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
 
+// One float16 (block scales of stored weights): exact in every path.
+inline float f16_value(uint16_t bits) { return _cvtsh_ss(bits); }
+
 inline float reduce_add(FVec a) { return _mm512_reduce_add_ps(a.v); }
 inline float reduce_max(FVec a) { return _mm512_reduce_max_ps(a.v); }

@@ -42,6 +42,9 @@ inline FVec load_q6(const uint8_t* ql, int lo_shift, const uint8_t* qh, int hi_s
 inline FVec load_i8(const int8_t* p) { TM_LANES(static_cast<float>(p[i])); }
 #undef TM_LANES
 
+// One float16 (block scales of stored weights): exact in every path.
+inline float f16_value(uint16_t bits) { return to_float(f16{bits}); }
+
 inline float reduce_add(FVec a) {
   float s = 0.f;
   for (int i = 0; i < kW; ++i) s += a.lane[i];

@@ -9,7 +9,7 @@
 inline float f16_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, sizeof(bits));
-  return to_float(f16{bits});
+  return f16_value(bits);
 }
 
 // Value j < 16 of a 32-value block sits in the low nibble of byte j, value j + 16 in its

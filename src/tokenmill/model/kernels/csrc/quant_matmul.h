@@ -1,0 +1,125 @@
+// Quantized weights times int8-quantized activations (as llama.cpp multiplies them), on
+// the integer blocks of qvec_*.h. Included inside each ISA's namespace after kernels_impl.h
+// (no include guard).
+//
+// Each 32-value sub-block of a weight row is decoded once into 32 small integers w with a
+// scale vector dw (one per 16-value half) and a min m, so that its values are dw * w + m.
+// Against an activation block of 32 int8 q with scale d and dequantized sum s:
+//     sum_j (dw w_j + m) (d q_j) = d * (dw . partial sums of w_j q_j) + m * s.
+// The integer products are exact; rounding happens once per block, in float32.
+
+// One decoded 32-value sub-block.
+struct WeightBlock {
+  I8x32 w;       // the integers (unsigned 0..15 for the nibble formats, signed otherwise)
+  F8 scale;      // per 16-value half: lanes 0-3 scale values 0-15, lanes 4-7 values 16-31
+  float min;     // added to every value (0 for the signed formats)
+};
+
+// A format: kSubBlocks 32-value sub-blocks per block of kBytes, kSigned integers, and
+// decode(block, i) of sub-block i.
+struct FormatQ4_0 {
+  static constexpr int64_t kBytes = 18, kSubBlocks = 1;
+  static constexpr bool kSigned = false;
+  static WeightBlock decode(const uint8_t* b, int) {  // d * (q - 8) = d * q - 8 d
+    const float d = f16_at(b);
+    return {i8_nibbles(b + 2), f8_set1(d), -8.f * d};
+  }
+};
+struct FormatQ4_1 {
+  static constexpr int64_t kBytes = 20, kSubBlocks = 1;
+  static constexpr bool kSigned = false;
+  static WeightBlock decode(const uint8_t* b, int) { return {i8_nibbles(b + 4), f8_set1(f16_at(b)), f16_at(b + 2)}; }
+};
+struct FormatQ8_0 {
+  static constexpr int64_t kBytes = 34, kSubBlocks = 1;
+  static constexpr bool kSigned = true;
+  static WeightBlock decode(const uint8_t* b, int) { return {i8_load(b + 2), f8_set1(f16_at(b)), 0.f}; }
+};
+struct FormatQ4_K {  // (d * scale_i) * q - dmin * min_i, sub-block i in the nibbles of qs[32 * (i / 2)]
+  static constexpr int64_t kBytes = 144, kSubBlocks = 8;
+  static constexpr bool kSigned = false;
+  static WeightBlock decode(const uint8_t* b, int i) {
+    float scale[8], min[8];  // (the compiler keeps only sub-block i's)
+    k_scales_mins(b + 4, f16_at(b), f16_at(b + 2), scale, min);
+    return {i8_nibbles_shifted(b + 16 + 32 * (i / 2), 4 * (i % 2)), f8_set1(scale[i]), -min[i]};
+  }
+};
+struct FormatQ6_K {  // (d * scale_j) * (q - 32), one int8 scale per 16 values
+  static constexpr int64_t kBytes = 210, kSubBlocks = 8;
+  static constexpr bool kSigned = true;
+  static WeightBlock decode(const uint8_t* b, int i) {
+    const int h = i / 4, f = i % 4;
+    const float d = f16_at(b + 208);
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192) + 8 * h + 2 * f;
+    return {i8_q6(b + 64 * h + 32 * (f % 2), 4 * (f / 2), b + 128 + 32 * h, 2 * f),
+            f8_halves(d * static_cast<float>(scales[0]), d * static_cast<float>(scales[1])), 0.f};
+  }
+};
+
+// Tokens multiplied per decoded sub-block (their accumulators stay in registers).
+constexpr int64_t kQuantTokens = 4;
+
+template <typename Format, int kTokens>
+inline void quant_row_tile(const QuantMatmulArgs& a, const uint8_t* row, int64_t t0, float* out) {
+  const int64_t num_blocks = a.k / 32;
+  F8 acc[kTokens];
+  float acc_min[kTokens];
+  for (int c = 0; c < kTokens; ++c) acc[c] = f8_set1(0.f), acc_min[c] = 0.f;
+  for (int64_t j = 0; j < num_blocks; ++j) {
+    const WeightBlock wb = Format::decode(row + (j / Format::kSubBlocks) * Format::kBytes,
+                                          static_cast<int>(j % Format::kSubBlocks));
+    for (int c = 0; c < kTokens; ++c) {
+      const int64_t t = t0 + c;
+      const I8x32 x = i8_load(a.xq + t * a.k + 32 * j);
+      const F8 dots = Format::kSigned ? dot_i8(wb.w, x) : dot_u8(wb.w, x);
+      acc[c] = f8_fmadd(f8_mul(wb.scale, f8_set1(a.xd[t * num_blocks + j])), dots, acc[c]);
+      acc_min[c] += wb.min * a.xs[t * num_blocks + j];
+    }
+  }
+  for (int c = 0; c < kTokens; ++c) out[c * a.ldo] = f8_sum(acc[c]) + acc_min[c];
+}
+
+template <typename Format>
+void quant_matmul_rows(const QuantMatmulArgs& a, int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n) {
+    const uint8_t* row = a.w + n * a.row_bytes;
+    int64_t t = 0;
+    for (; t + kQuantTokens <= a.tokens; t += kQuantTokens) {
+      quant_row_tile<Format, kQuantTokens>(a, row, t, a.out + t * a.ldo + n);
+    }
+    for (; t < a.tokens; ++t) quant_row_tile<Format, 1>(a, row, t, a.out + t * a.ldo + n);
+  }
+}
+
+inline void quant_matmul(const QuantMatmulArgs& a, int64_t begin, int64_t end) {
+  switch (a.format) {
+    case kWQ4_0: return quant_matmul_rows<FormatQ4_0>(a, begin, end);
+    case kWQ4_1: return quant_matmul_rows<FormatQ4_1>(a, begin, end);
+    case kWQ8_0: return quant_matmul_rows<FormatQ8_0>(a, begin, end);
+    case kWQ4_K: return quant_matmul_rows<FormatQ4_K>(a, begin, end);
+    case kWQ6_K: return quant_matmul_rows<FormatQ6_K>(a, begin, end);
+    default: return;  // the bindings only send kIntFormats
+  }
+}
+
+// Per 32-value block of each token: d = max|x| / 127, q = round(x / d), s = d * sum(q).
+inline void quantize_activations(const QuantizeActivationsArgs& a, int64_t begin, int64_t end) {
+  const int64_t num_blocks = a.k / 32;
+  for (int64_t t = begin; t < end; ++t) {
+    for (int64_t j = 0; j < num_blocks; ++j) {
+      const float* x = a.x + t * a.k + 32 * j;
+      int8_t* q = a.q + t * a.k + 32 * j;
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      for (int i = 0; i < 32; ++i) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(x[i] * inv));
+        q[i] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      a.d[t * num_blocks + j] = d;
+      a.s[t * num_blocks + j] = d * static_cast<float>(sum);
+    }
+  }
+}
