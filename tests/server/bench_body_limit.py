@@ -12,23 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
+from server_harness import ServedProcess
 
 from tokenmill.config import DEMO_MODEL_DIR
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int, field: str) -> float:
@@ -46,22 +37,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600.0)
     args = ap.parse_args()
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "tokenmill.server", "--model", args.model, "--port", str(port),
-           "--uvicorn-log-level", "warning", *args.serve_arg]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with ServedProcess(args.model, "--uvicorn-log-level", "warning", *args.serve_arg, capture_log=False) as served:
+        url, proc = served.url, served.proc
         rss_idle = _rss_mb(proc.pid, "VmRSS")
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         body = json.dumps({"model": model, "prompt": "ROMEO: " * int(args.mb * 1e6 / 7), "max_tokens": 1}).encode()
-        # A 2,500-character prompt sent meanwhile: is it held up?
+        # A 2,400-character prompt sent meanwhile (a tokenizer thread's job): is it held up?
         small = {"model": model, "prompt": "JULIET: " * 300, "max_tokens": 1}
         small_times: list[float] = []
         done = threading.Event()
@@ -90,11 +71,7 @@ def main() -> None:
         print(f"server resident memory: {rss_idle:.0f} MB idle, peak {_rss_mb(proc.pid, 'VmHWM'):.0f} MB")
         if small_times:
             print(f"small requests meanwhile: {len(small_times)}, slowest {max(small_times):.2f} s")
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()

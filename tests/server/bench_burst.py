@@ -16,20 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
+from server_harness import ServedProcess
 
 from tokenmill.config import DEMO_MODEL_DIR
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gauge(text: str, name: str) -> float:
@@ -75,24 +66,11 @@ def main() -> None:
     ap.add_argument("--bursts", type=int, nargs="+", default=[500, 300])
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `tokenmill serve` option")
     args = ap.parse_args()
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "tokenmill.server", "--model", args.model, "--port", str(port),
-           "--uvicorn-log-level", "warning", "--disable-log-requests", *args.serve_arg]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    with ServedProcess(args.model, "--uvicorn-log-level", "warning", "--disable-log-requests", *args.serve_arg,
+                       capture_log=False) as served:
+        model = httpx.get(served.url + "/v1/models").json()["data"][0]["id"]
         for n in args.bursts:
-            asyncio.run(burst(url, model, n))
-    finally:
-        proc.terminate()
-        proc.wait()
+            asyncio.run(burst(served.url, model, n))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A real tokenmill server on loopback, run by uvicorn in a background thread.
+"""A real tokenmill server on loopback, run by uvicorn in a background thread, or as its
+own process (`ServedProcess`, for signals, exit codes and logs; the benches use it too).
 
 One server per test module (module-scoped fixtures in conftest.py): starting and stopping
 one takes ~0.2 s on the tiny checkpoints, so tests share it to keep the suite quick.
@@ -6,8 +7,11 @@ one takes ~0.2 s on the tiny checkpoints, so tests share it to keep the suite qu
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -63,6 +67,56 @@ def running_server(model_dir, settings: ServerSettings | None = None, **engine_k
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServedProcess:
+    """`python -m tokenmill.server --model MODEL ARGS...` on a free port, up and healthy."""
+
+    def __init__(self, model, *args: str, capture_log: bool = True) -> None:
+        """Args:
+            capture_log: keep the server's log for `stop()` (else it is discarded; a long run
+                that logs every request would fill the pipe).
+        """
+        self.url = f"http://127.0.0.1:{(port := free_port())}"
+        cmd = [sys.executable, "-m", "tokenmill.server", "--model", str(model), "--port", str(port), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if capture_log else subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 2 * CEILING_S  # the first start may also build the CPU kernels
+        while not self._healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("server did not start:\n" + (self.proc.stdout.read() if capture_log else ""))
+            time.sleep(0.1)
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=CEILING_S).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self) -> str:
+        """Wait for the exit, assert it is 0, and return the log."""
+        assert self.proc.wait(timeout=CEILING_S) == 0
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> ServedProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
 
 
 def metric(text: str, name: str, **labels: str) -> float:

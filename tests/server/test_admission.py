@@ -81,10 +81,11 @@ def test_non_streaming_burst_and_the_503_states_the_true_numbers(server, http):
             while len(done) < 3:
                 more, pending = await asyncio.wait(pending, timeout=CEILING_S, return_when=asyncio.FIRST_COMPLETED)
                 done |= more
-            # The admitted ones are all in the engine: 8 running, 8 waiting, as /metrics says.
+            # The admitted ones all reach the engine: 8 running, 8 waiting, as /metrics says.
             def all_scheduled() -> str | None:
                 text = http.get("/metrics").text
-                return text if metric(text, "tokenmill:num_requests_running") == MAX_NUM_SEQS else None
+                running = metric(text, "tokenmill:num_requests_running")
+                return text if running + metric(text, "tokenmill:num_requests_waiting") == CAPACITY else None
 
             text = await asyncio.to_thread(wait_until, all_scheduled)
             for t in pending:
@@ -99,5 +100,6 @@ def test_non_streaming_burst_and_the_503_states_the_true_numbers(server, http):
         assert (f"holds {CAPACITY} unfinished sequences and its capacity is {CAPACITY} "
                 f"({MAX_NUM_SEQS} running + {MAX_WAITING} waiting); this request needs 1") in err["message"]
         assert resp.headers["retry-after"] == "1"
+    assert metric(text, "tokenmill:num_requests_running") == MAX_NUM_SEQS
     assert metric(text, "tokenmill:num_requests_waiting") == MAX_WAITING
     wait_until(lambda: server.state.admission.num_inflight_seqs == 0 and server.state.engine.num_unfinished == 0)

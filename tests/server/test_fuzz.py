@@ -18,6 +18,7 @@ from schemathesis import GenerationMode
 from server_harness import CEILING_S, MODEL_NAME, running_server
 
 from tokenmill.server.args import ServerSettings
+from tokenmill.server.openapi import build_document
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -85,3 +86,11 @@ def test_every_route_is_documented_with_its_bodies_and_errors(server):
     assert completion["required"] == ["prompt"] and "stream" in completion["properties"]
     assert set(operations[("post", "/v1/completions")]["responses"]["200"]["content"]) == {
         "application/json", "text/event-stream"}
+
+
+def test_without_a_key_the_document_has_no_401_and_no_security(server):
+    doc = build_document(server.server.config.app, has_api_key=False)
+    for item in doc["paths"].values():
+        for op in item.values():
+            assert "401" not in op["responses"] and "security" not in op
+    assert "securitySchemes" not in doc["components"]
