@@ -27,7 +27,9 @@ def test_real_model_perplexity_matches_transformers(tmp_path, capsys):
     text = "\n".join(rng.choice(LINES) for _ in range(120)) + "\n"
     (tmp_path / "text.txt").write_text(text)
     capsys.readouterr()
-    assert main(["eval", "perplexity", "--model", model_path, "--dtype", "float32", "--text",
+    # --quantization none: the file dequantized, as transformers runs it (the native int8
+    # path is measured against this one in tests/model/test_native_quantized.py).
+    assert main(["eval", "perplexity", "--model", model_path, "--dtype", "float32", "--quantization", "none", "--text",
                  str(tmp_path / "text.txt"), "-c", str(CTX), "--chunks", str(CHUNKS),
                  "--db", str(tmp_path / "bench.db"), "--no-progress", "--json"]) == 0
     run = json.loads(capsys.readouterr().out)
