@@ -302,10 +302,14 @@ void quant_matmul(at::Tensor& out, const at::Tensor& xq, const at::Tensor& xd, c
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == tokens &&
                   out.size(1) == n && out.stride(1) == 1,
               op, ": out must be float32 [tokens, rows] with contiguous rows");
-  const tmk::QuantMatmulArgs args{out.data_ptr<float>(), xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
-                                  xs.data_ptr<float>(), w.data_ptr<uint8_t>(), tokens, n, k, w.size(1),
-                                  out.stride(0), f.format};
-  run(selected()->quant_matmul, args, n, 4);
+  const int64_t ldo = out.stride(0), num_blocks = k / 32;
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
+    const tmk::QuantMatmulArgs args{out.data_ptr<float>() + t0 * ldo, xq.data_ptr<int8_t>() + t0 * k,
+                                    xd.data_ptr<float>() + t0 * num_blocks, xs.data_ptr<float>() + t0 * num_blocks,
+                                    w.data_ptr<uint8_t>(), std::min(kTokenBlock, tokens - t0), n, k, w.size(1), ldo,
+                                    f.format};
+    run(selected()->quant_matmul, args, n, 4);
+  }
 }
 
 }  // namespace

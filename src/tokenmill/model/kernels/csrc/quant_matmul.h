@@ -15,12 +15,16 @@ struct WeightBlock {
   float min;     // added to every value (0 for the signed formats)
 };
 
-// A format: kSubBlocks 32-value sub-blocks per block of kBytes, kSigned integers, and
-// decode(block, i) of sub-block i.
+// A format: blocks of kBytes holding kSubBlocks 32-value sub-blocks of kSigned integers;
+// header(block) reads what its sub-blocks share (the K formats' packed scales) once, and
+// decode(block, header, i) returns sub-block i.
+struct NoHeader {};
+
 struct FormatQ4_0 {
   static constexpr int64_t kBytes = 18, kSubBlocks = 1;
   static constexpr bool kSigned = false;
-  static WeightBlock decode(const uint8_t* b, int) {  // d * (q - 8) = d * q - 8 d
+  static NoHeader header(const uint8_t*) { return {}; }
+  static WeightBlock decode(const uint8_t* b, NoHeader, int) {  // d * (q - 8) = d * q - 8 d
     const float d = f16_at(b);
     return {i8_nibbles(b + 2), f8_set1(d), -8.f * d};
   }
@@ -28,28 +32,38 @@ struct FormatQ4_0 {
 struct FormatQ4_1 {
   static constexpr int64_t kBytes = 20, kSubBlocks = 1;
   static constexpr bool kSigned = false;
-  static WeightBlock decode(const uint8_t* b, int) { return {i8_nibbles(b + 4), f8_set1(f16_at(b)), f16_at(b + 2)}; }
+  static NoHeader header(const uint8_t*) { return {}; }
+  static WeightBlock decode(const uint8_t* b, NoHeader, int) {
+    return {i8_nibbles(b + 4), f8_set1(f16_at(b)), f16_at(b + 2)};
+  }
 };
 struct FormatQ8_0 {
   static constexpr int64_t kBytes = 34, kSubBlocks = 1;
   static constexpr bool kSigned = true;
-  static WeightBlock decode(const uint8_t* b, int) { return {i8_load(b + 2), f8_set1(f16_at(b)), 0.f}; }
+  static NoHeader header(const uint8_t*) { return {}; }
+  static WeightBlock decode(const uint8_t* b, NoHeader, int) { return {i8_load(b + 2), f8_set1(f16_at(b)), 0.f}; }
 };
 struct FormatQ4_K {  // (d * scale_i) * q - dmin * min_i, sub-block i in the nibbles of qs[32 * (i / 2)]
   static constexpr int64_t kBytes = 144, kSubBlocks = 8;
   static constexpr bool kSigned = false;
-  static WeightBlock decode(const uint8_t* b, int i) {
-    float scale[8], min[8];  // (the compiler keeps only sub-block i's)
-    k_scales_mins(b + 4, f16_at(b), f16_at(b + 2), scale, min);
-    return {i8_nibbles_shifted(b + 16 + 32 * (i / 2), 4 * (i % 2)), f8_set1(scale[i]), -min[i]};
+  struct Header {
+    float scale[8], min[8];
+  };
+  static Header header(const uint8_t* b) {
+    Header h;
+    k_scales_mins(b + 4, f16_at(b), f16_at(b + 2), h.scale, h.min);
+    return h;
+  }
+  static WeightBlock decode(const uint8_t* b, const Header& h, int i) {
+    return {i8_nibbles_shifted(b + 16 + 32 * (i / 2), 4 * (i % 2)), f8_set1(h.scale[i]), -h.min[i]};
   }
 };
 struct FormatQ6_K {  // (d * scale_j) * (q - 32), one int8 scale per 16 values
   static constexpr int64_t kBytes = 210, kSubBlocks = 8;
   static constexpr bool kSigned = true;
-  static WeightBlock decode(const uint8_t* b, int i) {
+  static float header(const uint8_t* b) { return f16_at(b + 208); }
+  static WeightBlock decode(const uint8_t* b, float d, int i) {
     const int h = i / 4, f = i % 4;
-    const float d = f16_at(b + 208);
     const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192) + 8 * h + 2 * f;
     return {i8_q6(b + 64 * h + 32 * (f % 2), 4 * (f / 2), b + 128 + 32 * h, 2 * f),
             f8_halves(d * static_cast<float>(scales[0]), d * static_cast<float>(scales[1])), 0.f};
@@ -65,15 +79,19 @@ inline void quant_row_tile(const QuantMatmulArgs& a, const uint8_t* row, int64_t
   F8 acc[kTokens];
   float acc_min[kTokens];
   for (int c = 0; c < kTokens; ++c) acc[c] = f8_set1(0.f), acc_min[c] = 0.f;
-  for (int64_t j = 0; j < num_blocks; ++j) {
-    const WeightBlock wb = Format::decode(row + (j / Format::kSubBlocks) * Format::kBytes,
-                                          static_cast<int>(j % Format::kSubBlocks));
-    for (int c = 0; c < kTokens; ++c) {
-      const int64_t t = t0 + c;
-      const I8x32 x = i8_load(a.xq + t * a.k + 32 * j);
-      const F8 dots = Format::kSigned ? dot_i8(wb.w, x) : dot_u8(wb.w, x);
-      acc[c] = f8_fmadd(f8_mul(wb.scale, f8_set1(a.xd[t * num_blocks + j])), dots, acc[c]);
-      acc_min[c] += wb.min * a.xs[t * num_blocks + j];
+  for (int64_t j0 = 0; j0 < num_blocks; j0 += Format::kSubBlocks) {
+    const uint8_t* block = row + (j0 / Format::kSubBlocks) * Format::kBytes;
+    const auto header = Format::header(block);
+    for (int i = 0; i < Format::kSubBlocks; ++i) {
+      const int64_t j = j0 + i;
+      const WeightBlock wb = Format::decode(block, header, i);
+      for (int c = 0; c < kTokens; ++c) {
+        const int64_t t = t0 + c;
+        const I8x32 x = i8_load(a.xq + t * a.k + 32 * j);
+        const F8 dots = Format::kSigned ? dot_i8(wb.w, x) : dot_u8(wb.w, x);
+        acc[c] = f8_fmadd(f8_mul(wb.scale, f8_set1(a.xd[t * num_blocks + j])), dots, acc[c]);
+        acc_min[c] += wb.min * a.xs[t * num_blocks + j];
+      }
     }
   }
   for (int c = 0; c < kTokens; ++c) out[c * a.ldo] = f8_sum(acc[c]) + acc_min[c];
