@@ -3,6 +3,7 @@ how much memory the server took, and whether a small request is served meanwhile
 
     python tests/server/bench_body_limit.py                # 50 MB prompt, bundled demo model
     python tests/server/bench_body_limit.py --mb 8 --serve-arg=--max-request-body-bytes=16000000
+    python tests/server/bench_body_limit.py --mb 1 --path /tokenize   # a long tokenization
 
 Peak memory is the server process's VmHWM (Linux's exact high-water mark of resident memory).
 Not a test: the point is the numbers in docs/server.md.
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--model", default=DEMO_MODEL_DIR)
     ap.add_argument("--mb", type=float, default=50.0, help="prompt size in MB (default: 50)")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `tokenmill serve` option")
+    ap.add_argument("--path", default="/v1/completions", choices=["/v1/completions", "/tokenize"])
     ap.add_argument("--timeout", type=float, default=600.0)
     args = ap.parse_args()
 
@@ -41,7 +43,8 @@ def main() -> None:
         url, proc = served.url, served.proc
         rss_idle = _rss_mb(proc.pid, "VmRSS")
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        body = json.dumps({"model": model, "prompt": "ROMEO: " * int(args.mb * 1e6 / 7), "max_tokens": 1}).encode()
+        big = {"model": model, "prompt": "ROMEO: " * int(args.mb * 1e6 / 7)}
+        body = json.dumps(big if args.path == "/tokenize" else {**big, "max_tokens": 1}).encode()
         # A 2,400-character prompt sent meanwhile (a tokenizer thread's job): is it held up?
         small = {"model": model, "prompt": "JULIET: " * 300, "max_tokens": 1}
         small_times: list[float] = []
@@ -58,9 +61,9 @@ def main() -> None:
         prober.start()
         start = time.monotonic()
         try:
-            resp = httpx.post(url + "/v1/completions", content=body, timeout=args.timeout,
+            resp = httpx.post(url + args.path, content=body, timeout=args.timeout,
                               headers={"content-type": "application/json"})
-            outcome = f"HTTP {resp.status_code}: {resp.text[:160]}"
+            outcome = f"HTTP {resp.status_code}: {resp.text[:100]}"
         except httpx.HTTPError as e:
             outcome = f"{type(e).__name__}: {e}"
         elapsed = time.monotonic() - start
