@@ -15,6 +15,7 @@ repetitions), so the ratios hold even when absolute times drift:
     python scripts/microbench.py sampler     # random sampling of 64 rows: kernel vs PyTorch ops
     python scripts/microbench.py prefill     # one 1,024-token prompt through the engine
     python scripts/microbench.py dtypes      # decode steps in float32, bfloat16 and float16
+    python scripts/microbench.py quant       # Q4_1 weights: int8 activations vs float vs float32
 
 The kernel benchmarks time every instruction-set path this CPU runs (generic, avx2,
 avx512) beside the PyTorch ops. `--dtype` sets the dtype of the layer and kernel
@@ -376,6 +377,53 @@ def cmd_dtypes(steps: int = 16) -> None:
                                                         reps=steps // 2, calls=2))
 
 
+def cmd_quant(num_matrices: int = 8) -> None:
+    """The real model's matrix shapes in Q4_1 (as its GGUF file stores them): multiplied in
+    integers against int8 activations (quant_matmul), decoded to float32 inside the product
+    (weight_matmul), and as float32 weights (oneDNN). Several distinct matrices, so weights
+    come from memory as in a model, not from the L3 cache."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+
+    from tokenmill.model.kernels import cpu_kernels
+    from tokenmill.model.layers.linear import onednn_packs
+
+    ops = cpu_kernels()
+    if ops is None:
+        raise SystemExit("the CPU kernels could not be built here; nothing to compare")
+    rng = np.random.default_rng(0)
+    for rows, cols in ((HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM, HIDDEN), (2 * INTER, HIDDEN), (HIDDEN, INTER)):
+        weights = [rng.standard_normal((rows, cols)).astype(np.float32) for _ in range(num_matrices)]
+        blocks = [torch.from_numpy(quantize(w, gguf.GGMLQuantizationType.Q4_1).view(np.uint8).reshape(rows, -1).copy())
+                  for w in weights]
+        f32 = [torch.from_numpy(w) for w in weights]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in f32] if onednn_packs(torch.float32) else None
+        for tokens in (1, 4, 16, 64):
+            _quant_shape(ops, f32, packed, blocks, tokens)
+
+
+def _quant_shape(ops, f32: list, packed: list | None, blocks: list, tokens: int) -> None:
+    import gguf
+
+    q4_1 = int(gguf.GGMLQuantizationType.Q4_1)
+    (rows, cols), n = f32[0].shape, len(f32)
+    x, out = torch.randn(tokens, cols), torch.empty(tokens, rows)
+
+    def int8() -> None:
+        xq, xd, xs = ops.quantize_activations(x)
+        for b in blocks:
+            ops.quant_matmul(out, xq, xd, xs, b, q4_1)
+
+    fns = {"float32 F.linear": lambda: [F.linear(x, w) for w in f32]}
+    if packed is not None:
+        fns["float32 oneDNN packed"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                                                for w in packed]
+    fns["Q4_1, float activations"] = lambda: [ops.weight_matmul(out, x, b, q4_1) for b in blocks]
+    fns.update(_per_isa("Q4_1, int8 activations", int8))
+    show(f"{n} matrices {rows}x{cols}, {tokens} tokens", compare(fns, reps=3, calls=5))
+
+
 def cmd_prefill(prompt_len: int = 1024) -> None:
     from tokenmill import SamplingParams
 
@@ -391,7 +439,7 @@ def main() -> None:
     commands = {"gemm": cmd_gemm, "linear": cmd_linear, "attention": cmd_attention, "rotary": cmd_rotary,
                 "step": cmd_step, "kernels": cmd_kernels, "elementwise": cmd_elementwise,
                 "bandwidth": cmd_bandwidth, "threads": cmd_threads,
-                "sampler": cmd_sampler, "prefill": cmd_prefill, "dtypes": cmd_dtypes}
+                "sampler": cmd_sampler, "prefill": cmd_prefill, "dtypes": cmd_dtypes, "quant": cmd_quant}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=commands)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
