@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     kern = sub.add_parser(
         "kernels", help="Build tokenmill's CPU kernels ahead of time, or show which paths this CPU runs.",
-        description="tokenmill's compiled CPU kernels (decode attention, norms, rotary, sampling) hold a "
+        description="tokenmill's compiled CPU kernels (decode attention, norms, rotary, sampling, products of "
+                    "quantized and 16-bit weights) hold a "
                     "generic, an AVX2 and an AVX-512 path in one library, built once per installation with the "
                     "system C++ compiler. `make run` and `make test` run `tokenmill kernels build` first; "
                     "otherwise the first model load builds them. Environment: TOKENMILL_CPU_KERNELS=auto "

@@ -114,3 +114,13 @@ def test_quant_matmul_refuses_formats_without_an_integer_kernel():
     q, d, s = ops.quantize_activations(torch.randn(1, 512))
     with pytest.raises(RuntimeError, match="ggml type 6 has no integer kernel"):
         ops.quant_matmul(torch.empty(1, 4), q, d, s, blocks, 6)
+
+
+def test_the_kernels_read_the_formats_the_gguf_reader_knows():
+    """One table of block geometry in C++ (weight_ops.cpp), one in Python (quant_types.py)."""
+    from tokenmill.model.gguf.quant_types import QUANT_TYPES
+
+    table = {row[0]: (row[1], row[2]) for row in ops.weight_formats()}
+    assert table == {t.ggml_type: (t.block_size, t.block_bytes) for t in QUANT_TYPES.values()}
+    assert {row[0] for row in ops.weight_formats() if row[3]} == {
+        int(gguf.GGMLQuantizationType[name]) for name in INT8_FORMATS}

@@ -148,6 +148,6 @@ def load_model(
     model.model.rotary.materialize(device)
     for module in model.modules():
         if isinstance(module, Linear):
-            module.pack_for_cpu()
+            module.finalize_for_cpu()
     model.eval()
     return model

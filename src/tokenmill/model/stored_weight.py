@@ -12,15 +12,19 @@ formats are decoded to float32 inside the product (weight_formats.h). Layers hol
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from tokenmill.model import kernels
 
-# ggml types multiplied in integers against int8-quantized activations (Q4_0, Q4_1, Q8_0,
-# Q4_K, Q6_K); the others (16-bit floats, Q5_*) are decoded to float32 in the product.
-INT8_ACTIVATION_TYPES = frozenset({2, 3, 8, 12, 14})
+
+@functools.cache
+def int8_activation_types() -> frozenset[int]:
+    """ggml types multiplied in integers against int8 activations (the kernels' table:
+    Q4_0, Q4_1, Q8_0, Q4_K, Q6_K); the others are decoded to float32 in the product."""
+    return frozenset(row[0] for row in kernels.cpu_kernels().weight_formats() if row[3])
 
 
 QuantizedActivations = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # int8 [T, K], scales, sums [T, K/32]
@@ -43,13 +47,9 @@ class StoredWeight:
     def shape(self) -> tuple[int, int]:
         return (self.blocks.shape[0], self.cols)
 
-    def select_rows(self, rows: slice | torch.Tensor) -> StoredWeight:
-        """Some of its rows (a view for a slice; a permutation copies)."""
-        return StoredWeight(self.ggml_type, self.blocks[rows], self.cols)
-
     @property
     def uses_int8_activations(self) -> bool:
-        return self.ggml_type in INT8_ACTIVATION_TYPES
+        return self.ggml_type in int8_activation_types()
 
     def matmul(self, x: torch.Tensor, out: torch.Tensor, x_int8: QuantizedActivations | None = None) -> None:
         """out [T, rows] float32 (may be a column slice of a wider output) = x [T, cols] @ W^T.
@@ -73,7 +73,3 @@ class StoredWeight:
         out = torch.empty(rows.numel(), self.cols)
         kernels.cpu_kernels().decode_rows(out, self.blocks, rows.reshape(-1).to(torch.long), self.ggml_type)
         return out.view(*rows.shape, self.cols)
-
-    def dequantize(self) -> torch.Tensor:
-        """The whole matrix as float32 (tests, and layers without the kernels)."""
-        return self.decode_rows(torch.arange(self.blocks.shape[0]))

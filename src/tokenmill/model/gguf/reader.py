@@ -3,8 +3,8 @@
 Our own parser instead of `gguf.GGUFReader`: that one builds a numpy view per metadata item
 and took ~8 s on the 49,152-token vocabulary of a 135M model; this one reads the same
 metadata in a fraction of a second. Tensor data is never read up front: `raw_blocks`
-returns a uint8 view of the mapped file, so the quantized blocks stay reachable as they are
-stored (a later native-quantized path reads them directly).
+returns a uint8 view of the mapped file, so quantized blocks run as they are stored
+(model/stored_weight.py).
 
 Layout (little-endian): magic "GGUF", version u32, tensor count u64, metadata count u64;
 metadata as (key string, value type u32, value); then per tensor (name, n_dims u32,

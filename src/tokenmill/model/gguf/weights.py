@@ -1,4 +1,5 @@
-"""GGUF tensors -> Hugging Face parameter names and layout, dequantized to float32.
+"""GGUF tensors -> Hugging Face parameter names and layout: float32 tensors, or matrices
+kept in their stored format for the CPU kernels.
 
 Two conventions of llama.cpp's converter are undone here:
 - names: `blk.{i}.attn_q.weight` is `model.layers.{i}.self_attn.q_proj.weight`, etc.;
@@ -95,7 +96,9 @@ def iter_gguf_weights(
     permuted = cfg.architecture == "LlamaForCausalLM"
     for name, target in names.items():
         info = f.tensors[name]
-        if keep_stored and len(info.shape) == 2 and info.ggml_type != F32:
+        # F32 matrices stay float (oneDNN multiplies them best); the kernels read rows of
+        # whole 32-value blocks only.
+        if keep_stored and len(info.shape) == 2 and info.ggml_type != F32 and info.shape[1] % 32 == 0:
             w = StoredWeight(info.ggml_type, torch.from_numpy(f.raw_blocks(name)), info.shape[1])
         else:
             w = dequantize(f.raw_blocks(name), info.ggml_type, info.shape)

@@ -33,8 +33,26 @@ class Linear(nn.Module):
         self.stored: list[tuple[int, StoredWeight]] = []  # (first output row, its weight)
 
     def set_stored(self, first_row: int, weight: StoredWeight) -> None:
-        """Keep rows first_row.. of the weight as `weight` (the float weight is dropped)."""
+        """Keep rows first_row.. of the weight as `weight` (the float weight goes at finalize)."""
         self.stored.append((first_row, weight))
+
+    def finalize_for_cpu(self) -> None:
+        """After loading: with stored parts, rows no part covers (a float32 tensor fused with
+        quantized ones) become float32 stored parts and the float weight is dropped; else
+        the weight is repacked for oneDNN where it can be."""
+        if not self.stored:
+            self.pack_for_cpu()
+            return
+        self.stored.sort(key=lambda part: part[0])
+        parts, row = [], 0
+        for first_row, weight in self.stored:
+            if first_row > row:
+                parts.append((row, _float32_part(self.weight[row:first_row])))
+            parts.append((first_row, weight))
+            row = first_row + weight.shape[0]
+        if row < self.out_features:
+            parts.append((row, _float32_part(self.weight[row:])))
+        self.stored = parts
         self.weight = None  # type: ignore[assignment]
 
     @staticmethod
@@ -43,7 +61,7 @@ class Linear(nn.Module):
 
     def pack_for_cpu(self) -> None:
         """Replace the plain weight by a oneDNN-packed copy (the plain one is released)."""
-        if not self.stored and self._packed is None and self.can_pack(self.weight):
+        if self._packed is None and self.can_pack(self.weight):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
             self.weight = None  # type: ignore[assignment]
 
@@ -75,3 +93,9 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _float32_part(rows: torch.Tensor) -> StoredWeight:
+    """Float rows as a stored float32 part (ggml type 0): [rows, cols] -> bytes."""
+    rows = rows.detach().float().contiguous()
+    return StoredWeight(0, rows.view(torch.uint8), rows.shape[1])

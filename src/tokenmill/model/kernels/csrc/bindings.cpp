@@ -1,23 +1,19 @@
 // torch operators (torch.ops.tokenmill.*) over the kernels of kernels_isa.cpp: argument
 // checks, dtype dispatch, threads (torch's own OpenMP pool via at::parallel_for), and the
-// choice of instruction set. Registered with TORCH_LIBRARY rather than pybind11: the
+// choice of instruction set. The stored-weight operators are in weight_ops.cpp. Registered with TORCH_LIBRARY rather than pybind11: the
 // library builds in a quarter of the time (torch/library.h instead of torch/extension.h).
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #if defined(__x86_64__)
 #include <cpuid.h>
 #endif
 
-#include <initializer_list>
+#include <atomic>
 #include <string>
-#include <tuple>
 #include <vector>
 
-#include "kernel_api.h"
+#include "bindings.h"
 
 namespace {
 
@@ -56,8 +52,8 @@ std::vector<const tmk::KernelTable*> runnable_tables() {
   return tables;
 }
 
-const tmk::KernelTable*& selected() {
-  static const tmk::KernelTable* table = runnable_tables().back();
+std::atomic<const tmk::KernelTable*>& selected_table() {
+  static std::atomic<const tmk::KernelTable*> table{runnable_tables().back()};
   return table;
 }
 
@@ -67,12 +63,12 @@ std::vector<std::string> cpu_isas() {
   return names;
 }
 
-std::string cpu_isa() { return selected()->name; }
+std::string cpu_isa() { return tmk_bind::selected()->name; }
 
 void set_cpu_isa(const std::string& name) {
   for (const auto* t : runnable_tables()) {
     if (name == t->name) {
-      selected() = t;
+      selected_table().store(t, std::memory_order_relaxed);
       return;
     }
   }
@@ -90,23 +86,17 @@ tmk::DType dtype_of(const at::Tensor& t, const char* op) {
   }
 }
 
-void check_cpu_contiguous(std::initializer_list<const at::Tensor*> tensors, const char* op) {
-  for (const at::Tensor* t : tensors) {
-    TORCH_CHECK(t->device().is_cpu(), op, " needs CPU tensors");
-    TORCH_CHECK(t->is_contiguous(), op, " needs contiguous tensors");
-  }
-}
-
-template <typename Args>
-void run(tmk::KernelFn<Args> fn, const Args& args, int64_t items, int64_t grain) {
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
-}
+using tmk_bind::check_cpu_contiguous;
+using tmk_bind::run;
+using tmk_bind::selected;
 
 void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
   const char* op = "paged_decode_attention";
   check_cpu_contiguous({&out, &kv_cache, &block_tables, &seq_lens}, op);
-  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, op, ": bad shapes");
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.size(1) > 0 &&
+                  block_tables.dim() == 2,
+              op, ": bad shapes");
   // q may be a view into the fused q|k rows: only its head rows must be dense.
   TORCH_CHECK(q.device().is_cpu() && q.stride(2) == 1 && q.stride(1) == q.size(2), op, ": q layout");
   TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape");
@@ -118,7 +108,7 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
   TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type() && out.scalar_type() == q.scalar_type(), op, ": dtype mismatch");
   const int64_t num_reqs = q.size(0), max_blocks = block_tables.size(1), num_blocks = kv_cache.size(2);
   const int64_t block_size = kv_cache.size(3);
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_reqs && seq_lens.numel() == num_reqs, op,
+  TORCH_CHECK(block_tables.size(0) == num_reqs && seq_lens.numel() == num_reqs, op,
               ": one block table and one length per request");
   // Every block the kernel will read must exist: a bad table is an error, not a stray read.
   const int32_t* tables = block_tables.data_ptr<int32_t>();
@@ -205,114 +195,9 @@ void sample_exponential_race(at::Tensor& out, const at::Tensor& logits, const at
   run(selected()->sample, args, logits.size(0), 1);
 }
 
-// ggml type id -> (format, values per block, bytes per block).
-struct StoredFormat {
-  int64_t ggml_type;
-  tmk::WeightFormat format;
-  int64_t block_values, block_bytes;
-};
-constexpr StoredFormat kStoredFormats[] = {
-    {1, tmk::kWF16, 1, 2},       {30, tmk::kWBF16, 1, 2},     {2, tmk::kWQ4_0, 32, 18},
-    {3, tmk::kWQ4_1, 32, 20},    {6, tmk::kWQ5_0, 32, 22},    {7, tmk::kWQ5_1, 32, 24},
-    {8, tmk::kWQ8_0, 32, 34},    {12, tmk::kWQ4_K, 256, 144}, {13, tmk::kWQ5_K, 256, 176},
-    {14, tmk::kWQ6_K, 256, 210}, {0, tmk::kWF32, 1, 4},
-};
-
-const StoredFormat& stored_format(int64_t ggml_type, int64_t k, const at::Tensor& w, const char* op) {
-  for (const auto& f : kStoredFormats) {
-    if (f.ggml_type != ggml_type) continue;
-    TORCH_CHECK(k % 32 == 0 && k % f.block_values == 0, op, ": rows of ", k, " values are not whole blocks");
-    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) == k / f.block_values * f.block_bytes, op,
-                ": weights must be uint8 [rows, ", k / f.block_values * f.block_bytes, "] for ", k, " values per row");
-    return f;
-  }
-  TORCH_CHECK(false, op, ": no kernel reads ggml type ", ggml_type);
-}
-
-// Tokens per pass over the weights: their activations (64 x k float32) stay in L2 while
-// every panel of rows is multiplied by them.
-constexpr int64_t kTokenBlock = 64;
-
-void weight_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t ggml_type) {
-  const char* op = "weight_matmul";
-  check_cpu_contiguous({&x, &w}, op);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, op,
-              ": x and out must be float32 matrices");
-  const int64_t tokens = x.size(0), k = x.size(1), n = w.size(0);
-  const StoredFormat& f = stored_format(ggml_type, k, w, op);
-  // out may be a column slice of a wider output (one part of a fused projection).
-  TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.size(0) == tokens && out.size(1) == n &&
-                  out.stride(1) == 1,
-              op, ": out must be [tokens, rows] with contiguous rows");
-  const int64_t ldo = out.stride(0);
-  const int64_t panels = (n + tmk::kPanelRows - 1) / tmk::kPanelRows;
-  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
-    const tmk::WeightMatmulArgs args{out.data_ptr<float>() + t0 * ldo, x.data_ptr<float>() + t0 * k,
-                                     w.data_ptr<uint8_t>(), std::min(kTokenBlock, tokens - t0), n, k, w.size(1), ldo,
-                                     f.format};
-    run(selected()->weight_matmul, args, panels, 1);
-  }
-}
-
-void decode_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& rows, int64_t ggml_type) {
-  const char* op = "decode_rows";
-  check_cpu_contiguous({&out, &w, &rows}, op);
-  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && rows.scalar_type() == at::kLong &&
-                  rows.numel() == out.size(0),
-              op, ": out must be float32 [len(rows), k], rows int64");
-  const StoredFormat& f = stored_format(ggml_type, out.size(1), w, op);
-  const int64_t* ids = rows.data_ptr<int64_t>();
-  for (int64_t i = 0; i < rows.numel(); ++i) {
-    TORCH_CHECK(ids[i] >= 0 && ids[i] < w.size(0), op, ": row ", ids[i], " out of range");
-  }
-  const tmk::DecodeRowsArgs args{out.data_ptr<float>(), w.data_ptr<uint8_t>(), ids, out.size(1), w.size(1), f.format};
-  run(selected()->decode_rows, args, rows.numel(), 16);
-}
-
-// The formats quant_matmul multiplies in integers (ggml type ids).
-bool is_int_format(int64_t ggml_type) {
-  return ggml_type == 2 || ggml_type == 3 || ggml_type == 8 || ggml_type == 12 || ggml_type == 14;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x) {
-  const char* op = "quantize_activations";
-  check_cpu_contiguous({&x}, op);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % 32 == 0, op,
-              ": x must be float32 [tokens, k] with k a multiple of 32");
-  const int64_t tokens = x.size(0), k = x.size(1);
-  at::Tensor q = at::empty({tokens, k}, x.options().dtype(at::kChar));
-  at::Tensor d = at::empty({tokens, k / 32}, x.options());
-  at::Tensor s = at::empty({tokens, k / 32}, x.options());
-  const tmk::QuantizeActivationsArgs args{x.data_ptr<float>(), q.data_ptr<int8_t>(), d.data_ptr<float>(),
-                                          s.data_ptr<float>(), k};
-  run(selected()->quantize_activations, args, tokens, 16);
-  return {q, d, s};
-}
-
-void quant_matmul(at::Tensor& out, const at::Tensor& xq, const at::Tensor& xd, const at::Tensor& xs,
-                  const at::Tensor& w, int64_t ggml_type) {
-  const char* op = "quant_matmul";
-  check_cpu_contiguous({&xq, &xd, &xs, &w}, op);
-  TORCH_CHECK(is_int_format(ggml_type), op, ": ggml type ", ggml_type, " has no integer kernel (use weight_matmul)");
-  const int64_t tokens = xq.size(0), k = xq.size(1), n = w.size(0);
-  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar && xd.scalar_type() == at::kFloat &&
-                  xs.scalar_type() == at::kFloat && xd.numel() == tokens * (k / 32) && xs.numel() == xd.numel(),
-              op, ": activations must come from quantize_activations");
-  const StoredFormat& f = stored_format(ggml_type, k, w, op);
-  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == tokens &&
-                  out.size(1) == n && out.stride(1) == 1,
-              op, ": out must be float32 [tokens, rows] with contiguous rows");
-  const int64_t ldo = out.stride(0), num_blocks = k / 32;
-  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
-    const tmk::QuantMatmulArgs args{out.data_ptr<float>() + t0 * ldo, xq.data_ptr<int8_t>() + t0 * k,
-                                    xd.data_ptr<float>() + t0 * num_blocks, xs.data_ptr<float>() + t0 * num_blocks,
-                                    w.data_ptr<uint8_t>(), std::min(kTokenBlock, tokens - t0), n, k, w.size(1), ldo,
-                                    f.format};
-    run(selected()->quant_matmul, args, n, 4);
-  }
-}
-
 }  // namespace
+
+const tmk::KernelTable* tmk_bind::selected() { return selected_table().load(std::memory_order_relaxed); }
 
 TORCH_LIBRARY(tokenmill, m) {
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor kv_cache, Tensor block_tables, "
@@ -325,11 +210,6 @@ TORCH_LIBRARY(tokenmill, m) {
         "int num_heads) -> ()",
         &rotary_and_cache);
   m.def("sample_exponential_race(Tensor(a!) out, Tensor logits, Tensor keys) -> ()", &sample_exponential_race);
-  m.def("weight_matmul(Tensor(a!) out, Tensor x, Tensor w, int ggml_type) -> ()", &weight_matmul);
-  m.def("decode_rows(Tensor(a!) out, Tensor w, Tensor rows, int ggml_type) -> ()", &decode_rows);
-  m.def("quantize_activations(Tensor x) -> (Tensor, Tensor, Tensor)", &quantize_activations);
-  m.def("quant_matmul(Tensor(a!) out, Tensor xq, Tensor xd, Tensor xs, Tensor w, int ggml_type) -> ()",
-        &quant_matmul);
   m.def("cpu_isas() -> str[]", &cpu_isas);
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("set_cpu_isa(str name) -> ()", &set_cpu_isa);

@@ -111,7 +111,7 @@ struct QuantizeActivationsArgs {
 
 // out[t, n] = sum over blocks of W[n] . (d * q)[t], with the weight blocks' integers
 // multiplied by the activations' in int8/int16/int32 and scaled once per block. Formats:
-// Q4_0, Q4_1, Q8_0, Q4_K, Q6_K (kIntFormats). Work items are output rows.
+// Q4_0, Q4_1, Q8_0, Q4_K, Q6_K (int8_activations in weight_ops.cpp's table). Work items are output rows.
 struct QuantMatmulArgs {
   float* out;          // [tokens, n], row stride ldo
   const int8_t* xq;    // [tokens, k]

@@ -259,48 +259,7 @@ inline void sample(const SampleArgs& a, int64_t begin, int64_t end) {
 }
 
 #include "weight_formats.h"
-
-// ---- weights in their stored format ------------------------------------------------------
-
-// acc[r][c] = panel row r . x row c, for kRows panel rows and kTokens tokens: the
-// register tile of the weight matmul (4 x 2 accumulators: 8 + 2 + 1 of 16 AVX2 registers).
-template <int kTokens>
-inline void panel_tile(const float* panel, const float* x, int64_t k, int64_t ldx, float* out, int64_t ldo,
-                       int64_t rows) {
-  FVec acc[kPanelRows][kTokens];
-  for (auto& row : acc) for (auto& v : row) v = set1(0.f);
-  for (int64_t i = 0; i < k; i += kW) {  // k is a multiple of 32 (every format's block)
-    FVec xv[kTokens];
-    for (int c = 0; c < kTokens; ++c) xv[c] = load(x + c * ldx + i);
-    for (int r = 0; r < kPanelRows; ++r) {
-      const FVec w = load(panel + r * k + i);
-      for (int c = 0; c < kTokens; ++c) acc[r][c] = fmadd(w, xv[c], acc[r][c]);
-    }
-  }
-  for (int c = 0; c < kTokens; ++c) {
-    for (int64_t r = 0; r < rows; ++r) out[c * ldo + r] = reduce_add(acc[r][c]);
-  }
-}
-
-// Items are panels of kPanelRows output rows. A panel's rows are decoded once into a
-// float32 buffer that stays in L1, then multiplied by every token, two at a time.
-inline void weight_matmul(const WeightMatmulArgs& a, int64_t begin, int64_t end) {
-  std::vector<float> panel(kPanelRows * a.k);
-  const RowDecoder decode = kDecoders[a.format];
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t n0 = p * kPanelRows, rows = std::min(kPanelRows, a.n - n0);
-    for (int64_t r = 0; r < rows; ++r) decode(a.w + (n0 + r) * a.row_bytes, panel.data() + r * a.k, a.k);
-    std::fill(panel.begin() + rows * a.k, panel.end(), 0.f);  // the last panel's missing rows
-    int64_t t = 0;
-    for (; t + 2 <= a.tokens; t += 2) panel_tile<2>(panel.data(), a.x + t * a.k, a.k, a.k, a.out + t * a.ldo + n0, a.ldo, rows);
-    if (t < a.tokens) panel_tile<1>(panel.data(), a.x + t * a.k, a.k, a.k, a.out + t * a.ldo + n0, a.ldo, rows);
-  }
-}
-
-inline void decode_rows(const DecodeRowsArgs& a, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) kDecoders[a.format](a.w + a.rows[i] * a.row_bytes, a.out + i * a.k, a.k);
-}
-
+#include "weight_matmul.h"
 #include "quant_matmul.h"
 
 const KernelTable kTable = {

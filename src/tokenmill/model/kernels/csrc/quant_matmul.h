@@ -132,7 +132,8 @@ inline void quantize_activations(const QuantizeActivationsArgs& a, int64_t begin
       const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
       int32_t sum = 0;
       for (int i = 0; i < 32; ++i) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(x[i] * inv));
+        const float r = std::nearbyint(x[i] * inv);
+        const int32_t v = r == r ? static_cast<int32_t>(r) : 0;  // NaN input: 0, not undefined
         q[i] = static_cast<int8_t>(v);
         sum += v;
       }

@@ -42,8 +42,9 @@ inline I8x32 i8_q6(const uint8_t* ql, int lo_shift, const uint8_t* qh, int hi_sh
   return {_mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32))};
 }
 
-// vpmaddubsw's int16 pair sums cannot saturate here: weights are at most 127 in magnitude
-// (15 or 63 for the 4- and 6-bit formats) and activations at most 127: 2 * 127 * 127 < 32767.
+// vpmaddubsw's int16 pair sums cannot saturate here: weight magnitudes are at most 128
+// (Q8_0's -128; 15 and 32 for the 4- and 6-bit formats) and activations at most 127:
+// 2 * 128 * 127 = 32512 < 32767.
 inline F8 dot_u8(I8x32 w, I8x32 x) {
   const __m256i pairs = _mm256_maddubs_epi16(w.v, x.v);
   return {_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))};
