@@ -42,6 +42,10 @@ class StoredWeight:
     ggml_type: int  # the storage format, by ggml's type id (0 F32, 1 F16, 8 Q8_0, 30 BF16, ...)
     blocks: torch.Tensor
     cols: int
+    # Stored column k multiplies input feature input_perm[k] ([cols] int64), or None for the
+    # natural order. GPTQ act-order checkpoints group input columns out of order; sorting
+    # them by group lets each 32-value block keep one scale (tokenmill.quant.ggml_blocks).
+    input_perm: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,11 +55,15 @@ class StoredWeight:
     def uses_int8_activations(self) -> bool:
         return self.ggml_type in int8_activation_types()
 
+    def permute_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, cols] in the model's feature order -> the stored column order."""
+        return x if self.input_perm is None else x.index_select(1, self.input_perm)
+
     def matmul(self, x: torch.Tensor, out: torch.Tensor, x_int8: QuantizedActivations | None = None) -> None:
         """out [T, rows] float32 (may be a column slice of a wider output) = x [T, cols] @ W^T.
 
         Args:
-            x: float32 activations.
+            x: float32 activations in the stored column order (`permute_input`).
             out: where the product goes.
             x_int8: x quantized per 32-value block (`quantize_activations(x)`), for the
                 formats multiplied in integers (uses_int8_activations); shared by every
@@ -69,7 +77,9 @@ class StoredWeight:
             ops.weight_matmul(out, x, self.blocks, self.ggml_type)
 
     def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The float32 values of the given rows [len(rows), cols]."""
+        """The float32 values of the given rows [len(rows), cols], in the model's feature order."""
         out = torch.empty(rows.numel(), self.cols)
         kernels.cpu_kernels().decode_rows(out, self.blocks, rows.reshape(-1).to(torch.long), self.ggml_type)
+        if self.input_perm is not None:
+            out = torch.empty_like(out).index_copy_(1, self.input_perm, out)
         return out.view(*rows.shape, self.cols)

@@ -3,6 +3,7 @@ in place by the CPU kernels."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -21,7 +22,9 @@ class Linear(nn.Module):
 
     Or the weight stays in its file's storage format (`set_stored`): quantized blocks or
     16-bit floats, one part per checkpoint tensor of a fused projection (q, k and v may
-    differ in format), each multiplied by the CPU kernels into its rows of the output.
+    differ in format), each multiplied by the CPU kernels into its rows of the output. A
+    part stored with its input columns reordered (`StoredWeight.input_perm`: a GPTQ
+    act-order checkpoint) gets x gathered into that order, once per call per order.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -45,7 +48,14 @@ class Linear(nn.Module):
             return
         self.stored.sort(key=lambda part: part[0])
         parts, row = [], 0
+        perms: list[torch.Tensor] = []
         for first_row, weight in self.stored:
+            if weight.input_perm is not None:  # parts with equal orders share one tensor: one gather per call
+                same = next((p for p in perms if torch.equal(p, weight.input_perm)), None)
+                if same is None:
+                    perms.append(weight.input_perm)
+                else:
+                    weight = dataclasses.replace(weight, input_perm=same)
             if first_row > row:
                 parts.append((row, _float32_part(self.weight[row:first_row])))
             parts.append((first_row, weight))
@@ -69,10 +79,16 @@ class Linear(nn.Module):
         if self.stored:
             xf = x.float().contiguous()  # [T, in]
             out = xf.new_empty(xf.shape[0], self.out_features)  # [T, out] float32
-            # Quantized once for every part that multiplies in integers.
-            x_int8 = quantize_activations(xf) if any(w.uses_int8_activations for _, w in self.stored) else None
+            # x in each column order the parts use (one order unless a GPTQ act-order part
+            # has its own), quantized once per order for the parts that multiply in integers.
+            orders: dict[int, list] = {}  # id(input_perm) -> [x in that order, its int8 form]
             for first_row, weight in self.stored:
-                weight.matmul(xf, out[:, first_row : first_row + weight.shape[0]], x_int8)
+                order = orders.get(id(weight.input_perm))
+                if order is None:
+                    order = orders[id(weight.input_perm)] = [weight.permute_input(xf), None]
+                if order[1] is None and weight.uses_int8_activations:
+                    order[1] = quantize_activations(order[0])
+                weight.matmul(order[0], out[:, first_row : first_row + weight.shape[0]], order[1])
             out = out.to(x.dtype)
             return out if self.bias is None else out.add_(self.bias)
         if self._packed is not None:
