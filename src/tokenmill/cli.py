@@ -1,4 +1,4 @@
-"""`tokenmill` command line: serve, generate, bench, eval."""
+"""`tokenmill` command line: serve, generate, bench, eval, quantize, kernels."""
 
 from __future__ import annotations
 
@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenmill.bench.cli import add_bench_subcommands
 
     add_bench_subcommands(bench.add_subparsers(dest="bench_cmd", required=True))
+
+    from tokenmill.quant.cli import add_quantize_parser
+
+    add_quantize_parser(sub)
 
     evaluate = sub.add_parser("eval", help="Quality lab: perplexity, KL divergence, regression verdicts.",
                               description="The accuracy side of the bench lab (docs/quality.md).")

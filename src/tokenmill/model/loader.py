@@ -18,11 +18,12 @@ from tokenmill.model.stored_weight import StoredWeight
 from tokenmill.model.weights import iter_weights
 
 
-def _checkpoint_tensors(
+def checkpoint_tensors(
     model_path: str | Path, cfg: ModelConfig, keep_stored: bool
 ) -> Iterator[tuple[str, torch.Tensor | StoredWeight]]:
     """(Hugging Face name, tensor) for every tensor of a safetensors directory or GGUF file;
-    with keep_stored, a GGUF file's quantized and 16-bit matrices stay as stored."""
+    with keep_stored, a GGUF file's quantized and 16-bit matrices, and the integer weights
+    of an AWQ / GPTQ / tokenmill int8 checkpoint, stay as stored (kernel block formats)."""
     from tokenmill.model.gguf import is_gguf_file
 
     if is_gguf_file(model_path):
@@ -30,6 +31,13 @@ def _checkpoint_tensors(
         from tokenmill.model.gguf.weights import iter_gguf_weights
 
         return iter_gguf_weights(GGUFFile(model_path), cfg, keep_stored)
+    from tokenmill.quant.config import read_quant_config
+
+    quant = read_quant_config(model_path)
+    if quant is not None:
+        from tokenmill.quant.checkpoint import iter_quantized_weights
+
+        return iter_quantized_weights(model_path, quant, keep_stored)
     return iter_weights(model_path)
 
 
@@ -99,8 +107,9 @@ def load_model(
 ) -> LlamaForCausalLM:
     """Build the model and fill it from the checkpoint's safetensors or GGUF tensors.
 
-    With keep_stored, a GGUF file's quantized and 16-bit matrices stay as stored where the
-    CPU kernels can multiply them; otherwise they are dequantized to `dtype`.
+    With keep_stored, a GGUF file's quantized and 16-bit matrices, and a quantized
+    safetensors checkpoint's integer weights, stay as stored where the CPU kernels can
+    multiply them; otherwise they are dequantized to `dtype`.
 
     Raises ValueError naming the tensor when a tensor is missing, unexpected or of the
     wrong shape.
@@ -110,7 +119,7 @@ def load_model(
     expected = _checkpoint_layout(model, cfg)
     loaded: set[str] = set()
     keep_stored = keep_stored and device.type == "cpu" and kernels.cpu_kernels() is not None
-    for name, tensor in _checkpoint_tensors(model_dir, cfg, keep_stored):
+    for name, tensor in checkpoint_tensors(model_dir, cfg, keep_stored):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
