@@ -101,3 +101,17 @@ def test_unsupported_configs_are_refused_naming_the_key(checkpoint_factory, tmp_
         (path / "config.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=rf"config.json.*quantization_config\.{key}={value!r}"):
             LLM(str(path), dtype="float32")
+
+
+def test_without_kernels_the_checkpoint_is_dequantized_at_load(checkpoint_factory, tmp_path, monkeypatch):
+    """No CPU kernels (or a GPU): every projection is the plain dequantization, as with
+    quantization="none"."""
+    from tokenmill.model import kernels
+
+    path = tmp_path / "gptq"
+    write_quantized(checkpoint_factory("llama", **SHAPE), path, "gptq", 32, desc_act=True)
+    _, reference_lps = _prompt_logprobs(str(path), "none")
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
+    llm, fallback_lps = _prompt_logprobs(str(path), "auto")
+    assert not llm.engine.runner.model.model.layers[0].mlp.down_proj.stored
+    assert (fallback_lps - reference_lps).abs().max() < 1e-4
