@@ -222,8 +222,8 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reference",
                        help="Reproduce the performance reference table (tokenmill vs HF, offline and served).",
                        description="Measure tokenmill offline, HF transformers generate and tokenmill served side "
-                                   "by side on random-weight checkpoints with real models' configs (bf16, "
-                                   "greedy, ignore_eos) and write the tables as Markdown. Progress goes to "
+                                   "by side on random-weight checkpoints with real models' configs (in the dtype "
+                                   "`--dtype auto` picks; greedy, ignore_eos) and write the tables as Markdown. Progress goes to "
                                    "stderr; every measurement is also stored in the history (label "
                                    "'reference'). The full default run takes a long time on a CPU (HF at "
                                    "concurrency 64 on the 1B model alone can take many minutes).")

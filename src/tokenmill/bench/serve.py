@@ -40,7 +40,7 @@ class ServeSpec:
     endpoint: Endpoint = "completions"
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     load: LoadSpec = field(default_factory=LoadSpec)
-    tokenizer_path: str | None = None  # None: the demo model's tokenizer
+    tokenizer_path: str | None = None  # None: the default model's (bench/tokenizer.py)
     ignore_eos: bool = True
     openai_strict: bool = False
     extra_body: dict[str, Any] = field(default_factory=dict)

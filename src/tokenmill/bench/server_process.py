@@ -1,6 +1,7 @@
-"""A `tokenmill serve` subprocess on a free loopback port, for measurements that need a real server.
+"""A server subprocess on a free loopback port, for measurements that need a real server.
 
-`bench reference` measures its served rows against one; the end-to-end bench tests use it too.
+`bench reference` measures its served rows against `tokenmill serve`; scripts/bench_peers.py
+runs llama.cpp's llama-server beside it; the end-to-end bench tests use it too.
 """
 
 from __future__ import annotations
@@ -33,25 +34,39 @@ def tokenmill_server(model_dir: str, serve_args: Sequence[str] = (),
     """Run `tokenmill serve --model model_dir` until the block ends.
 
     Args:
-        model_dir: checkpoint folder.
+        model_dir: checkpoint folder or GGUF file.
         serve_args: further `tokenmill serve` flags, e.g. ["--dtype", "bfloat16"].
         start_timeout_s: how long the server may take to answer GET /health.
 
     Returns:
         A context manager yielding the server's base URL (http://127.0.0.1:PORT).
+    """
+    port = free_port()
+    cmd = [sys.executable, "-m", "tokenmill.cli", "serve", "--model", model_dir, *serve_args,
+           "--host", "127.0.0.1", "--port", str(port)]
+    with server_command(cmd, port, "tokenmill serve", start_timeout_s) as base:
+        yield base
+
+
+@contextmanager
+def server_command(cmd: Sequence[str], port: int, name: str,
+                   start_timeout_s: float = SERVER_START_TIMEOUT_S) -> Iterator[str]:
+    """Run any OpenAI-compatible server (`cmd` must make it listen on 127.0.0.1:port, e.g.
+    llama.cpp's llama-server) until the block ends; stopped with SIGTERM, killed if it
+    has not exited after SERVER_STOP_TIMEOUT_S.
+
+    Returns:
+        A context manager yielding the base URL once GET /health answers 200.
 
     Raises:
         RuntimeError: the server exited or was not healthy in time; the message holds the
             tail of its output (which is otherwise kept out of the caller's terminal).
     """
-    port = free_port()
-    cmd = [sys.executable, "-m", "tokenmill.cli", "serve", "--model", model_dir, *serve_args,
-           "--host", "127.0.0.1", "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_healthy(proc, base, log, start_timeout_s)
+            _wait_healthy(proc, base, log, name, start_timeout_s)
             yield base
         finally:
             proc.send_signal(signal.SIGTERM)  # graceful: the server drains, then exits
@@ -62,14 +77,14 @@ def tokenmill_server(model_dir: str, serve_args: Sequence[str] = (),
                 proc.wait()
 
 
-def _wait_healthy(proc: subprocess.Popen, base: str, log: IO[bytes], timeout_s: float) -> None:
+def _wait_healthy(proc: subprocess.Popen, base: str, log: IO[bytes], name: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             log.seek(0)
             tail = log.read().decode(errors="replace")[-3000:]
             state = f"exited with {proc.returncode}" if proc.returncode is not None else "is not healthy in time"
-            raise RuntimeError(f"tokenmill serve {state}:\n{tail}")
+            raise RuntimeError(f"{name} {state}:\n{tail}")
         try:
             if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
                 return

@@ -44,7 +44,8 @@ class LLM:
             SmolLM2-135M-Instruct (see tokenmill.model.default_model).
         **engine_args: see `tokenmill.config.create_engine_config` (dtype, device,
             max_model_len, max_num_seqs, max_num_batched_tokens, block_size,
-            kv_cache_memory_bytes, num_kv_blocks, enable_prefix_caching, seed).
+            kv_cache_memory_bytes, num_kv_blocks, enable_prefix_caching, seed,
+            skip_tokenizer_init, quantization).
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:

@@ -47,6 +47,8 @@ def describe_run(record: RunRecord) -> str:
     parts = [record.model, str(config.get("backend", (record.server or {}).get("name", "")))]
     if config.get("dtype"):
         parts.append(str(config["dtype"]))
+    if config.get("quantization") == "none":  # a quantized file dequantized at load, not run as stored
+        parts.append("quantization=none")
     return " ".join(parts)
 
 

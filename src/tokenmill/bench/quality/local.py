@@ -67,12 +67,15 @@ def _hf_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
-def load_transformers_model(model_path: str, dtype: str) -> Any:
+def load_transformers_model(model_path: str, dtype: str, show_progress: bool = True) -> Any:
     """transformers' model for a checkpoint folder, or a .gguf file (dequantized)."""
     try:
+        import transformers
         from transformers import AutoModelForCausalLM
     except ImportError as exc:
         raise RuntimeError("--backend hf needs transformers: pip install -e '.[dev]'") from exc
+    if not show_progress:  # --no-progress covers transformers' loading bars too
+        transformers.utils.logging.disable_progress_bar()
     path = Path(model_path)
     kwargs: dict[str, Any] = {"dtype": _hf_dtype(dtype)}
     if path.suffix == ".gguf":

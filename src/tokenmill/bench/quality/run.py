@@ -150,7 +150,7 @@ def run_eval(spec: EvalSpec) -> EvalOutcome:
         dtype = spec.engine_args.get("dtype", "auto")
         dtype = "float32" if dtype == "auto" else dtype  # the reference runs in float32
         model_path = spec.model or _engine_default_model()
-        model = load_transformers_model(model_path, dtype)
+        model = load_transformers_model(model_path, dtype, spec.show_progress)
         server_info = {"name": "transformers", "config": {"backend": "hf", "dtype": dtype}}
         model_name = _model_name(model_path)
         t0 = time.perf_counter()

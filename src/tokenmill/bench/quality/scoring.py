@@ -71,7 +71,7 @@ class Accumulator:
         self._same = np.full(total, -1, dtype=np.int8) if reference is not None else None
         self._filled = np.zeros(windows.num_chunks, dtype=np.int64)
 
-    def _span(self, chunk: int, first_position: int, num_rows: int) -> tuple[int, int] | None:
+    def _span(self, first_position: int, num_rows: int) -> tuple[int, int] | None:
         """The scored positions lo..hi-1 among window rows first_position..+num_rows-1."""
         lo = max(first_position, self._first)
         hi = min(first_position + num_rows, self.windows.protocol.ctx_size - 1)
@@ -92,7 +92,7 @@ class Accumulator:
         Returns:
             True when this call completed the window.
         """
-        span = self._span(chunk, first_position, logprobs.shape[0])
+        span = self._span(first_position, logprobs.shape[0])
         if span is None:
             return False
         lo, hi = span

@@ -4,7 +4,7 @@ Each window is one `/v1/completions` request with the window's token ids as the 
 `echo: true`, `logprobs: N` and `max_tokens: 0`: the response lists, for every prompt token,
 its log-probability given the tokens before it and the N most likely alternatives
 (lm-evaluation-harness scores loglikelihood tasks the same way). NLL and PPL are exact;
-KL divergence can only use the alternatives listed (see distributions.kl_against_partial).
+KL divergence can only use the alternatives listed (see distributions.kl_against_listed).
 
 OpenAI's legacy `top_logprobs` are keyed by token text. Texts are mapped back to ids with
 the client's tokenizer; a text several tokens share (e.g. lone UTF-8 bytes shown as U+FFFD)
