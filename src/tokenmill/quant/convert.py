@@ -11,6 +11,7 @@ quantization_config, so AWQ-reading tools load it too; int8 in tokenmill's own l
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -115,6 +116,9 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, options: QuantizeOptio
     dst.mkdir(parents=True, exist_ok=True)
     progress(f"writing {dst}")
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(dst / "model.safetensors", 0o666 & ~umask)  # safetensors creates it owner-only
     quant_config = awq_config(options.group_size) if options.method == "int4" else dict(TOKENMILL_INT8)
     if is_gguf_file(src):
         config = hf_files.config_json(cfg, "float32")
