@@ -101,6 +101,11 @@ def test_unsupported_configs_are_refused_naming_the_key(checkpoint_factory, tmp_
         (path / "config.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=rf"config.json.*quantization_config\.{key}={value!r}"):
             LLM(str(path), dtype="float32")
+    # Tensors packed for groups of 128 under a config that says 32: the tensor is named.
+    bad = {**config, "quantization_config": {**config["quantization_config"], "group_size": 32}}
+    (path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.\d\.\S+\.scales has shape \(\d+, \d+\); .* implies"):
+        LLM(str(path), dtype="float32")
 
 
 def test_without_kernels_the_checkpoint_is_dequantized_at_load(checkpoint_factory, tmp_path, monkeypatch):

@@ -36,23 +36,35 @@ def _decode(q: QuantConfig, module: str, parts: dict[str, torch.Tensor]) -> Grou
         return t
 
     if q.method == "tokenmill":
-        return unpack_int8(need("weight", torch.int8), need("weight_scale"))
+        weight, scale = need("weight", torch.int8), need("weight_scale")
+        _expect(q, module, "weight_scale", scale, (weight.shape[0],), (weight.shape[0], 1))
+        return unpack_int8(weight, scale)
     qweight, scales = need("qweight", torch.int32), need("scales")
+    if q.method == "awq":  # qweight [in, out/8]
+        cols, out, per_word = qweight.shape[0], qweight.shape[1] * 8, 8
+    else:  # qweight [in * bits / 32, out]
+        per_word = 32 // q.bits
+        cols, out = qweight.shape[0] * per_word, qweight.shape[1]
+    num_groups = -(-cols // q.group_size_for(cols))
+    _expect(q, module, "scales", scales, (num_groups, out))
+    qzeros = parts.get("qzeros")
+    if qzeros is not None or q.method == "gptq" or q.zero_point:
+        qzeros = need("qzeros", torch.int32)
+        _expect(q, module, "qzeros", qzeros, (num_groups, out // per_word))
     if q.method == "awq":
-        qzeros = need("qzeros", torch.int32) if q.zero_point or "qzeros" in parts else None
-        g = unpack_awq(qweight, qzeros, scales, q.group_size_for(qweight.shape[0]))
-    else:
-        num_cols = qweight.shape[0] * 32 // q.bits
-        g = unpack_gptq(qweight, need("qzeros", torch.int32), scales, parts.get("g_idx"), q.bits,
-                        q.group_size_for(num_cols), q.v1_zeros)
-    out, cols = g.shape
-    num_groups = g.scales.shape[1]
-    if g.zeros.shape != (out, num_groups) or g.group.shape != (cols,):
-        raise ValueError(f"{q.source}: the tensors of {module!r} disagree on shape (qweight {tuple(qweight.shape)}, "
-                         f"scales {tuple(scales.shape)}, qzeros {tuple(parts['qzeros'].shape) if 'qzeros' in parts else None}).")
-    if int(g.group.min()) < 0 or int(g.group.max()) >= num_groups:
-        raise ValueError(f"{q.source}: {module}.g_idx names groups outside 0..{num_groups - 1}.")
-    return g
+        return unpack_awq(qweight, qzeros, scales, q.group_size_for(cols))
+    g_idx = parts.get("g_idx")
+    if g_idx is not None:
+        _expect(q, module, "g_idx", g_idx, (cols,))
+        if int(g_idx.min()) < 0 or int(g_idx.max()) >= num_groups:
+            raise ValueError(f"{q.source}: {module}.g_idx names groups outside 0..{num_groups - 1}.")
+    return unpack_gptq(qweight, qzeros, scales, g_idx, q.bits, q.group_size_for(cols), q.v1_zeros)
+
+
+def _expect(q: QuantConfig, module: str, leaf: str, t: torch.Tensor, *shapes: tuple[int, ...]) -> None:
+    if tuple(t.shape) not in shapes:
+        raise ValueError(f"{q.source}: tensor {module}.{leaf} has shape {tuple(t.shape)}; with the other tensors "
+                         f"and group_size {q.group_size} the {q.method} layout implies {shapes[0]}.")
 
 
 def iter_quantized_weights(
