@@ -97,7 +97,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, options: QuantizeOptio
                                       progress=progress)
         fold_scales(tensors, search_scales(tensors, cfg, inputs, options.fake_quantize, progress))
     out: dict[str, torch.Tensor] = {}
-    names = [n for n in tensors if _PROJECTION.fullmatch(n)]
+    names = {n for n in tensors if _PROJECTION.fullmatch(n)}
     progress(f"quantizing {len(names)} projections to {options.method}"
              + (f", groups of {options.group_size}" if options.method == "int4" else ""))
     for name, t in tensors.items():
