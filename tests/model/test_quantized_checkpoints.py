@@ -14,6 +14,7 @@ from quant_factory import reference_weight, write_quantized
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.model.gguf.quant_types import Q4_0, Q4_1, Q8_0
+from tokenmill.model.loader import _shard_sizes
 
 # Big enough for whole groups of 128 on every projection (in = 128 or 256).
 SHAPE = dict(hidden_size=128, intermediate_size=256)
@@ -38,11 +39,15 @@ _HF_PARTS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj
              "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1), "down_proj": ("mlp.down_proj", 0)}
 
 
-def _stored_part(model, hf_name: str):
-    """The StoredWeight that holds a checkpoint projection (model.layers.i.<...>.x_proj.weight)."""
+def _stored_part(model, hf_name: str, num_rows: int):
+    """The StoredWeight that holds a checkpoint projection (model.layers.i.<...>.x_proj.weight)
+    and the projection's rows in it (adjacent parts of one format are merged at load)."""
     _, _, layer, block, proj, _ = hf_name.split(".")
     module, index = _HF_PARTS[proj]
-    return model.model.layers[int(layer)].get_submodule(module).stored[index][1]
+    linear = model.model.layers[int(layer)].get_submodule(module)
+    first = sum(_shard_sizes(model.config, module.rpartition(".")[2])[:index]) if index else 0
+    part_first, part = next((r, w) for r, w in linear.stored if r <= first < r + w.shape[0])
+    return part, torch.arange(first - part_first, first - part_first + num_rows)
 
 
 def _prompt_logprobs(model: str, quantization: str) -> tuple[LLM, torch.Tensor]:
@@ -75,12 +80,12 @@ def test_checkpoint_loads_as_its_plain_dequantization(checkpoint_factory, tmp_pa
     num_reordered = 0
     for name, (q, z, s, group) in reference.items():
         expected = reference_weight(q, z, s, group)  # [out, in] float32, exact
-        part = _stored_part(model, name)
+        part, rows = _stored_part(model, name, expected.shape[0])
         assert part.ggml_type == ggml_type, name
         out_of_order = bool((group[1:] < group[:-1]).any())  # act-order with more than one group
         assert (part.input_perm is not None) == out_of_order, name
         num_reordered += out_of_order
-        decoded = part.decode_rows(torch.arange(expected.shape[0]))
+        decoded = part.decode_rows(rows)
         if ggml_type == Q4_1:  # d * q + m: the float16 rounding of m = -z * s only
             zero_times_scale = (z * s.float())[:, group]
             assert ((decoded - expected).abs() <= q4_1_bound(expected, zero_times_scale)).all(), name

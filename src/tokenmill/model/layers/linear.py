@@ -62,7 +62,7 @@ class Linear(nn.Module):
             row = first_row + weight.shape[0]
         if row < self.out_features:
             parts.append((row, _float32_part(self.weight[row:])))
-        self.stored = parts
+        self.stored = _merge_adjacent(parts)
         self.weight = None  # type: ignore[assignment]
 
     @staticmethod
@@ -109,6 +109,24 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _merge_adjacent(parts: list[tuple[int, StoredWeight]]) -> list[tuple[int, StoredWeight]]:
+    """Adjacent parts of one format and column order as one StoredWeight (q, k and v of most
+    files): one kernel call per projection instead of one per part. At one token a call
+    costs about as much in dispatch and thread wake-up as in arithmetic. The rows are copied
+    out of the file's mapping into one tensor (the same bytes, now private memory)."""
+    merged: list[tuple[int, StoredWeight]] = []
+    for first_row, weight in parts:
+        if merged:
+            prev_row, prev = merged[-1]
+            same_order = prev.input_perm is weight.input_perm  # equal orders share one tensor (above)
+            if (prev.ggml_type, prev.cols) == (weight.ggml_type, weight.cols) and same_order:
+                blocks = torch.cat([prev.blocks, weight.blocks])
+                merged[-1] = (prev_row, dataclasses.replace(prev, blocks=blocks))
+                continue
+        merged.append((first_row, weight))
+    return merged
 
 
 def _float32_part(rows: torch.Tensor) -> StoredWeight:
