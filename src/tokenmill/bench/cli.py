@@ -193,7 +193,7 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("throughput",
                        help="Offline engine throughput (tokenmill LLM or HF transformers) on a fixed workload.")
     m = p.add_mutually_exclusive_group(required=True)
-    m.add_argument("--model", default=None, metavar="DIR", help="HF checkpoint folder.")
+    m.add_argument("--model", default=None, metavar="PATH", help="HF checkpoint folder or GGUF file.")
     m.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None,
                    help="Random-weight checkpoint with a real model's architecture (built once, cached "
                         "under $XDG_CACHE_HOME/tokenmill/checkpoints).")

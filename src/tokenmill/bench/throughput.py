@@ -108,11 +108,24 @@ def run_throughput(spec: ThroughputSpec) -> ThroughputResult:
     Returns:
         ThroughputResult (elapsed covers generation only).
     """
-    cfg = json.loads((Path(spec.model_dir) / "config.json").read_text())
+    cfg = _model_config(spec.model_dir)
     prompts = make_prompts(spec, int(cfg["vocab_size"]), _special_ids(cfg))
     runner = _run_tokenmill if spec.backend == "tokenmill" else _run_hf
     elapsed_s, num_out = runner(spec, prompts, cfg)
     return ThroughputResult(spec.backend, len(prompts), sum(len(p) for p, _ in prompts), num_out, elapsed_s)
+
+
+def _model_config(model_path: str) -> dict[str, Any]:
+    """config.json's contents; for a GGUF file the same fields from its metadata."""
+    from tokenmill.model.gguf import is_gguf_file
+
+    if is_gguf_file(model_path):
+        from tokenmill.model.gguf.config import model_config_from_gguf
+        from tokenmill.model.gguf.reader import GGUFFile
+        from tokenmill.quant.hf_files import config_json
+
+        return config_json(model_config_from_gguf(GGUFFile(model_path)), "float32")
+    return json.loads((Path(model_path) / "config.json").read_text())
 
 
 def _run_tokenmill(spec: ThroughputSpec, prompts: list[tuple[list[int], int]], cfg: dict) -> tuple[float, int]:
@@ -157,8 +170,12 @@ def _run_hf(spec: ThroughputSpec, prompts: list[tuple[list[int], int]], cfg: dic
         from transformers import AutoModelForCausalLM
     except ImportError as exc:
         raise RuntimeError("--backend hf needs transformers: pip install -e '.[dev]'") from exc
-    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=_torch_dtype(spec.dtype))
-    model.eval()
+    if Path(spec.model_dir).suffix == ".gguf":  # transformers dequantizes it (to float32 for auto)
+        from tokenmill.bench.quality.local import load_transformers_model
+
+        model = load_transformers_model(spec.model_dir, spec.dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=_torch_dtype(spec.dtype)).eval()
     pad_id = cfg.get("pad_token_id") or 0
 
     def generate(batch: list[tuple[list[int], int]]) -> None:
