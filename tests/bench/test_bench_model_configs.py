@@ -127,3 +127,14 @@ def test_tokenmill_throughput_backend_on_tiny_model(tmp_path):
                           max_num_seqs=2, dtype="float32", kv_cache_memory_bytes=8 * 2**20)
     result = run_throughput(spec)
     assert (result.num_requests, result.total_output_tokens) == (4, 20)
+
+
+def test_tokenmill_throughput_backend_on_a_gguf_file(checkpoint_factory, tmp_path):
+    """A GGUF file is a model too: the workload's vocabulary and special ids come from its metadata."""
+    from tests.model.gguf_factory import hf_to_gguf
+
+    path = hf_to_gguf(checkpoint_factory("llama"), tmp_path / "tiny.gguf")
+    spec = ThroughputSpec(str(path), backend="tokenmill", num_prompts=3, input_len=8, output_len=4,
+                          max_num_seqs=2, dtype="float32", kv_cache_memory_bytes=8 * 2**20)
+    result = run_throughput(spec)
+    assert (result.num_requests, result.total_input_tokens, result.total_output_tokens) == (3, 24, 12)
