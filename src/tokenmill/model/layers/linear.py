@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.model import kernels
 from tokenmill.model.stored_weight import StoredWeight, quantize_activations
 
 
@@ -44,7 +45,11 @@ class Linear(nn.Module):
         quantized ones) become float32 stored parts and the float weight is dropped; else
         the weight is repacked for oneDNN where it can be."""
         if not self.stored:
-            self.pack_for_cpu()
+            if _unpackable_16_bit(self.weight):
+                self.stored = [(0, _sixteen_bit_part(self.weight))]
+                self.weight = None  # type: ignore[assignment]
+            else:
+                self.pack_for_cpu()
             return
         self.stored.sort(key=lambda part: part[0])
         parts, row = [], 0
@@ -127,6 +132,24 @@ def _merge_adjacent(parts: list[tuple[int, StoredWeight]]) -> list[tuple[int, St
                 continue
         merged.append((first_row, weight))
     return merged
+
+
+# ggml's type ids of the 16-bit floats, as StoredWeight.ggml_type.
+_GGML_16_BIT = {torch.float16: 1, torch.bfloat16: 30}
+
+
+def _unpackable_16_bit(weight: torch.Tensor) -> bool:
+    """A 16-bit weight oneDNN cannot pack (CPUs without AVX-512 or AVX-NE-CONVERT) goes to the
+    kernels' panel product, which widens it to float32 in L1: F.linear's emulated 16-bit
+    matmul measured 1.0x as fast at 1 token and 3.2x slower at 64 (docs/performance.md)."""
+    return (weight.device.type == "cpu" and weight.dtype in _GGML_16_BIT and weight.shape[1] % 32 == 0
+            and not onednn_packs(weight.dtype) and kernels.cpu_kernels() is not None)
+
+
+def _sixteen_bit_part(weight: torch.Tensor) -> StoredWeight:
+    """A 16-bit weight as a stored part: its own bytes, [rows, 2 * cols] uint8."""
+    weight = weight.detach().contiguous()
+    return StoredWeight(_GGML_16_BIT[weight.dtype], weight.view(torch.uint8), weight.shape[1])
 
 
 def _float32_part(rows: torch.Tensor) -> StoredWeight:
