@@ -124,3 +124,27 @@ def test_the_kernels_read_the_formats_the_gguf_reader_knows():
     assert table == {t.ggml_type: (t.block_size, t.block_bytes) for t in QUANT_TYPES.values()}
     assert {row[0] for row in ops.weight_formats() if row[3]} == {
         int(gguf.GGMLQuantizationType[name]) for name in INT8_FORMATS}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("packs", [True, False])
+def test_16_bit_linear_runs_through_the_kernels_where_onednn_cannot_pack(dtype, packs, monkeypatch):
+    """Where oneDNN packs 16-bit weights (AVX-512) it keeps them; elsewhere the kernels'
+    16-bit product takes them (forced both ways here, whatever this CPU is), with the same
+    single rounding of the output as F.linear."""
+    from tokenmill.model.layers import linear
+
+    if packs and not linear.onednn_packs(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU")
+    monkeypatch.setattr(linear, "onednn_packs", lambda _dtype: packs)
+    g = torch.Generator().manual_seed(3)
+    layer = linear.Linear(96, 160, bias=True)
+    layer.weight.data, layer.bias.data = torch.randn(160, 96, generator=g).to(dtype), torch.randn(160).to(dtype)
+    x = torch.randn(7, 96, generator=g).to(dtype)
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    layer.finalize_for_cpu()
+    assert [w.ggml_type for _, w in layer.stored] == ([] if packs else [{torch.float16: 1, torch.bfloat16: 30}[dtype]])
+    got = layer(x)
+    assert got.dtype == dtype
+    step = 2**-7 if dtype == torch.bfloat16 else 2**-10  # one rounding of the output, then of the bias add
+    torch.testing.assert_close(got, want, atol=4 * step, rtol=2 * step)
