@@ -181,7 +181,10 @@ def test_stored_distributions_error_on_real_rows(lab):
     kld, _ = kl_against_full(stored.rows(0, stored.num_positions), bf16)
     p, q = (x.double() - torch.logsumexp(x.double(), -1, keepdim=True) for x in (f32, bf16))
     exact = (p.exp() * (p - q)).sum(-1).numpy()
-    bound = STEP_NATS * (p.exp() * (p - q).abs()).sum(-1).numpy() + 1e-8
+    # First order in the storage rounding (at most STEP_NATS / 2 per log-prob), plus its
+    # second-order term (<= STEP_NATS**2 / 8 per position), which dominates where the two
+    # rows nearly agree (KLD ~1e-7).
+    bound = STEP_NATS * (p.exp() * (p - q).abs()).sum(-1).numpy() + STEP_NATS**2 / 4
     assert (np.abs(kld - exact) <= bound).all()
     assert abs(kld.mean() / exact.mean() - 1) < 0.01  # the mean KLD is off by well under 1%
 
