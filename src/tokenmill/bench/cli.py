@@ -59,7 +59,7 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="Folder with tokenizer.json (or the file) matching the served model; makes "
                         "random prompts and counts tokens when the server reports no usage "
-                        "(default: the bundled demo model's tokenizer).")
+                        "(default: the default model's tokenizer, else the demo model's).")
     g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="Ask the server to generate exactly max_tokens (vLLM/tokenmill 'ignore_eos').")
     g.add_argument("--openai-strict", action="store_true",

@@ -11,6 +11,7 @@ Two conventions of llama.cpp's converter are undone here:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 
@@ -111,5 +112,5 @@ def iter_gguf_weights(
 
 def _permute_rows(w: torch.Tensor | StoredWeight, num_heads: int) -> torch.Tensor | StoredWeight:
     if isinstance(w, StoredWeight):  # rows are whole blocks: the same row order applies
-        return StoredWeight(w.ggml_type, unpermute_rotary(w.blocks, num_heads), w.cols)
+        return dataclasses.replace(w, blocks=unpermute_rotary(w.blocks, num_heads))
     return unpermute_rotary(w, num_heads)
