@@ -114,6 +114,21 @@ def checkpoint_factory(tmp_path_factory):
     return factory
 
 
+def _skip_without_cpu_kernels() -> None:
+    from tokenmill.model import kernels
+
+    # With TOKENMILL_CPU_KERNELS=require (CI) a failed build raises here instead.
+    if kernels.cpu_kernels() is None:
+        pytest.skip("needs the CPU kernels, which are off or could not be built here (see the log)")
+
+
+@pytest.fixture
+def requires_cpu_kernels() -> None:
+    """For tests of what only the kernels run (weights kept as stored); without them the
+    same checkpoints are dequantized at load, which other tests cover."""
+    _skip_without_cpu_kernels()
+
+
 @pytest.fixture(params=["cpu-kernels", "pytorch-fallback"])
 def kernel_path(request, monkeypatch):
     """Run the test twice: with the compiled CPU kernels and with the PyTorch ops they
@@ -121,8 +136,7 @@ def kernel_path(request, monkeypatch):
     from tokenmill.model import kernels
 
     if request.param == "cpu-kernels":
-        if kernels.cpu_kernels() is None:
-            pytest.skip("the CPU kernels could not be built here (see the log)")
+        _skip_without_cpu_kernels()
     else:
         monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
     return request.param

@@ -228,6 +228,7 @@ def test_quantized_weights_load_as_reference_dequantization(checkpoint_factory, 
     _assert_close_to_dequantized(path)
 
 
+@pytest.mark.usefixtures("requires_cpu_kernels")
 @pytest.mark.parametrize("quant", [{"ffn_gate.weight": QT.Q8_0}, {"ffn_up.weight": QT.Q4_1, "attn_v.weight": QT.Q5_1}])
 def test_stored_and_float_parts_of_one_projection(checkpoint_factory, tmp_path, quant):
     """A fused projection whose parts differ (quantized and float32, the float part first

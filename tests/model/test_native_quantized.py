@@ -9,6 +9,7 @@ the same activation rounding). Fails (never skips) without the real file.
 
 from __future__ import annotations
 
+import pytest
 from gguf_factory import real_model_path
 
 from tokenmill.bench.quality.protocol import Protocol
@@ -48,6 +49,7 @@ MAX_P99_KLD = 0.05
 MIN_SAME_TOP = 0.9
 
 
+@pytest.mark.usefixtures("requires_cpu_kernels")
 def test_native_quantized_path_stays_close_to_the_dequantized_model(tmp_path):
     model = real_model_path()
     text = tmp_path / "text.txt"

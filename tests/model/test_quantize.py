@@ -47,6 +47,7 @@ def quantized(tmp_path_factory):
     return get
 
 
+@pytest.mark.usefixtures("requires_cpu_kernels")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_quantized_demo_model_loads_runs_and_stays_within_half_a_step(quantized, variant):
     path = quantized(variant)

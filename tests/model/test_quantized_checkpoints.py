@@ -70,6 +70,7 @@ def q4_1_bound(reference: torch.Tensor, zero_times_scale: torch.Tensor) -> torch
     return zero_times_scale.abs() * 2**-11 + 2**-25 + reference.abs() * 2**-24
 
 
+@pytest.mark.usefixtures("requires_cpu_kernels")
 @pytest.mark.parametrize("case", list(CASES))
 def test_checkpoint_loads_as_its_plain_dequantization(checkpoint_factory, tmp_path, case):
     method, group_size, options, ggml_type = CASES[case]
