@@ -109,6 +109,46 @@ def test_quant_matmul_is_exact_on_the_quantized_activations(name, tokens, isa):
     assert out[:, :3].isnan().all()
 
 
+ROWS8_FORMATS = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+@pytest.mark.parametrize("name", ROWS8_FORMATS)
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_rows_interleaved_by_8_give_the_row_layouts_products(name, tokens, isa):
+    """repack_rows8 reorders the bytes (decode_rows reads every row back bit for bit); the
+    interleaved kernel's integer sums are exact, so its products equal the row layout's up
+    to float32 rounding of the per-block scaling."""
+    rows, cols, qtype = 40, 512, int(gguf.GGMLQuantizationType[name])
+    blocks, w = stored(name, rows, cols, seed=tokens + 3)
+    assert ops.can_repack_rows8(qtype, rows) and not ops.can_repack_rows8(qtype, 36)
+    rows8 = ops.repack_rows8(blocks, qtype)
+    assert rows8.shape == blocks.shape and not torch.equal(rows8, blocks)
+    decoded = torch.empty(rows, cols)
+    ops.decode_rows(decoded, rows8, torch.arange(rows).flip(0), qtype, True)
+    assert np.array_equal(decoded.flip(0).numpy(), w)
+    x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+    q, d, s = ops.quantize_activations(x)
+    want, out = torch.empty(tokens, rows), torch.full((tokens, rows + 3), float("nan"))
+    ops.quant_matmul(want, q, d, s, blocks, qtype)
+    ops.quant_matmul(out[:, 3:], q, d, s, rows8, qtype, True)
+    torch.testing.assert_close(out[:, 3:], want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    assert out[:, :3].isnan().all()
+    fused = torch.empty(tokens, rows)  # what the model calls: quantization inside
+    ops.stored_matmul(fused, x, rows8, qtype, True)
+    assert torch.equal(fused, out[:, 3:])
+
+
+def test_rows8_refuses_what_it_has_no_layout_for():
+    blocks, _ = stored("Q4_K", 8, 512)
+    with pytest.raises(RuntimeError, match="ggml type 12 has no interleaved layout"):
+        ops.repack_rows8(blocks, 12)
+    blocks, _ = stored("Q4_1", 12, 512)
+    with pytest.raises(RuntimeError, match="groups of 8"):
+        ops.repack_rows8(blocks, 3)
+    with pytest.raises(RuntimeError, match="12 rows has no interleaved layout"):
+        ops.stored_matmul(torch.empty(1, 12), torch.randn(1, 512), blocks, 3, True)
+
+
 def test_quant_matmul_refuses_formats_without_an_integer_kernel():
     blocks, _ = stored("Q5_0", 4, 512)
     q, d, s = ops.quantize_activations(torch.randn(1, 512))

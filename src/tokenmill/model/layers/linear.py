@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.model import kernels
-from tokenmill.model.stored_weight import StoredWeight, quantize_activations
+from tokenmill.model.stored_weight import StoredWeight
 
 
 class Linear(nn.Module):
@@ -67,7 +67,7 @@ class Linear(nn.Module):
             row = first_row + weight.shape[0]
         if row < self.out_features:
             parts.append((row, _float32_part(self.weight[row:])))
-        self.stored = _merge_adjacent(parts)
+        self.stored = [(first_row, weight.interleave_rows()) for first_row, weight in _merge_adjacent(parts)]
         self.weight = None  # type: ignore[assignment]
 
     @staticmethod
@@ -83,17 +83,12 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stored:
             xf = x.float().contiguous()  # [T, in]
-            out = xf.new_empty(xf.shape[0], self.out_features)  # [T, out] float32
-            # x in each column order the parts use (one order unless a GPTQ act-order part
-            # has its own), quantized once per order for the parts that multiply in integers.
-            orders: dict[int, list] = {}  # id(input_perm) -> [x in that order, its int8 form]
-            for first_row, weight in self.stored:
-                order = orders.get(id(weight.input_perm))
-                if order is None:
-                    order = orders[id(weight.input_perm)] = [weight.permute_input(xf), None]
-                if order[1] is None and weight.uses_int8_activations:
-                    order[1] = quantize_activations(order[0])
-                weight.matmul(order[0], out[:, first_row : first_row + weight.shape[0]], order[1])
+            if len(self.stored) == 1:  # most layers: no slicing, one kernel call
+                out = self.stored[0][1].matmul(xf)
+            else:
+                out = xf.new_empty(xf.shape[0], self.out_features)  # [T, out] float32
+                for first_row, weight in self.stored:
+                    weight.matmul(xf, out[:, first_row : first_row + weight.shape[0]])
             out = out.to(x.dtype)
             return out if self.bias is None else out.add_(self.bias)
         if self._packed is not None:

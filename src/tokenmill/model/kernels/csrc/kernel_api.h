@@ -72,7 +72,10 @@ struct SampleArgs {
 // Stored weight formats the weight kernels read in place: 32- and 16-bit floats and ggml's
 // quantized blocks (ggml type ids in the bindings' table; layouts in weight_formats.h).
 enum WeightFormat : int {
-  kWF16 = 0, kWBF16, kWQ4_0, kWQ4_1, kWQ5_0, kWQ5_1, kWQ8_0, kWQ4_K, kWQ5_K, kWQ6_K, kWF32, kNumWeightFormats
+  kWF16 = 0, kWBF16, kWQ4_0, kWQ4_1, kWQ5_0, kWQ5_1, kWQ8_0, kWQ4_K, kWQ5_K, kWQ6_K, kWF32,
+  // Q4_0, Q4_1 and Q8_0 with rows interleaved in groups of 8 (quant_matmul.h, Rows8);
+  // only quant_matmul reads them.
+  kWQ4_0x8, kWQ4_1x8, kWQ8_0x8, kNumWeightFormats
 };
 
 // Writes the k float32 values of one stored row.
@@ -111,7 +114,9 @@ struct QuantizeActivationsArgs {
 
 // out[t, n] = sum over blocks of W[n] . (d * q)[t], with the weight blocks' integers
 // multiplied by the activations' in int8/int16/int32 and scaled once per block. Formats:
-// Q4_0, Q4_1, Q8_0, Q4_K, Q6_K (int8_activations in weight_ops.cpp's table). Work items are output rows.
+// Q4_0, Q4_1, Q8_0, Q4_K, Q6_K (int8_activations in weight_ops.cpp's table), and the first
+// three with rows interleaved by 8. Work items are output rows (groups of 8 rows when
+// interleaved).
 struct QuantMatmulArgs {
   float* out;          // [tokens, n], row stride ldo
   const int8_t* xq;    // [tokens, k]

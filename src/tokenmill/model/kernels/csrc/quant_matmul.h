@@ -109,8 +109,79 @@ void quant_matmul_rows(const QuantMatmulArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+// Rows interleaved in groups of 8 (weight_ops.cpp's repack_rows8 writes them): per group
+// and 32-value block, the 8 rows' float16 scales d[8] (Q4_1: then its mins m[8]), then the
+// integers in 32-byte loads whose byte 4r + b belongs to row r: Q8_0 in 8 loads, load c
+// holding values 4c + b; Q4_0 / Q4_1 in 4 loads, load c holding row r's block byte 4c + b
+// (values 4c + b in the low nibble, 16 + 4c + b in the high one). Each integer dot product
+// then lands in lane r of an 8-lane sum, so 8 rows share one float scaling per block and
+// no row needs a horizontal sum: 2-3x fewer instructions than a row at a time.
+template <WeightFormat F>
+struct Rows8 {
+  static constexpr bool kQ8 = F == kWQ8_0x8, kHasMin = F == kWQ4_1x8;
+  static constexpr int64_t kScaleBytes = kHasMin ? 32 : 16;
+  static constexpr int64_t kLoads = kQ8 ? 8 : 4;
+  static constexpr int64_t kBytes = kScaleBytes + 32 * kLoads;  // 8 rows' blocks, as stored
+};
+
+template <WeightFormat F, int kTokens>
+inline void quant_rows8_tile(const QuantMatmulArgs& a, const uint8_t* group, int64_t t0, float* out) {
+  using L = Rows8<F>;
+  const int64_t num_blocks = a.k / 32;
+  F8 acc[kTokens];
+  for (int c = 0; c < kTokens; ++c) acc[c] = f8_set1(0.f);
+  for (int64_t j = 0; j < num_blocks; ++j) {
+    const uint8_t* block = group + j * L::kBytes;
+    const uint8_t* ints = block + L::kScaleBytes;
+    I32x8 dots[kTokens];
+    for (int c = 0; c < kTokens; ++c) dots[c] = i32_zero();
+    for (int64_t load = 0; load < L::kLoads; ++load) {
+      const I8x32 w = i8_load(ints + 32 * load);
+      if constexpr (L::kQ8) {
+        for (int c = 0; c < kTokens; ++c) {
+          dots[c] = i32_add_dot_i8(dots[c], w, i8_bcast4(a.xq + (t0 + c) * a.k + 32 * j + 4 * load));
+        }
+      } else {
+        const I8x32 lo = i8_low_nibbles(w), hi = i8_high_nibbles(w);
+        for (int c = 0; c < kTokens; ++c) {
+          const int8_t* x = a.xq + (t0 + c) * a.k + 32 * j + 4 * load;
+          dots[c] = i32_add_dot_u4_pair(dots[c], lo, i8_bcast4(x), hi, i8_bcast4(x + 16));
+        }
+      }
+    }
+    const F8 d = f8_load_f16(block);
+    for (int c = 0; c < kTokens; ++c) {
+      const int64_t xb = (t0 + c) * num_blocks + j;
+      acc[c] = f8_fmadd(f8_mul(d, f8_set1(a.xd[xb])), i32_to_f8(dots[c]), acc[c]);
+      if constexpr (L::kHasMin) {
+        acc[c] = f8_fmadd(f8_load_f16(block + 16), f8_set1(a.xs[xb]), acc[c]);
+      } else if constexpr (!L::kQ8) {  // Q4_0: d * (q - 8), the -8 d against the block's sum
+        acc[c] = f8_fmadd(d, f8_set1(-8.f * a.xs[xb]), acc[c]);
+      }
+    }
+  }
+  for (int c = 0; c < kTokens; ++c) f8_store(out + c * a.ldo, acc[c]);
+}
+
+// Items are groups of 8 rows.
+template <WeightFormat F>
+void quant_matmul_rows8(const QuantMatmulArgs& a, int64_t begin, int64_t end) {
+  const int64_t group_bytes = 8 * a.row_bytes;
+  for (int64_t g = begin; g < end; ++g) {
+    const uint8_t* group = a.w + g * group_bytes;
+    int64_t t = 0;
+    for (; t + kQuantTokens <= a.tokens; t += kQuantTokens) {
+      quant_rows8_tile<F, kQuantTokens>(a, group, t, a.out + t * a.ldo + 8 * g);
+    }
+    for (; t < a.tokens; ++t) quant_rows8_tile<F, 1>(a, group, t, a.out + t * a.ldo + 8 * g);
+  }
+}
+
 inline void quant_matmul(const QuantMatmulArgs& a, int64_t begin, int64_t end) {
   switch (a.format) {
+    case kWQ4_0x8: return quant_matmul_rows8<kWQ4_0x8>(a, begin, end);
+    case kWQ4_1x8: return quant_matmul_rows8<kWQ4_1x8>(a, begin, end);
+    case kWQ8_0x8: return quant_matmul_rows8<kWQ8_0x8>(a, begin, end);
     case kWQ4_0: return quant_matmul_rows<FormatQ4_0>(a, begin, end);
     case kWQ4_1: return quant_matmul_rows<FormatQ4_1>(a, begin, end);
     case kWQ8_0: return quant_matmul_rows<FormatQ8_0>(a, begin, end);

@@ -8,6 +8,9 @@ struct I8x32 {
 struct F8 {
   float v[8];
 };
+struct I32x8 {
+  int32_t v[8];
+};
 
 inline F8 f8_set1(float x) {
   F8 r;
@@ -24,6 +27,16 @@ inline F8 f8_mul(F8 a, F8 b) {
   for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i];
   return a;
 }
+inline F8 f8_load_f16(const uint8_t* p) {  // 8 float16 values
+  F8 r;
+  for (int i = 0; i < 8; ++i) {
+    uint16_t bits;
+    std::memcpy(&bits, p + 2 * i, 2);
+    r.v[i] = f16_value(bits);
+  }
+  return r;
+}
+inline void f8_store(float* p, F8 a) { std::memcpy(p, a.v, sizeof(a.v)); }
 inline F8 f8_fmadd(F8 a, F8 b, F8 c) {
   for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i];
   return c;
@@ -81,4 +94,35 @@ inline F8 dot_u8(I8x32 w, I8x32 x) {
     r.v[i] = static_cast<float>(s);
   }
   return r;
+}
+
+// The interleaved layouts (quant_matmul.h, Rows8): lane i of an I32x8 is row i's sum.
+inline I32x8 i32_zero() { return {}; }
+inline F8 i32_to_f8(I32x8 a) {
+  F8 r;
+  for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>(a.v[i]);
+  return r;
+}
+inline I8x32 i8_bcast4(const int8_t* p) {  // 4 bytes into every lane
+  I8x32 r;
+  for (int i = 0; i < 32; ++i) r.v[i] = p[i % 4];
+  return r;
+}
+inline I8x32 i8_low_nibbles(I8x32 a) {
+  for (auto& b : a.v) b = static_cast<int8_t>(static_cast<uint8_t>(b) & 15);
+  return a;
+}
+inline I8x32 i8_high_nibbles(I8x32 a) {
+  for (auto& b : a.v) b = static_cast<int8_t>(static_cast<uint8_t>(b) >> 4);
+  return a;
+}
+// acc + per lane i: sum over bytes 4i..4i+3 of w1 * x1 + w2 * x2 (weights 0..15).
+inline I32x8 i32_add_dot_u4_pair(I32x8 acc, I8x32 w1, I8x32 x1, I8x32 w2, I8x32 x2) {
+  for (int j = 0; j < 32; ++j) acc.v[j / 4] += w1.v[j] * x1.v[j] + w2.v[j] * x2.v[j];
+  return acc;
+}
+// acc + per lane i: sum over bytes 4i..4i+3 of w * x, both signed.
+inline I32x8 i32_add_dot_i8(I32x8 acc, I8x32 w, I8x32 x) {
+  for (int j = 0; j < 32; ++j) acc.v[j / 4] += w.v[j] * x.v[j];
+  return acc;
 }

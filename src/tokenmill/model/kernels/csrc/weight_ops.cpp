@@ -1,11 +1,16 @@
 // torch operators over stored weights (16-bit floats and ggml blocks, read in place):
-// weight_matmul (decoded to float32 inside the product), quantize_activations + quant_matmul
-// (integer products against int8 activations), decode_rows (embedding lookups).
+// stored_matmul (what the model calls) = weight_matmul (decoded to float32 inside the
+// product) or quantize_activations + quant_matmul (integer products against int8
+// activations), by format; decode_rows (embedding lookups).
 
+#include <ATen/Parallel.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -75,7 +80,34 @@ void weight_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, in
   }
 }
 
-void decode_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& rows, int64_t ggml_type) {
+// The formats repack_rows8 interleaves: ggml type -> its interleaved kernel format, and the
+// bytes of a row's block before its integers and of the integers.
+struct Rows8Format {
+  int64_t ggml_type;
+  tmk::WeightFormat format;
+  int64_t header_bytes, int_bytes;
+};
+constexpr Rows8Format kRows8Formats[] = {
+    {2, tmk::kWQ4_0x8, 2, 16}, {3, tmk::kWQ4_1x8, 4, 16}, {8, tmk::kWQ8_0x8, 2, 32}};
+
+const Rows8Format* rows8_format(int64_t ggml_type) {
+  for (const auto& f : kRows8Formats) {
+    if (f.ggml_type == ggml_type) return &f;
+  }
+  return nullptr;
+}
+
+bool can_repack_rows8(int64_t ggml_type, int64_t rows) { return rows % 8 == 0 && rows8_format(ggml_type) != nullptr; }
+
+// The interleaved layout in one place, for both directions: calls move(offset in the
+// group's 8 blocks, offset in row r's block, bytes) for each piece of row r's block.
+template <typename Move>
+void for_each_rows8_piece(const Rows8Format& r8, int64_t r, Move move) {
+  for (int64_t h = 0; h < r8.header_bytes / 2; ++h) move(16 * h + 2 * r, 2 * h, 2);  // d (Q4_1: then m)
+  for (int64_t c = 0; c < r8.int_bytes / 4; ++c) move(8 * r8.header_bytes + 32 * c + 4 * r, r8.header_bytes + 4 * c, 4);
+}
+
+void decode_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& rows, int64_t ggml_type, bool rows8) {
   const char* op = "decode_rows";
   check_cpu_contiguous({&out, &w, &rows}, op);
   TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && rows.scalar_type() == at::kLong &&
@@ -85,6 +117,25 @@ void decode_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& rows, i
   const int64_t* ids = rows.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows.numel(); ++i) {
     TORCH_CHECK(ids[i] >= 0 && ids[i] < w.size(0), op, ": row ", ids[i], " out of range");
+  }
+  if (rows8) {  // gather the rows back into their stored layout, then decode those
+    TORCH_CHECK(can_repack_rows8(ggml_type, w.size(0)), op, ": ggml type ", ggml_type, " has no interleaved layout");
+    const Rows8Format& r8 = *rows8_format(ggml_type);
+    const int64_t row_bytes = w.size(1), bb = f.block_bytes, num_blocks = row_bytes / bb;
+    at::Tensor gathered = at::empty({rows.numel(), row_bytes}, w.options());
+    const uint8_t* src = w.data_ptr<uint8_t>();
+    uint8_t* dst = gathered.data_ptr<uint8_t>();
+    for (int64_t i = 0; i < rows.numel(); ++i) {
+      for (int64_t j = 0; j < num_blocks; ++j) {
+        const uint8_t* group_block = src + ((ids[i] / 8) * num_blocks + j) * 8 * bb;
+        uint8_t* row_block = dst + i * row_bytes + j * bb;
+        for_each_rows8_piece(r8, ids[i] % 8, [&](int64_t in_group, int64_t in_row, int64_t bytes) {
+          std::memcpy(row_block + in_row, group_block + in_group, bytes);
+        });
+      }
+    }
+    at::Tensor in_order = at::arange(rows.numel(), rows.options());
+    return decode_rows(out, gathered, in_order, ggml_type, false);
   }
   const tmk::DecodeRowsArgs args{out.data_ptr<float>(), w.data_ptr<uint8_t>(), ids, out.size(1), w.size(1), f.format};
   run(selected()->decode_rows, args, rows.numel(), 16);
@@ -105,8 +156,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations(const at::Te
   return {q, d, s};
 }
 
+// w [n, row_bytes] in rows -> the same bytes with rows interleaved by 8 (quant_matmul.h,
+// Rows8): per group of 8 rows and block, the 8 scales (and Q4_1's 8 mins), then the
+// integers 4 bytes of each row at a time. Done once at load.
+at::Tensor repack_rows8(const at::Tensor& w, int64_t ggml_type) {
+  const char* op = "repack_rows8";
+  check_cpu_contiguous({&w}, op);
+  const Rows8Format* r8 = rows8_format(ggml_type);
+  TORCH_CHECK(r8 != nullptr, op, ": ggml type ", ggml_type, " has no interleaved layout (Q4_0, Q4_1, Q8_0 do)");
+  TORCH_CHECK(w.dim() == 2 && w.size(0) % 8 == 0, op, ": rows must come in groups of 8, got ", w.sizes());
+  const int64_t n = w.size(0), row_bytes = w.size(1), bb = r8->header_bytes + r8->int_bytes;
+  stored_format(ggml_type, row_bytes / bb * 32, w, op);  // checks the row length
+  const int64_t num_blocks = row_bytes / bb;
+  at::Tensor out = at::empty_like(w);
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n / 8, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t j = 0; j < num_blocks; ++j) {
+        uint8_t* group_block = dst + (g * num_blocks + j) * 8 * bb;
+        for (int64_t r = 0; r < 8; ++r) {
+          const uint8_t* row_block = src + (8 * g + r) * row_bytes + j * bb;
+          for_each_rows8_piece(*r8, r, [&](int64_t in_group, int64_t in_row, int64_t bytes) {
+            std::memcpy(group_block + in_group, row_block + in_row, bytes);
+          });
+        }
+      }
+    }
+  });
+  return out;
+}
+
 void quant_matmul(at::Tensor& out, const at::Tensor& xq, const at::Tensor& xd, const at::Tensor& xs,
-                  const at::Tensor& w, int64_t ggml_type) {
+                  const at::Tensor& w, int64_t ggml_type, bool rows8) {
   const char* op = "quant_matmul";
   check_cpu_contiguous({&xq, &xd, &xs, &w}, op);
   const int64_t tokens = xq.size(0), k = xq.size(1), n = w.size(0);
@@ -118,14 +200,37 @@ void quant_matmul(at::Tensor& out, const at::Tensor& xq, const at::Tensor& xd, c
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == tokens &&
                   out.size(1) == n && out.stride(1) == 1,
               op, ": out must be float32 [tokens, rows] with contiguous rows");
+  TORCH_CHECK(!rows8 || can_repack_rows8(ggml_type, n), op, ": ggml type ", ggml_type, " with ", n,
+              " rows has no interleaved layout");
+  const tmk::WeightFormat format = rows8 ? rows8_format(ggml_type)->format : f.format;
   const int64_t ldo = out.stride(0), num_blocks = k / 32;
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
     const tmk::QuantMatmulArgs args{out.data_ptr<float>() + t0 * ldo, xq.data_ptr<int8_t>() + t0 * k,
                                     xd.data_ptr<float>() + t0 * num_blocks, xs.data_ptr<float>() + t0 * num_blocks,
                                     w.data_ptr<uint8_t>(), std::min(kTokenBlock, tokens - t0), n, k, w.size(1), ldo,
-                                    f.format};
-    run(selected()->quant_matmul, args, n, 4);
+                                    format};
+    if (rows8) {
+      run(selected()->quant_matmul, args, n / 8, 1);
+    } else {
+      run(selected()->quant_matmul, args, n, 4);
+    }
   }
+}
+
+// out = x @ w^T for any stored format, the one entry the model calls: the integer formats
+// quantize x and multiply in integers, the others decode w to float32 in the product. One
+// operator call per projection: at one token, dispatching quantize_activations and
+// quant_matmul separately from Python cost as much as the product of a small layer.
+void stored_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t ggml_type, bool rows8) {
+  const char* op = "stored_matmul";
+  check_cpu_contiguous({&x}, op);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, ": x must be a float32 matrix");
+  if (!stored_format(ggml_type, x.size(1), w, op).int8_activations) {
+    TORCH_CHECK(!rows8, op, ": ggml type ", ggml_type, " has no interleaved layout");
+    return weight_matmul(out, x, w, ggml_type);
+  }
+  const auto [q, d, s] = quantize_activations(x);
+  quant_matmul(out, q, d, s, w, ggml_type, rows8);
 }
 
 }  // namespace
@@ -133,8 +238,11 @@ void quant_matmul(at::Tensor& out, const at::Tensor& xq, const at::Tensor& xd, c
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("weight_formats() -> int[][]", &weight_formats);
   m.def("weight_matmul(Tensor(a!) out, Tensor x, Tensor w, int ggml_type) -> ()", &weight_matmul);
-  m.def("decode_rows(Tensor(a!) out, Tensor w, Tensor rows, int ggml_type) -> ()", &decode_rows);
+  m.def("decode_rows(Tensor(a!) out, Tensor w, Tensor rows, int ggml_type, bool rows8=False) -> ()", &decode_rows);
   m.def("quantize_activations(Tensor x) -> (Tensor, Tensor, Tensor)", &quantize_activations);
-  m.def("quant_matmul(Tensor(a!) out, Tensor xq, Tensor xd, Tensor xs, Tensor w, int ggml_type) -> ()",
+  m.def("quant_matmul(Tensor(a!) out, Tensor xq, Tensor xd, Tensor xs, Tensor w, int ggml_type, bool rows8=False) -> ()",
         &quant_matmul);
+  m.def("stored_matmul(Tensor(a!) out, Tensor x, Tensor w, int ggml_type, bool rows8=False) -> ()", &stored_matmul);
+  m.def("can_repack_rows8(int ggml_type, int rows) -> bool", &can_repack_rows8);
+  m.def("repack_rows8(Tensor w, int ggml_type) -> Tensor", &repack_rows8);
 }
