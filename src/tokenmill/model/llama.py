@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import ModelConfig
+from tokenmill.model.decode_layers import DecodeLayers
 from tokenmill.model import kernels
 from tokenmill.model.layers.attention import AttentionMetadata, paged_attention, write_kv
 from tokenmill.model.layers.embedding import Embedding
@@ -122,6 +123,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg, max_positions)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Decode steps in one kernel call where the loaded weights allow (decode_layers.py).
+        self.decode_layers: DecodeLayers | None = None
 
     def forward(
         self,
@@ -134,6 +137,9 @@ class LlamaForCausalLM(nn.Module):
         m = self.model
         x = m.embed_tokens(input_ids)  # [T, hidden]
         cos_sin = m.rotary.lookup(positions, x.dtype)  # once per step, shared by every layer
+        if self.decode_layers is not None and self.decode_layers.applies(x, kv_caches, meta):
+            residual, x = x, m.layers[0].input_layernorm(x)
+            return self.decode_layers(x, residual, cos_sin, kv_caches, meta)
         residual = None
         for layer, kv_cache in zip(m.layers, kv_caches):
             x, residual = layer(x, residual, cos_sin, kv_cache, meta)

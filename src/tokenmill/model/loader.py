@@ -11,6 +11,7 @@ from torch import nn
 
 from tokenmill.config import ModelConfig
 from tokenmill.model import kernels
+from tokenmill.model.decode_layers import DecodeLayers
 from tokenmill.model.layers.embedding import Embedding
 from tokenmill.model.layers.linear import Linear
 from tokenmill.model.llama import LlamaForCausalLM
@@ -158,5 +159,6 @@ def load_model(
     for module in model.modules():
         if isinstance(module, Linear):
             module.finalize_for_cpu()
+    model.decode_layers = DecodeLayers.build(model)
     model.eval()
     return model

@@ -90,6 +90,11 @@ using tmk_bind::check_cpu_contiguous;
 using tmk_bind::run;
 using tmk_bind::selected;
 
+}  // namespace
+
+// The operators decode_layers.cpp also calls (declared in bindings.h).
+namespace tmk_ops {
+
 void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
   const char* op = "paged_decode_attention";
@@ -182,6 +187,12 @@ void rotary_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& 
                                  cache_slots};
   run(selected()->rotary_and_cache[dtype_of(qkv, op)], args, qkv.size(0), 8);
 }
+
+}  // namespace tmk_ops
+
+namespace {
+
+using namespace tmk_ops;
 
 void sample_exponential_race(at::Tensor& out, const at::Tensor& logits, const at::Tensor& keys) {
   const char* op = "sample_exponential_race";

@@ -133,6 +133,7 @@ inline void quant_rows8_tile(const QuantMatmulArgs& a, const uint8_t* group, int
   for (int64_t j = 0; j < num_blocks; ++j) {
     const uint8_t* block = group + j * L::kBytes;
     const uint8_t* ints = block + L::kScaleBytes;
+    for (int64_t line = 0; line < L::kBytes; line += 64) __builtin_prefetch(block + 8 * L::kBytes + line);
     I32x8 dots[kTokens];
     for (int c = 0; c < kTokens; ++c) dots[c] = i32_zero();
     for (int64_t load = 0; load < L::kLoads; ++load) {

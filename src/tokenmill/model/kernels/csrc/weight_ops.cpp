@@ -217,6 +217,10 @@ void quant_matmul(at::Tensor& out, const at::Tensor& xq, const at::Tensor& xd, c
   }
 }
 
+}  // namespace
+
+namespace tmk_ops {
+
 // out = x @ w^T for any stored format, the one entry the model calls: the integer formats
 // quantize x and multiply in integers, the others decode w to float32 in the product. One
 // operator call per projection: at one token, dispatching quantize_activations and
@@ -233,7 +237,9 @@ void stored_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, in
   quant_matmul(out, q, d, s, w, ggml_type, rows8);
 }
 
-}  // namespace
+}  // namespace tmk_ops
+
+using tmk_ops::stored_matmul;
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("weight_formats() -> int[][]", &weight_formats);
