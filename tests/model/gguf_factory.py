@@ -177,3 +177,60 @@ def real_model_path() -> str:
         return default_model_path()
     except FileNotFoundError as e:
         pytest.fail(f"this test needs the real model file. {e}", pytrace=False)
+
+
+def quantize_blocks(w: np.ndarray, qtype: QT) -> np.ndarray:
+    """float32 [rows, cols] -> stored blocks uint8 [rows, row_bytes] approximating w. The
+    `gguf` package quantizes the 32-value formats; it has no K-quant quantizer, so Q4_K and
+    Q6_K are encoded here (simple per-sub-block min/max scales, not llama.cpp's search),
+    checked against the package's own dequantization."""
+    if qtype not in (QT.Q4_K, QT.Q6_K):
+        return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype).view(np.uint8)
+    rows, cols = w.shape
+    blocks = (_q4_k_blocks if qtype == QT.Q4_K else _q6_k_blocks)(w.reshape(-1, 256).astype(np.float32))
+    out = blocks.reshape(rows, -1)
+    back = gguf.quants.dequantize(out, qtype).reshape(rows, cols)
+    assert np.abs(back - w).mean() < 0.2 * np.abs(w).mean(), "K-quant encoder and reference disagree"
+    return out
+
+
+def _q4_k_blocks(w: np.ndarray) -> np.ndarray:
+    """[n, 256] -> [n, 144]: d, dmin (float16), 6-bit scales and mins of 8 sub-blocks of 32,
+    then 4-bit codes; value = d * sc * q - dmin * m."""
+    n = w.shape[0]
+    sub = w.reshape(n, 8, 32)
+    lo, hi = np.minimum(sub.min(-1), 0), np.maximum(sub.max(-1), 0)
+    scale, mins = (hi - lo) / 15, -lo  # [n, 8]
+    d = (scale.max(-1) / 63).astype(np.float16)
+    dmin = (mins.max(-1) / 63).astype(np.float16)
+    df, dminf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.clip(np.round(np.divide(scale, df, out=np.zeros_like(scale), where=df > 0)), 0, 63).astype(np.uint8)
+    m = np.clip(np.round(np.divide(mins, dminf, out=np.zeros_like(mins), where=dminf > 0)), 0, 63).astype(np.uint8)
+    step = (df * sc)[..., None]
+    q = np.clip(np.round(np.divide(sub + (dminf * m)[..., None], step, out=np.zeros_like(sub), where=step > 0)), 0, 15)
+    q = q.astype(np.uint8)
+    packed = np.zeros((n, 12), np.uint8)
+    packed[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (sc[:, 4:8] & 15) | ((m[:, 4:8] & 15) << 4)
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, 128)  # sub-blocks 2i (low) and 2i+1 (high)
+    return np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), packed, qs], axis=1)
+
+
+def _q6_k_blocks(w: np.ndarray) -> np.ndarray:
+    """[n, 256] -> [n, 210]: 4 low bits (ql), 2 high bits (qh), int8 scales per 16 values,
+    d (float16); value = d * sc * (q - 32)."""
+    n = w.shape[0]
+    sub = w.reshape(n, 16, 16)
+    scale = np.abs(sub).max(-1) / 31  # [n, 16]
+    d = (scale.max(-1) / 127).astype(np.float16)
+    df = d.astype(np.float32)[:, None]
+    sc = np.clip(np.round(np.divide(scale, df, out=np.zeros_like(scale), where=df > 0)), -128, 127).astype(np.int8)
+    step = (df * sc)[..., None]
+    q = np.clip(np.round(np.divide(sub, step, out=np.zeros_like(sub), where=step != 0)) + 32, 0, 63)
+    q = q.astype(np.uint8).reshape(n, 2, 4, 32)  # [half, quarter, l]
+    ql = np.zeros((n, 2, 64), np.uint8)
+    ql[:, :, :32] = (q[:, :, 0] & 15) | ((q[:, :, 2] & 15) << 4)
+    ql[:, :, 32:] = (q[:, :, 1] & 15) | ((q[:, :, 3] & 15) << 4)
+    qh = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
+    return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), d[:, None].view(np.uint8)], axis=1)
