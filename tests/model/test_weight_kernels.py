@@ -109,15 +109,15 @@ def test_quant_matmul_is_exact_on_the_quantized_activations(name, tokens, isa):
     assert out[:, :3].isnan().all()
 
 
-ROWS8_FORMATS = ["Q4_0", "Q4_1", "Q8_0"]
+ROWS8_FORMATS = ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16"]
 
 
 @pytest.mark.parametrize("name", ROWS8_FORMATS)
-@pytest.mark.parametrize("tokens", [1, 6])
+@pytest.mark.parametrize("tokens", [1, 6, 11])  # 6: a tile of 4 and singles; 11: 8 + 2 + 1 (16-bit tiles)
 def test_rows_interleaved_by_8_give_the_row_layouts_products(name, tokens, isa):
     """repack_rows8 reorders the bytes (decode_rows reads every row back bit for bit); the
-    interleaved kernel's integer sums are exact, so its products equal the row layout's up
-    to float32 rounding of the per-block scaling."""
+    interleaved kernels' products equal the row layout's up to float32 rounding (the
+    integer sums are exact; the 16-bit products sum in another order)."""
     rows, cols, qtype = 40, 512, int(gguf.GGMLQuantizationType[name])
     blocks, w = stored(name, rows, cols, seed=tokens + 3)
     assert ops.can_repack_rows8(qtype, rows) and not ops.can_repack_rows8(qtype, 36)
@@ -127,13 +127,17 @@ def test_rows_interleaved_by_8_give_the_row_layouts_products(name, tokens, isa):
     ops.decode_rows(decoded, rows8, torch.arange(rows).flip(0), qtype, True)
     assert np.array_equal(decoded.flip(0).numpy(), w)
     x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
-    q, d, s = ops.quantize_activations(x)
     want, out = torch.empty(tokens, rows), torch.full((tokens, rows + 3), float("nan"))
-    ops.quant_matmul(want, q, d, s, blocks, qtype)
-    ops.quant_matmul(out[:, 3:], q, d, s, rows8, qtype, True)
+    if name in INT8_FORMATS:
+        q, d, s = ops.quantize_activations(x)
+        ops.quant_matmul(want, q, d, s, blocks, qtype)
+        ops.quant_matmul(out[:, 3:], q, d, s, rows8, qtype, True)
+    else:
+        ops.weight_matmul(want, x, blocks, qtype)
+        ops.weight_matmul(out[:, 3:], x, rows8, qtype, True)
     torch.testing.assert_close(out[:, 3:], want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
     assert out[:, :3].isnan().all()
-    fused = torch.empty(tokens, rows)  # what the model calls: quantization inside
+    fused = torch.empty(tokens, rows)  # what the model calls
     ops.stored_matmul(fused, x, rows8, qtype, True)
     assert torch.equal(fused, out[:, 3:])
 
@@ -147,6 +151,9 @@ def test_rows8_refuses_what_it_has_no_layout_for():
         ops.repack_rows8(blocks, 3)
     with pytest.raises(RuntimeError, match="12 rows has no interleaved layout"):
         ops.stored_matmul(torch.empty(1, 12), torch.randn(1, 512), blocks, 3, True)
+    blocks, _ = stored("Q8_0", 8, 512)  # a quantized layout is quant_matmul's, not weight_matmul's
+    with pytest.raises(RuntimeError, match="no interleaved layout here"):
+        ops.weight_matmul(torch.empty(1, 8), torch.randn(1, 512), ops.repack_rows8(blocks, 8), 8, True)
 
 
 def test_quant_matmul_refuses_formats_without_an_integer_kernel():

@@ -46,7 +46,7 @@ class Linear(nn.Module):
         the weight is repacked for oneDNN where it can be."""
         if not self.stored:
             if _unpackable_16_bit(self.weight):
-                self.stored = [(0, _sixteen_bit_part(self.weight))]
+                self.stored = [(0, _sixteen_bit_part(self.weight).interleave_rows())]
                 self.weight = None  # type: ignore[assignment]
             else:
                 self.pack_for_cpu()

@@ -73,9 +73,9 @@ struct SampleArgs {
 // quantized blocks (ggml type ids in the bindings' table; layouts in weight_formats.h).
 enum WeightFormat : int {
   kWF16 = 0, kWBF16, kWQ4_0, kWQ4_1, kWQ5_0, kWQ5_1, kWQ8_0, kWQ4_K, kWQ5_K, kWQ6_K, kWF32,
-  // Q4_0, Q4_1 and Q8_0 with rows interleaved in groups of 8 (quant_matmul.h, Rows8);
-  // only quant_matmul reads them.
-  kWQ4_0x8, kWQ4_1x8, kWQ8_0x8, kNumWeightFormats
+  // Rows interleaved in groups of 8: Q4_0, Q4_1 and Q8_0 for quant_matmul (quant_matmul.h,
+  // Rows8), float16 and bfloat16 for weight_matmul (weight_matmul.h).
+  kWQ4_0x8, kWQ4_1x8, kWQ8_0x8, kWF16x8, kWBF16x8, kNumWeightFormats
 };
 
 // Writes the k float32 values of one stored row.

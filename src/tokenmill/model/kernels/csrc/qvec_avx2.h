@@ -17,8 +17,13 @@ struct I32x8 {
 inline F8 f8_set1(float x) { return {_mm256_set1_ps(x)}; }
 inline F8 f8_halves(float a, float b) { return {_mm256_setr_m128(_mm_set1_ps(a), _mm_set1_ps(b))}; }
 inline F8 f8_mul(F8 a, F8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline F8 f8_add(F8 a, F8 b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline F8 f8_load_f16(const uint8_t* p) {  // 8 float16 values
   return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+inline F8 f8_load_bf16(const uint8_t* p) {  // 8 bfloat16 values
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))};
 }
 inline void f8_store(float* p, F8 a) { _mm256_storeu_ps(p, a.v); }
 inline F8 f8_fmadd(F8 a, F8 b, F8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }

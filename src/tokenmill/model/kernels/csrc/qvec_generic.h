@@ -36,7 +36,21 @@ inline F8 f8_load_f16(const uint8_t* p) {  // 8 float16 values
   }
   return r;
 }
+inline F8 f8_load_bf16(const uint8_t* p) {  // 8 bfloat16 values
+  F8 r;
+  for (int i = 0; i < 8; ++i) {
+    uint32_t bits = 0;
+    std::memcpy(&bits, p + 2 * i, 2);
+    bits <<= 16;
+    std::memcpy(&r.v[i], &bits, 4);
+  }
+  return r;
+}
 inline void f8_store(float* p, F8 a) { std::memcpy(p, a.v, sizeof(a.v)); }
+inline F8 f8_add(F8 a, F8 b) {
+  for (int i = 0; i < 8; ++i) a.v[i] += b.v[i];
+  return a;
+}
 inline F8 f8_fmadd(F8 a, F8 b, F8 c) {
   for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i];
   return c;

@@ -55,11 +55,49 @@ const StoredFormat& stored_format(int64_t ggml_type, int64_t k, const at::Tensor
   TORCH_CHECK(false, op, ": no kernel reads ggml type ", ggml_type);
 }
 
+// The formats repack_rows8 interleaves: ggml type -> its interleaved kernel format, and the
+// bytes of a row's 32-value block before its integers and of the integers (for 16-bit
+// floats: none, and 64).
+struct Rows8Format {
+  int64_t ggml_type;
+  tmk::WeightFormat format;
+  int64_t header_bytes, int_bytes;
+  bool floats16;
+  int64_t block_bytes() const { return header_bytes + int_bytes; }
+};
+constexpr Rows8Format kRows8Formats[] = {{2, tmk::kWQ4_0x8, 2, 16, false},  {3, tmk::kWQ4_1x8, 4, 16, false},
+                                         {8, tmk::kWQ8_0x8, 2, 32, false},  {1, tmk::kWF16x8, 0, 64, true},
+                                         {30, tmk::kWBF16x8, 0, 64, true}};
+
+const Rows8Format* rows8_format(int64_t ggml_type) {
+  for (const auto& f : kRows8Formats) {
+    if (f.ggml_type == ggml_type) return &f;
+  }
+  return nullptr;
+}
+
+// The interleaved layout in one place, for both directions: calls move(offset in the
+// group's 8 blocks, offset in row r's block, bytes) for each piece of row r's 32-value block.
+// Quantized formats: the 8 scales (Q4_1: then the 8 mins), then 4 bytes of each row at a
+// time (quant_matmul.h, Rows8). 16-bit floats: column-major, 8 rows' values per column
+// (weight_matmul.h), so a group is [k][8] values.
+template <typename Move>
+void for_each_rows8_piece(const Rows8Format& r8, int64_t r, Move move) {
+  if (r8.floats16) {
+    for (int64_t c = 0; c < 32; ++c) move(2 * (8 * c + r), 2 * c, 2);
+    return;
+  }
+  for (int64_t h = 0; h < r8.header_bytes / 2; ++h) move(16 * h + 2 * r, 2 * h, 2);  // d (Q4_1: then m)
+  for (int64_t c = 0; c < r8.int_bytes / 4; ++c) move(8 * r8.header_bytes + 32 * c + 4 * r, r8.header_bytes + 4 * c, 4);
+}
+
+bool can_repack_rows8(int64_t ggml_type, int64_t rows) { return rows % 8 == 0 && rows8_format(ggml_type) != nullptr; }
+
 // Tokens per pass over the weights: their activations (64 x k float32) stay in L2 while
 // every panel of rows is multiplied by them.
 constexpr int64_t kTokenBlock = 64;
 
-void weight_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t ggml_type) {
+void weight_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t ggml_type, bool rows8) {
   const char* op = "weight_matmul";
   check_cpu_contiguous({&x, &w}, op);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, op,
@@ -70,42 +108,20 @@ void weight_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, in
   TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.size(0) == tokens && out.size(1) == n &&
                   out.stride(1) == 1,
               op, ": out must be [tokens, rows] with contiguous rows");
+  TORCH_CHECK(!rows8 || (can_repack_rows8(ggml_type, n) && rows8_format(ggml_type)->floats16), op, ": ggml type ",
+              ggml_type, " with ", n, " rows has no interleaved layout here (quant_matmul reads the quantized ones)");
   const int64_t ldo = out.stride(0);
-  const int64_t panels = (n + tmk::kPanelRows - 1) / tmk::kPanelRows;
+  // Work items: groups of 8 interleaved rows, or panels of kPanelRows rows.
+  const int64_t items = rows8 ? n / 8 : (n + tmk::kPanelRows - 1) / tmk::kPanelRows;
   for (int64_t t0 = 0; t0 < tokens; t0 += kTokenBlock) {
     const tmk::WeightMatmulArgs args{out.data_ptr<float>() + t0 * ldo, x.data_ptr<float>() + t0 * k,
                                      w.data_ptr<uint8_t>(), std::min(kTokenBlock, tokens - t0), n, k, w.size(1), ldo,
-                                     f.format};
-    run(selected()->weight_matmul, args, panels, 1);
+                                     rows8 ? rows8_format(ggml_type)->format : f.format};
+    run(selected()->weight_matmul, args, items, 1);
   }
 }
 
-// The formats repack_rows8 interleaves: ggml type -> its interleaved kernel format, and the
-// bytes of a row's block before its integers and of the integers.
-struct Rows8Format {
-  int64_t ggml_type;
-  tmk::WeightFormat format;
-  int64_t header_bytes, int_bytes;
-};
-constexpr Rows8Format kRows8Formats[] = {
-    {2, tmk::kWQ4_0x8, 2, 16}, {3, tmk::kWQ4_1x8, 4, 16}, {8, tmk::kWQ8_0x8, 2, 32}};
 
-const Rows8Format* rows8_format(int64_t ggml_type) {
-  for (const auto& f : kRows8Formats) {
-    if (f.ggml_type == ggml_type) return &f;
-  }
-  return nullptr;
-}
-
-bool can_repack_rows8(int64_t ggml_type, int64_t rows) { return rows % 8 == 0 && rows8_format(ggml_type) != nullptr; }
-
-// The interleaved layout in one place, for both directions: calls move(offset in the
-// group's 8 blocks, offset in row r's block, bytes) for each piece of row r's block.
-template <typename Move>
-void for_each_rows8_piece(const Rows8Format& r8, int64_t r, Move move) {
-  for (int64_t h = 0; h < r8.header_bytes / 2; ++h) move(16 * h + 2 * r, 2 * h, 2);  // d (Q4_1: then m)
-  for (int64_t c = 0; c < r8.int_bytes / 4; ++c) move(8 * r8.header_bytes + 32 * c + 4 * r, r8.header_bytes + 4 * c, 4);
-}
 
 void decode_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& rows, int64_t ggml_type, bool rows8) {
   const char* op = "decode_rows";
@@ -121,7 +137,7 @@ void decode_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& rows, i
   if (rows8) {  // gather the rows back into their stored layout, then decode those
     TORCH_CHECK(can_repack_rows8(ggml_type, w.size(0)), op, ": ggml type ", ggml_type, " has no interleaved layout");
     const Rows8Format& r8 = *rows8_format(ggml_type);
-    const int64_t row_bytes = w.size(1), bb = f.block_bytes, num_blocks = row_bytes / bb;
+    const int64_t row_bytes = w.size(1), bb = r8.block_bytes(), num_blocks = row_bytes / bb;
     at::Tensor gathered = at::empty({rows.numel(), row_bytes}, w.options());
     const uint8_t* src = w.data_ptr<uint8_t>();
     uint8_t* dst = gathered.data_ptr<uint8_t>();
@@ -163,9 +179,9 @@ at::Tensor repack_rows8(const at::Tensor& w, int64_t ggml_type) {
   const char* op = "repack_rows8";
   check_cpu_contiguous({&w}, op);
   const Rows8Format* r8 = rows8_format(ggml_type);
-  TORCH_CHECK(r8 != nullptr, op, ": ggml type ", ggml_type, " has no interleaved layout (Q4_0, Q4_1, Q8_0 do)");
+  TORCH_CHECK(r8 != nullptr, op, ": ggml type ", ggml_type, " has no interleaved layout (Q4_0, Q4_1, Q8_0, F16, BF16 do)");
   TORCH_CHECK(w.dim() == 2 && w.size(0) % 8 == 0, op, ": rows must come in groups of 8, got ", w.sizes());
-  const int64_t n = w.size(0), row_bytes = w.size(1), bb = r8->header_bytes + r8->int_bytes;
+  const int64_t n = w.size(0), row_bytes = w.size(1), bb = r8->block_bytes();
   stored_format(ggml_type, row_bytes / bb * 32, w, op);  // checks the row length
   const int64_t num_blocks = row_bytes / bb;
   at::Tensor out = at::empty_like(w);
@@ -229,10 +245,7 @@ void stored_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, in
   const char* op = "stored_matmul";
   check_cpu_contiguous({&x}, op);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, ": x must be a float32 matrix");
-  if (!stored_format(ggml_type, x.size(1), w, op).int8_activations) {
-    TORCH_CHECK(!rows8, op, ": ggml type ", ggml_type, " has no interleaved layout");
-    return weight_matmul(out, x, w, ggml_type);
-  }
+  if (!stored_format(ggml_type, x.size(1), w, op).int8_activations) return weight_matmul(out, x, w, ggml_type, rows8);
   const auto [q, d, s] = quantize_activations(x);
   quant_matmul(out, q, d, s, w, ggml_type, rows8);
 }
@@ -243,7 +256,7 @@ using tmk_ops::stored_matmul;
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("weight_formats() -> int[][]", &weight_formats);
-  m.def("weight_matmul(Tensor(a!) out, Tensor x, Tensor w, int ggml_type) -> ()", &weight_matmul);
+  m.def("weight_matmul(Tensor(a!) out, Tensor x, Tensor w, int ggml_type, bool rows8=False) -> ()", &weight_matmul);
   m.def("decode_rows(Tensor(a!) out, Tensor w, Tensor rows, int ggml_type, bool rows8=False) -> ()", &decode_rows);
   m.def("quantize_activations(Tensor x) -> (Tensor, Tensor, Tensor)", &quantize_activations);
   m.def("quant_matmul(Tensor(a!) out, Tensor xq, Tensor xd, Tensor xs, Tensor w, int ggml_type, bool rows8=False) -> ()",
