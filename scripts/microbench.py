@@ -15,7 +15,7 @@ repetitions), so the ratios hold even when absolute times drift:
     python scripts/microbench.py sampler     # random sampling of 64 rows: kernel vs PyTorch ops
     python scripts/microbench.py prefill     # one 1,024-token prompt through the engine
     python scripts/microbench.py dtypes      # decode steps in float32, bfloat16 and float16
-    python scripts/microbench.py quant       # Q4_1 weights: int8 activations vs float vs float32
+    python scripts/microbench.py quant       # Q4_1 / bf16 weights (rows as stored, by 8) vs float32
 
 The kernel benchmarks time every instruction-set path this CPU runs (generic, avx2,
 avx512) beside the PyTorch ops. `--dtype` sets the dtype of the layer and kernel
@@ -396,8 +396,9 @@ def cmd_dtypes(steps: int = 16) -> None:
 
 def cmd_quant(num_matrices: int = 8) -> None:
     """The real model's matrix shapes in Q4_1 (as its GGUF file stores them): multiplied in
-    integers against int8 activations (quant_matmul), decoded to float32 inside the product
-    (weight_matmul), and as float32 weights (oneDNN). Several distinct matrices, so weights
+    integers against int8 activations (quant_matmul; rows as stored, and interleaved by 8
+    as the model runs them), decoded to float32 inside the product (weight_matmul), as
+    bfloat16 interleaved by 8, and as float32 weights (oneDNN). Several distinct matrices, so weights
     come from memory as in a model, not from the L3 cache."""
     import gguf
     import numpy as np
@@ -416,14 +417,17 @@ def cmd_quant(num_matrices: int = 8) -> None:
                   for w in weights]
         f32 = [torch.from_numpy(w) for w in weights]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in f32] if onednn_packs(torch.float32) else None
+        q4_1, bf16 = int(gguf.GGMLQuantizationType.Q4_1), int(gguf.GGMLQuantizationType.BF16)
+        interleaved = {"Q4_1": [ops.repack_rows8(b, q4_1) for b in blocks],
+                       "bf16": [ops.repack_rows8(w.bfloat16().view(torch.uint8), bf16) for w in f32]}
         for tokens in (1, 4, 16, 64):
-            _quant_shape(ops, f32, packed, blocks, tokens)
+            _quant_shape(ops, f32, packed, blocks, interleaved, tokens)
 
 
-def _quant_shape(ops, f32: list, packed: list | None, blocks: list, tokens: int) -> None:
+def _quant_shape(ops, f32: list, packed: list | None, blocks: list, interleaved: dict, tokens: int) -> None:
     import gguf
 
-    q4_1 = int(gguf.GGMLQuantizationType.Q4_1)
+    q4_1, bf16 = int(gguf.GGMLQuantizationType.Q4_1), int(gguf.GGMLQuantizationType.BF16)
     (rows, cols), n = f32[0].shape, len(f32)
     x, out = torch.randn(tokens, cols), torch.empty(tokens, rows)
 
@@ -432,12 +436,22 @@ def _quant_shape(ops, f32: list, packed: list | None, blocks: list, tokens: int)
         for b in blocks:
             ops.quant_matmul(out, xq, xd, xs, b, q4_1)
 
+    def int8_rows8() -> None:  # what the model runs: rows interleaved by 8, quantization inside
+        for b in interleaved["Q4_1"]:
+            ops.stored_matmul(out, x, b, q4_1, True)
+
+    def bf16_rows8() -> None:
+        for b in interleaved["bf16"]:
+            ops.stored_matmul(out, x, b, bf16, True)
+
     fns = {"float32 F.linear": lambda: [F.linear(x, w) for w in f32]}
     if packed is not None:
         fns["float32 oneDNN packed"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
                                                 for w in packed]
     fns["Q4_1, float activations"] = lambda: [ops.weight_matmul(out, x, b, q4_1) for b in blocks]
     fns.update(_per_isa("Q4_1, int8 activations", int8))
+    fns.update(_per_isa("Q4_1 rows by 8, int8 activations", int8_rows8))
+    fns.update(_per_isa("bfloat16 rows by 8", bf16_rows8))
     show(f"{n} matrices {rows}x{cols}, {tokens} tokens", compare(fns, reps=3, calls=5))
 
 

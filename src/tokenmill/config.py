@@ -27,10 +27,12 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     """Map a user dtype ("auto", "bfloat16", ...) to a torch dtype for `device`.
 
     auto on CPU is bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX),
-    else float32: without those instructions oneDNN cannot pack 16-bit weights and the
-    kernels' 16-bit product widens them to float32. Measured on AVX2: half the bytes make
-    one stream 1.4-1.8x faster, but 64 streams run 1.5-1.6x slower than float32's oneDNN
-    GEMM, and a server batches (docs/performance.md, "Which dtype auto picks").
+    else float32. Without those instructions the kernels multiply 16-bit weights (widened
+    to float32 in registers): bfloat16 is then 2x faster than float32 for one stream and
+    1.16x for 64 on AVX2 (docs/performance.md, "Which dtype auto picks"), but the default
+    model is a quantized GGUF whose blocks run fastest with float32 activations (a decode
+    step's layers in one kernel call), so auto stays float32 there: pass --dtype bfloat16
+    for a 16-bit checkpoint.
     """
     if isinstance(dtype, torch.dtype):
         resolved = dtype
@@ -43,10 +45,13 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     else:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}.")
     if device.type == "cpu" and resolved != torch.float32 and not cpu.has_bf16_matmul():
-        logger.warning("%s on a CPU without bf16 matrix instructions (%s): faster than float32 for one "
-                       "stream (half the bytes), slower for batches (no 16-bit matrix units); "
-                       "--dtype auto picks float32 on this CPU (docs/performance.md).",
-                       str(resolved).removeprefix("torch."), cpu.isa_class())
+        from tokenmill.model import kernels
+
+        if kernels.cpu_kernels() is None:
+            logger.warning("%s on a CPU without bf16 matrix instructions (%s) and without tokenmill's CPU "
+                           "kernels: PyTorch emulates 16-bit matrix products, several times slower than "
+                           "float32 for batches (docs/performance.md).",
+                           str(resolved).removeprefix("torch."), cpu.isa_class())
     return resolved
 
 

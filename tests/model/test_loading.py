@@ -95,9 +95,16 @@ def test_auto_dtype_follows_cpu_flags(monkeypatch, caplog):
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert not caplog.records
-    # Asked for explicitly, bf16 runs there too, with one line saying it is the slow choice.
+    # Asked for explicitly, bf16 runs there too: through the kernels' 16-bit products
+    # silently, without them with one line saying PyTorch's emulation is the slow choice.
+    from tokenmill.model import kernels
+
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda: object())
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
-    assert "without bf16 matrix instructions (avx512)" in caplog.text
+    assert not caplog.records
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert "without bf16 matrix instructions (avx512) and without tokenmill's CPU kernels" in caplog.text
     with pytest.raises(ValueError, match="dtype must be one of"):
         resolve_dtype("int3", torch.device("cpu"))
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.config import ModelConfig
-from tokenmill.model.decode_layers import DecodeLayers
 from tokenmill.model import kernels
+from tokenmill.model.decode_layers import DecodeLayers
 from tokenmill.model.layers.attention import AttentionMetadata, paged_attention, write_kv
 from tokenmill.model.layers.embedding import Embedding
 from tokenmill.model.layers.linear import Linear

@@ -25,7 +25,9 @@ class Linear(nn.Module):
     16-bit floats, one part per checkpoint tensor of a fused projection (q, k and v may
     differ in format), each multiplied by the CPU kernels into its rows of the output. A
     part stored with its input columns reordered (`StoredWeight.input_perm`: a GPTQ
-    act-order checkpoint) gets x gathered into that order, once per call per order.
+    act-order checkpoint) gets x gathered into that order. Each part is one kernel call
+    (`StoredWeight.matmul`), which quantizes x itself where the format multiplies in
+    integers (less work than the Python dispatch that sharing it across parts took).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
