@@ -3,6 +3,8 @@ replaces, on the real model: the same kernels in the same order, so the same bit
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from gguf_factory import real_model_path
 
@@ -42,3 +44,29 @@ def test_the_path_declines_what_it_does_not_cover(checkpoint_factory):
     for arch in ("llama", "qwen3"):
         llm = LLM(model=str(checkpoint_factory(arch)), max_model_len=64)
         assert llm.engine.runner.model.decode_layers is None
+
+
+def _mapped_rss_bytes(path: str) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = line.endswith(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.usefixtures("requires_cpu_kernels")
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_the_files_pages_do_not_stay_resident_beside_their_copies():
+    """The projections are copied at load (interleaved rows, merged parts); the file's
+    pages those copies read are released, so the weights' resident memory stays about the
+    file size instead of twice it. Only what is still read (looked-up embedding rows)
+    pages back in."""
+    path = real_model_path()
+    llm = LLM(model=path, max_model_len=256)
+    llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0.0))
+    file_bytes = Path(path).stat().st_size
+    assert _mapped_rss_bytes(str(Path(path).resolve())) < 0.1 * file_bytes

@@ -20,18 +20,22 @@ from tokenmill.model.weights import iter_weights
 
 
 def checkpoint_tensors(
-    model_path: str | Path, cfg: ModelConfig, keep_stored: bool
+    model_path: str | Path, cfg: ModelConfig, keep_stored: bool, opened: list | None = None
 ) -> Iterator[tuple[str, torch.Tensor | StoredWeight]]:
     """(Hugging Face name, tensor) for every tensor of a safetensors directory or GGUF file;
     with keep_stored, a GGUF file's quantized and 16-bit matrices, and the integer weights
-    of an AWQ / GPTQ / tokenmill int8 checkpoint, stay as stored (kernel block formats)."""
+    of an AWQ / GPTQ / tokenmill int8 checkpoint, stay as stored (kernel block formats).
+    A GGUF file opened here is appended to `opened` (for release_resident_pages)."""
     from tokenmill.model.gguf import is_gguf_file
 
     if is_gguf_file(model_path):
         from tokenmill.model.gguf.reader import GGUFFile
         from tokenmill.model.gguf.weights import iter_gguf_weights
 
-        return iter_gguf_weights(GGUFFile(model_path), cfg, keep_stored)
+        gguf_file = GGUFFile(model_path)
+        if opened is not None:
+            opened.append(gguf_file)
+        return iter_gguf_weights(gguf_file, cfg, keep_stored)
     from tokenmill.quant.config import read_quant_config
 
     quant = read_quant_config(model_path)
@@ -120,7 +124,8 @@ def load_model(
     expected = _checkpoint_layout(model, cfg)
     loaded: set[str] = set()
     keep_stored = keep_stored and device.type == "cpu" and kernels.cpu_kernels() is not None
-    for name, tensor in checkpoint_tensors(model_dir, cfg, keep_stored):
+    opened: list = []
+    for name, tensor in checkpoint_tensors(model_dir, cfg, keep_stored, opened):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -160,5 +165,7 @@ def load_model(
         if isinstance(module, Linear):
             module.finalize_for_cpu()
     model.decode_layers = DecodeLayers.build(model)
+    for gguf_file in opened:
+        gguf_file.release_resident_pages()  # the copies are made; what is still read pages back in
     model.eval()
     return model

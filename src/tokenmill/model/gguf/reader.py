@@ -147,6 +147,15 @@ class GGUFFile:
                 )
             self.tensors[name] = GGUFTensorInfo(name, shape, ggml_type, start, num_bytes or 0)
 
+
+    def release_resident_pages(self) -> None:
+        """Drop this process's resident copies of the file's pages (MADV_DONTNEED). The
+        mapping is only ever read, so a page still in use faults back in from the file on
+        its next read. Called once the loader has copied what it reorders (interleaved
+        rows, merged projections): the file's share of resident memory is then what is
+        still read (the embedding rows looked up), not every page the copies touched."""
+        if hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 

@@ -121,8 +121,6 @@ void weight_matmul(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, in
   }
 }
 
-
-
 void decode_rows(at::Tensor& out, const at::Tensor& w, const at::Tensor& rows, int64_t ggml_type, bool rows8) {
   const char* op = "decode_rows";
   check_cpu_contiguous({&out, &w, &rows}, op);
@@ -172,9 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations(const at::Te
   return {q, d, s};
 }
 
-// w [n, row_bytes] in rows -> the same bytes with rows interleaved by 8 (quant_matmul.h,
-// Rows8): per group of 8 rows and block, the 8 scales (and Q4_1's 8 mins), then the
-// integers 4 bytes of each row at a time. Done once at load.
+// w [n, row_bytes] in rows -> the same bytes with rows interleaved by 8, block by block
+// (for_each_rows8_piece says where each piece goes). Done once at load.
 at::Tensor repack_rows8(const at::Tensor& w, int64_t ggml_type) {
   const char* op = "repack_rows8";
   check_cpu_contiguous({&w}, op);
@@ -225,11 +222,7 @@ void quant_matmul(at::Tensor& out, const at::Tensor& xq, const at::Tensor& xd, c
                                     xd.data_ptr<float>() + t0 * num_blocks, xs.data_ptr<float>() + t0 * num_blocks,
                                     w.data_ptr<uint8_t>(), std::min(kTokenBlock, tokens - t0), n, k, w.size(1), ldo,
                                     format};
-    if (rows8) {
-      run(selected()->quant_matmul, args, n / 8, 1);
-    } else {
-      run(selected()->quant_matmul, args, n, 4);
-    }
+    run(selected()->quant_matmul, args, rows8 ? n / 8 : n, rows8 ? 1 : 4);  // items: groups of 8, or rows
   }
 }
 
