@@ -68,7 +68,7 @@ class AsyncLLM:
         # None with skip_tokenizer_init: token ids in, token ids out.
         self.tokenizer = tokenizer or (None if config.skip_tokenizer_init else Tokenizer.load(config.model_path))
         self.core = _call_in_fresh_thread(EngineCore, config)
-        self.processor = OutputProcessor(self.tokenizer, config.model.eos_token_ids)
+        self.processor = OutputProcessor(self.tokenizer, config.model.eos_token_ids, config.model.vocab_size)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -104,6 +104,10 @@ class AsyncLLM:
         """Raise ValueError for a request the engine would refuse (front-end check)."""
         self.core.validate_prompt(prompt_token_ids)
 
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile the request's grammar now (then cached): StructuredOutputError if bad."""
+        self.processor.grammar_matcher(params)
+
     async def generate(
         self,
         prompt_token_ids: list[int],
@@ -124,8 +128,8 @@ class AsyncLLM:
         children = self.processor.add_request(request_id, prompt, prompt_token_ids, params, delta=True)
         leader = children[0][0]
         now = time.monotonic()
-        for i, (cid, child_params) in enumerate(children):
-            req = EngineCoreRequest(cid, prompt_token_ids, child_params, now, None if i == 0 else leader)
+        for i, (cid, child_params, matcher) in enumerate(children):
+            req = EngineCoreRequest(cid, prompt_token_ids, child_params, now, None if i == 0 else leader, matcher)
             self._commands.put(("add", req))
         finished = False
         try:

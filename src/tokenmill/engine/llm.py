@@ -53,7 +53,7 @@ class LLM:
         # skip_tokenizer_init: token ids in, token ids out (checkpoints without a tokenizer).
         self.tokenizer = None if self.config.skip_tokenizer_init else Tokenizer.load(self.config.model_path)
         self.engine = EngineCore(self.config)
-        self.processor = OutputProcessor(self.tokenizer, self.config.model.eos_token_ids)
+        self.processor = OutputProcessor(self.tokenizer, self.config.model.eos_token_ids, self.config.model.vocab_size)
         self._defaults = default_sampling_params(self.config.model_path)
         self._counter = itertools.count()
 
@@ -156,9 +156,11 @@ class LLM:
     ) -> str:
         request_id = str(next(self._counter))
         children = self.processor.add_request(request_id, text, token_ids, params, delta=delta)
-        for i, (cid, child_params) in enumerate(children):
+        for i, (cid, child_params, matcher) in enumerate(children):
             leader = children[0][0] if i > 0 else None
-            self.engine.add_request(EngineCoreRequest(cid, token_ids, child_params, group_leader_id=leader))
+            self.engine.add_request(
+                EngineCoreRequest(cid, token_ids, child_params, group_leader_id=leader, matcher=matcher)
+            )
         return request_id
 
     def _step(self) -> list[RequestOutput]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
 from tokenmill.engine.scheduler_output import EngineCoreOutput
 from tokenmill.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured import GrammarCompiler, StructuredOutputError
 from tokenmill.tokenizer import Tokenizer
 
 
@@ -61,16 +63,33 @@ class _RequestState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer | None, model_eos_token_ids: Iterable[int] = ()) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer | None, model_eos_token_ids: Iterable[int] = (), vocab_size: int | None = None
+    ) -> None:
         """Args:
             tokenizer: the model's tokenizer (its eos ids include generation_config's);
                 None (skip_tokenizer_init): token ids only, no text, no stop strings.
             model_eos_token_ids: eos ids from config.json, which may add to those.
+            vocab_size: rows of the model's logits (structured output's token masks).
         """
         self.tokenizer = tokenizer
         self.eos_token_ids = set(tokenizer.eos_token_ids if tokenizer else ()) | set(model_eos_token_ids)
+        self.vocab_size = vocab_size
+        self._grammars: GrammarCompiler | None = None  # built on the first structured request
         self._requests: dict[str, _RequestState] = {}
         self._children: dict[str, tuple[_RequestState, _Sample]] = {}
+
+    def grammar_matcher(self, params: SamplingParams) -> Any:
+        """A matcher for the request's structured_outputs (None without), compiled before
+        anything is registered so a bad grammar leaves nothing behind."""
+        if params.structured_outputs is None:
+            return None
+        if self.tokenizer is None or self.vocab_size is None:
+            raise StructuredOutputError("structured output needs the tokenizer, which this engine skipped "
+                                        "(skip_tokenizer_init).")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.vocab_size, sorted(self.eos_token_ids))
+        return self._grammars.matcher(params.structured_outputs)
 
     def add_request(
         self,
@@ -80,15 +99,18 @@ class OutputProcessor:
         params: SamplingParams,
         delta: bool = False,
         arrival_time: float | None = None,
-    ) -> list[tuple[str, SamplingParams]]:
-        """Register a request; returns the (engine request id, params) of each sample.
+    ) -> list[tuple[str, SamplingParams, Any]]:
+        """Register a request; returns the (engine request id, params, grammar matcher or
+        None) of each sample.
 
         Raises:
             ValueError: stop strings without a tokenizer (nothing to match them in).
+            StructuredOutputError: a grammar that does not compile.
         """
         if self.tokenizer is None and params.stop:
             raise ValueError("stop strings need the tokenizer, which this engine skipped (skip_tokenizer_init); "
                              "use stop_token_ids.")
+        matcher = self.grammar_matcher(params)
         params.all_stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         samples = []
         for i in range(params.n):
@@ -108,7 +130,8 @@ class OutputProcessor:
         for s in samples:
             cid = child_request_id(request_id, s.index, params.n)
             self._children[cid] = (state, s)
-            ids.append((cid, s.params))
+            # Each sample advances its own matcher.
+            ids.append((cid, s.params, None if matcher is None else matcher.deep_copy()))
         return ids
 
     def engine_ids(self, request_id: str, state: _RequestState | None = None) -> list[str]:
@@ -186,7 +209,11 @@ class OutputProcessor:
             for lp in out.new_logprobs:
                 sample.logprobs.append(self._to_logprobs(lp, sample))
                 sample.cumulative_logprob += lp.logprobs[0]
-        stop = sample.detok.update(out.new_token_ids, stop_terminated=out.finish_reason == "stop")
+        # Ended on a stop token (eos or stop_token_ids), whose text is left out; a finished
+        # grammar also ends with "stop", on a token that is part of the output.
+        on_stop_token = (out.finish_reason == "stop" and bool(out.new_token_ids)
+                         and out.new_token_ids[-1] in sample.params.all_stop_token_ids)
+        stop = sample.detok.update(out.new_token_ids, stop_terminated=on_stop_token)
         if stop is not None:
             sample.finish_reason, sample.stop_reason = "stop", stop
 

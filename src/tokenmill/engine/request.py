@@ -7,6 +7,7 @@ import hashlib
 import time
 from array import array
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,6 +41,8 @@ class EngineCoreRequest:
     # For n>1 children: the id of the first sibling. The scheduler lets the others wait
     # until it has prefilled, so they reuse its prompt blocks through the prefix cache.
     group_leader_id: str | None = None
+    # The grammar matcher of a structured output request (llguidance.LLMatcher), its own.
+    matcher: Any = None
 
 
 class Request:
@@ -61,6 +64,10 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.group_leader_id = req.group_leader_id
+        # Structured output: the Request owns its matcher and advances it with each token;
+        # the runner reads it for the token mask. It holds the output so far, so it
+        # survives preemption (only the KV cache is recomputed).
+        self.matcher = req.matcher
         self.block_size = block_size
         # Hashes of this request's full blocks, chained; extended as tokens arrive.
         self.block_hashes: list[bytes] = []
@@ -84,6 +91,13 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
         self._update_block_hashes()
+        if self.matcher is not None:
+            self.matcher.consume_token(token_id)  # the mask allowed it; False only on a dead end
+
+    @property
+    def grammar_finished(self) -> bool:
+        """The grammar is complete (or at a dead end): the output can take no more tokens."""
+        return self.matcher is not None and (self.matcher.is_stopped() or self.matcher.is_error())
 
     def _update_block_hashes(self) -> None:
         bs = self.block_size

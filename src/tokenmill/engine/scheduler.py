@@ -163,6 +163,7 @@ class Scheduler:
             generator=req.generator,
             prompt_token_ids=req.prompt_token_ids,
             output_token_ids=req.output_token_ids,
+            matcher=req.matcher,
             num_prompt_logprob_positions=num_scored,
             first_prompt_logprob_position=first_scored,
         )
@@ -180,6 +181,8 @@ class Scheduler:
         # already masks them below min_tokens, this guard keeps that true here too.
         if req.num_output_tokens >= params.min_tokens and last in params.all_stop_token_ids:
             req.stop_reason = last if last in params.stop_token_ids else None
+            return RequestStatus.FINISHED_STOPPED
+        if req.grammar_finished:  # e.g. the end token under ignore_eos, or a dead end
             return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,6 +24,7 @@ class ScheduledRequest:
     generator: torch.Generator | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # generated so far (penalties, min_tokens)
+    matcher: Any = None  # structured output: the request's grammar matcher (read, not advanced)
     # Prompt positions of this chunk whose next prompt token should be scored
     # (prompt_logprobs): how many (0 when not requested) and the first one.
     num_prompt_logprob_positions: int = 0

@@ -13,6 +13,7 @@ from tokenmill.model import kernels
 from tokenmill.model.layers.attention import AttentionMetadata, decode_mask, kv_cache_shape
 from tokenmill.model.layers.sampler import Sampler, SamplingState, gather_logprobs
 from tokenmill.model.loader import load_model
+from tokenmill.structured.mask import apply_token_masks
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class ModelRunner:
                 SamplingState(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
                 for r in sample_reqs
             ]
+            apply_token_masks(logits[: len(sample_reqs)], [r.matcher for r in sample_reqs])  # structured output
             result = self.sampler.sample(logits[: len(sample_reqs)], states)
             for r, tok, lp in zip(sample_reqs, result.token_ids, result.logprobs):
                 out.sampled[r.request_id] = tok

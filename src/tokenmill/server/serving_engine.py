@@ -32,6 +32,7 @@ from tokenmill.server.prompt_encoder import PromptEncoder
 from tokenmill.server.protocol import OpenAIBaseModel, SamplingFields
 from tokenmill.server.responses import ResponseWriter
 from tokenmill.server.streaming import STATUS_CLIENT_CLOSED, run_until_disconnect
+from tokenmill.server.structured import STRUCTURED_FIELDS, structured_outputs_from
 from tokenmill.server.unsupported import IGNORED_FIELDS, Unsupported
 from tokenmill.tokenizer import Tokenizer
 
@@ -84,7 +85,7 @@ class OpenAIServing(ResponseWriter):
             if check is not None and not check[0](value):
                 raise bad_request(f"{check[1]} is not supported by tokenmill yet.", param=name,
                                   code="unsupported_parameter")
-            if check is None and name not in IGNORED_FIELDS and name not in self._warned_fields:
+            if check is None and name not in IGNORED_FIELDS | STRUCTURED_FIELDS and name not in self._warned_fields:
                 self._warn_unknown_field(name)
         return req
 
@@ -173,7 +174,7 @@ class OpenAIServing(ResponseWriter):
             return self.defaults.get(name, default) if value is None else value
 
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 n=req.n,
                 temperature=pick("temperature", 1.0),
                 top_p=pick("top_p", 1.0),
@@ -189,8 +190,11 @@ class OpenAIServing(ResponseWriter):
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 ignore_eos=req.ignore_eos,
                 skip_special_tokens=req.skip_special_tokens,
+                structured_outputs=structured_outputs_from(req.model_extra or {}),
                 **overrides,
             )
+            self.engine.check_structured_outputs(params)  # compiles now: a bad grammar is a 400 here
+            return params
         except ValueError as e:
             raise from_value_error(e) from None
 

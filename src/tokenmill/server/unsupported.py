@@ -2,7 +2,7 @@
 
 Unknown fields are accepted and logged, as vLLM does, so clients that send vendor-specific
 harmless fields keep working. Fields that OpenAI or vLLM define for features tokenmill does
-not have (tools, JSON mode, logit_bias, guided decoding...) are listed in UNSUPPORTED_* and
+not have (tools, logit_bias, beam search...) are listed in UNSUPPORTED_* and
 answered with 400: silently ignoring them would return output the client did not ask for.
 """
 
@@ -32,14 +32,7 @@ _COMMON_UNSUPPORTED: Unsupported = {
     "bad_words": (_empty, "bad_words"),
     "prompt_logprobs": (_empty, "prompt_logprobs (use echo with logprobs on /v1/completions)"),
     "truncate_prompt_tokens": (_empty, "prompt truncation"),
-    "structured_outputs": (_empty, "structured output"),
-    "guided_json": (_empty, "guided decoding"),
-    "guided_regex": (_empty, "guided decoding"),
-    "guided_choice": (_empty, "guided decoding"),
-    "guided_grammar": (_empty, "guided decoding"),
-    "guided_decoding_backend": (_empty, "guided decoding"),
-    "response_format": (lambda v: _empty(v) or (isinstance(v, dict) and v.get("type") == "text"),
-                        "response_format other than text (JSON mode, JSON schema)"),
+    "guided_decoding_backend": (_empty, "a choice of guided decoding backend (llguidance is the one)"),
     "lora_request": (_empty, "LoRA adapters"),
     "prompt_embeds": (_empty, "prompt embeddings"),
 }

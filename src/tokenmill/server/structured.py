@@ -1,0 +1,61 @@
+"""The request fields that ask for structured output, read into StructuredOutputsParams:
+OpenAI's `response_format` (json_object, json_schema), vLLM's `structured_outputs` and its
+older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenmill.server.errors import bad_request, from_value_error
+from tokenmill.structured import StructuredOutputsParams
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+_FIELDS = ("json", "regex", "choice", "grammar", "json_object")
+# The request fields read here (from the request model's extra fields).
+STRUCTURED_FIELDS = frozenset({"response_format", "structured_outputs", *_GUIDED})
+
+
+def structured_outputs_from(extra: dict[str, Any]) -> StructuredOutputsParams | None:
+    """The request's constraint, None without one; 400 naming the field when malformed or
+    when two fields ask for different ones."""
+    asked: list[tuple[str, dict[str, Any]]] = []
+    fmt = extra.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        asked.append(("response_format", _from_response_format(fmt)))
+    so = extra.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise bad_request("structured_outputs must be an object.", param="structured_outputs")
+        fields = {k: v for k, v in so.items() if k in _FIELDS and v is not None and v is not False}
+        unknown = sorted(set(so) - set(_FIELDS) - {"disable_any_whitespace", "disable_fallback", "whitespace_pattern"})
+        if unknown:
+            raise bad_request(f"structured_outputs.{unknown[0]} is not supported (json, regex, choice, grammar and "
+                              "json_object are).", param=f"structured_outputs.{unknown[0]}")
+        asked.append(("structured_outputs", fields))
+    for name, field in _GUIDED.items():
+        if extra.get(name) is not None:
+            asked.append((name, {field: extra[name]}))
+    if not asked:
+        return None
+    if len(asked) > 1:
+        names = " and ".join(name for name, _ in asked)
+        raise bad_request(f"{names} each ask for structured output; send one.", param=asked[1][0])
+    name, fields = asked[0]
+    try:
+        return StructuredOutputsParams(**fields)
+    except (TypeError, ValueError) as e:
+        raise from_value_error(ValueError(str(e)), name) from None
+
+
+def _from_response_format(fmt: Any) -> dict[str, Any]:
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_object", "json_schema"):
+        raise bad_request("response_format.type must be 'text', 'json_object' or 'json_schema'.",
+                          param="response_format.type")
+    if fmt["type"] == "json_object":
+        return {"json_object": True}
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise bad_request("response_format.json_schema must be an object with a 'schema' object.",
+                          param="response_format.json_schema")
+    # OpenAI's `strict` asks for exactly the schema; the grammar always enforces it.
+    return {"json": spec.get("schema") or {"type": "object"}}

@@ -1,0 +1,13 @@
+"""Structured output: decoding constrained by a grammar, so the output is valid by
+construction (docs/structured_output.md).
+
+params.py   what a request asks for (vLLM's `structured_outputs`: json, regex, choice,
+            grammar, json_object)
+grammar.py  those -> llguidance matchers for one tokenizer, compiled once per content
+mask.py     a step's token masks applied to the constrained rows of the logits
+"""
+
+from tokenmill.structured.grammar import GrammarCompiler, StructuredOutputError
+from tokenmill.structured.params import StructuredOutputsParams
+
+__all__ = ["GrammarCompiler", "StructuredOutputError", "StructuredOutputsParams"]

@@ -1,0 +1,77 @@
+"""Grammars -> llguidance matchers for one tokenizer.
+
+llguidance over xgrammar, by measurement on this project's 2-core AVX2 machine
+(docs/structured_output.md): its per-token work is bounded for every grammar (xgrammar
+took 0.3-3 s per mask on some regexes, and longer), it refuses JSON-schema keywords it
+cannot enforce instead of dropping them, and it needs no transformers at run time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import llguidance
+
+from tokenmill.structured.params import StructuredOutputsParams
+
+
+class StructuredOutputError(ValueError):
+    """A grammar that cannot be compiled or is not supported: the request's fault (400)."""
+
+    param = "structured_outputs"
+
+
+class GrammarCompiler:
+    """Compiles the constraints of requests into matchers, one per request.
+
+    Compiled grammars are kept by content in a bounded LRU: a repeated schema costs a copy
+    of a pristine matcher (tens of microseconds) instead of a compile (milliseconds). Safe
+    to call from several threads.
+    """
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int], cache_size: int = 256) -> None:
+        """Args:
+        tokenizer_json: the model's tokenizer.json text (`tokenizers.Tokenizer.to_str()`).
+        vocab_size: rows of the model's logits (may exceed the tokenizer's vocabulary).
+        eos_token_ids: the tokens that end a sequence; the grammar allows them once complete.
+        """
+        self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids))
+        self.vocab_size = vocab_size
+        self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def matcher(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
+        """A fresh matcher for one request, or StructuredOutputError naming the problem."""
+        key = spec.grammar_source()
+        with self._lock:
+            pristine = self._cache.get(key)
+            if pristine is not None:
+                self._cache.move_to_end(key)
+        if pristine is None:
+            pristine = self._compile(*key)
+            with self._lock:
+                self._cache[key] = pristine
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return pristine.deep_copy()
+
+    def _compile(self, kind: str, text: str) -> llguidance.LLMatcher:
+        try:
+            if kind == "json_schema":  # compact JSON, as OpenAI's and vLLM's outputs are
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
+            else:
+                grammar = llguidance.grammar_from(kind, text)
+        except ValueError as e:
+            raise StructuredOutputError(f"invalid {_WHAT[kind]}: {e}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar, self._tokenizer)
+        if error:
+            raise StructuredOutputError(f"invalid {_WHAT[kind]}: {' '.join(error.split())[:500]}")
+        matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise StructuredOutputError(f"invalid {_WHAT[kind]}: {matcher.get_error()}")
+        return matcher
+
+
+_WHAT = {"json_schema": "JSON schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}

@@ -1,0 +1,50 @@
+"""What a request's output must match: vLLM's `structured_outputs` request field."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Exactly one of these constrains the output (vLLM's names and meanings).
+
+    json: a JSON schema (a dict or its text); regex: a regular expression the whole output
+    matches; choice: the output is one of these strings; grammar: a GBNF grammar (llama.cpp's
+    EBNF dialect) or a llguidance Lark grammar; json_object: any JSON object (OpenAI's
+    `response_format: {"type": "json_object"}`).
+    """
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            err = ValueError("structured_outputs needs exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {', '.join(given) or 'none'}.")
+            err.param = "structured_outputs"  # type: ignore[attr-defined]
+            raise err
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            err = ValueError("structured_outputs.choice must be a non-empty list of strings.")
+            err.param = "structured_outputs.choice"  # type: ignore[attr-defined]
+            raise err
+
+    def grammar_source(self) -> tuple[str, str]:
+        """(llguidance grammar format, text): the cache key of the compiled grammar."""
+        if self.json_object:
+            return "json_schema", '{"type": "object"}'
+        if self.json is not None:
+            # Key order kept: the output's properties follow the schema's order.
+            return "json_schema", self.json if isinstance(self.json, str) else json.dumps(self.json)
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice)
+        return "grammar", self.grammar  # type: ignore[return-value]
