@@ -79,10 +79,9 @@ def test_invalid_parameters_are_400_naming_the_parameter(http, path, body, param
 @pytest.mark.parametrize(("path", "field", "value"), [
     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("/v1/chat/completions", "tool_choice", "required"),
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
     ("/v1/chat/completions", "logit_bias", {"5": 10}),
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
-    ("/v1/chat/completions", "guided_json", {"type": "object"}),
+    ("/v1/chat/completions", "guided_decoding_backend", "xgrammar"),
     ("/v1/completions", "suffix", "end"),
     ("/v1/completions", "best_of", 3),
     ("/v1/completions", "logit_bias", {"5": 10}),

@@ -14,7 +14,7 @@ AB, SPACE_AB = 0, 2  # token ids of "ab" and " ab" in the test tokenizer
 def test_sample_finished_by_stop_string_reports_once():
     proc = OutputProcessor(_min_tokens_tokenizer(), model_eos_token_ids={4})
     children = proc.add_request("r", None, [3], SamplingParams(n=2, stop=[" ab"], max_tokens=10), delta=True)
-    (c0, _), (c1, _) = children
+    (c0, _, _), (c1, _, _) = children  # (engine id, params, grammar matcher)
     outs, to_abort = proc.process_outputs([EngineCoreOutput(c0, [AB]), EngineCoreOutput(c1, [AB])])
     assert to_abort == []
     outs, to_abort = proc.process_outputs([EngineCoreOutput(c0, [SPACE_AB]), EngineCoreOutput(c1, [AB])])
