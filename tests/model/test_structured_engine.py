@@ -65,6 +65,8 @@ def test_regex_choice_and_errors_offline():
     out = llm.generate(["The code is"], SamplingParams(max_tokens=20, temperature=1.0, seed=0, n=4,
                                                         structured_outputs={"regex": r"[A-Z]{2}[0-9]{3}"}))
     assert all(re.fullmatch(r"[A-Z]{2}[0-9]{3}", s.text) for s in out[0].outputs)
+    good = SamplingParams(structured_outputs={"choice": ["a"]})
+    bad = SamplingParams(structured_outputs={"json": '{"type": "object",'})
     with pytest.raises(StructuredOutputError, match="invalid JSON schema"):
-        llm.generate(["x", "y"], SamplingParams(structured_outputs={"json": '{"type": "object",'}))
-    assert not llm.engine.has_unfinished_requests()  # nothing was queued
+        llm.generate(["x", "y"], [good, bad])
+    assert not llm.engine.has_unfinished_requests()  # nothing was queued, not even the good one

@@ -145,9 +145,11 @@ class LLM:
     def _generate(
         self, prompts: list[tuple[str | None, list[int]]], params_list: list[SamplingParams], use_tqdm: bool
     ) -> list[RequestOutput]:
-        # Validate every prompt before queueing any, so a bad one leaves nothing behind.
-        for _, token_ids in prompts:
+        # Validate every prompt and grammar before queueing any, so a bad one leaves nothing
+        # behind (grammars compile once; add_request then copies the cached matcher).
+        for (_, token_ids), params in zip(prompts, params_list):
             self.engine.validate_prompt(token_ids)
+            self.processor.grammar_matcher(params)
         ids = [self._add_request(text, token_ids, params) for (text, token_ids), params in zip(prompts, params_list)]
         return self._run(ids, use_tqdm)
 
