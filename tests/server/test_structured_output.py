@@ -71,11 +71,64 @@ class Measurement(BaseModel):
     note: str | None = Field(default=None, max_length=40)
 
 
+class Book(BaseModel):
+    title: str = Field(max_length=40)
+    author: str = Field(max_length=30)
+    year: int = Field(ge=1450, le=2030)
+    tags: list[str] = Field(default_factory=list, max_length=3)
+
+
+class Point(BaseModel):
+    x: float = Field(ge=-100, le=100)
+    y: float = Field(ge=-100, le=100)
+
+
+class Route(BaseModel):
+    name: str = Field(max_length=20)
+    points: list[Point] = Field(min_length=2, max_length=4)  # an array of $ref objects
+
+
+class Answer(BaseModel):
+    answer: Literal["yes", "no", "unknown"]
+    confidence: float = Field(ge=0, le=1)
+
+
+class Event(BaseModel):
+    title: str = Field(max_length=30)
+    date: str = Field(pattern=r"^20[0-9]{2}-[01][0-9]-[0-3][0-9]$")
+    attendees: int = Field(ge=0, le=500)
+    online: bool
+
+
+class Inventory(BaseModel):
+    item: str = Field(max_length=20)
+    quantity: int = Field(ge=0, le=1000)
+    unit: Literal["kg", "pieces", "litres"]
+    supplier: Address | None = None  # optional nested object
+
+
+class Tags(BaseModel):
+    tags: list[Literal["news", "sport", "tech", "art"]] = Field(min_length=1, max_length=4)
+
+
+class Score(BaseModel):
+    player: str = Field(max_length=20)
+    points: int = Field(ge=0, le=100)
+    rank: int = Field(ge=1, le=10)
+
+
 CASES = [
     (Person, "Describe a person with a name, an age and favourite colors."),
     (Company, "Invent a small company with its address."),
     (Recipe, "Give me a simple pancake recipe."),
     (Measurement, "Report one temperature reading from a kitchen sensor."),
+    (Book, "Recommend a classic novel."),
+    (Route, "Describe a short walking route as points."),
+    (Answer, "Is water wet?"),
+    (Event, "Plan a team meeting next year."),
+    (Inventory, "Record an item in a shop's stock."),
+    (Tags, "Tag an article about a football match."),
+    (Score, "Report a game score for one player."),
 ]
 
 
