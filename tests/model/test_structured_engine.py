@@ -70,3 +70,28 @@ def test_regex_choice_and_errors_offline():
     with pytest.raises(StructuredOutputError, match="invalid JSON schema"):
         llm.generate(["x", "y"], [good, bad])
     assert not llm.engine.has_unfinished_requests()  # nothing was queued, not even the good one
+
+
+def test_masks_forbid_exactly_what_the_matcher_forbids_and_leave_other_rows_alone():
+    import torch
+
+    from tokenmill.structured import GrammarCompiler, StructuredOutputsParams
+    from tokenmill.structured.mask import apply_token_masks
+    from tokenmill.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(real_model_path())
+    compiler = GrammarCompiler(tokenizer.backend.to_str(), 49152, sorted(tokenizer.eos_token_ids))
+    matcher = compiler.matcher(StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "string"}}}))
+    matcher.consume_tokens(tokenizer.backend.encode('{"a":"x', add_special_tokens=False).ids)
+    # The reference: every token id whose bit is set in llguidance's little-endian words.
+    words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
+    allowed = ((words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).view(-1)[:49152].bool()
+    assert 0 < int(allowed.sum()) < 49152
+    logits = torch.randn(3, 49152, generator=torch.Generator().manual_seed(0))
+    before = logits.clone()
+    apply_token_masks(logits, [None, matcher, None])
+    assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
+    assert torch.equal(logits[1][allowed], before[1][allowed]) and (logits[1][~allowed] == float("-inf")).all()
+    every = torch.randn(1, 49152)
+    apply_token_masks(every, [matcher])  # the all-rows path
+    assert torch.equal(torch.isfinite(every[0]), allowed)
