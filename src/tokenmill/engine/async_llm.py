@@ -106,7 +106,7 @@ class AsyncLLM:
 
     def check_structured_outputs(self, params: SamplingParams) -> None:
         """Compile the request's grammar now (then cached): StructuredOutputError if bad."""
-        self.processor.grammar_matcher(params)
+        self.processor.grammar(params)
 
     async def generate(
         self,

@@ -149,7 +149,7 @@ class LLM:
         # behind (grammars compile once; add_request then copies the cached matcher).
         for (_, token_ids), params in zip(prompts, params_list):
             self.engine.validate_prompt(token_ids)
-            self.processor.grammar_matcher(params)
+            self.processor.grammar(params)
         ids = [self._add_request(text, token_ids, params) for (text, token_ids), params in zip(prompts, params_list)]
         return self._run(ids, use_tqdm)
 

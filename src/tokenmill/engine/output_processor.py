@@ -79,9 +79,10 @@ class OutputProcessor:
         self._requests: dict[str, _RequestState] = {}
         self._children: dict[str, tuple[_RequestState, _Sample]] = {}
 
-    def grammar_matcher(self, params: SamplingParams) -> Any:
-        """A matcher for the request's structured_outputs (None without), compiled before
-        anything is registered so a bad grammar leaves nothing behind."""
+    def grammar(self, params: SamplingParams) -> Any:
+        """The request's compiled grammar (a pristine llguidance matcher, cached by content;
+        None without structured_outputs), or StructuredOutputError. Front ends call it to
+        validate before queueing; add_request gives each sample a copy."""
         if params.structured_outputs is None:
             return None
         if self.tokenizer is None or self.vocab_size is None:
@@ -89,7 +90,7 @@ class OutputProcessor:
                                         "(skip_tokenizer_init).")
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.vocab_size, sorted(self.eos_token_ids))
-        return self._grammars.matcher(params.structured_outputs)
+        return self._grammars.compiled(params.structured_outputs)
 
     def add_request(
         self,
@@ -110,7 +111,7 @@ class OutputProcessor:
         if self.tokenizer is None and params.stop:
             raise ValueError("stop strings need the tokenizer, which this engine skipped (skip_tokenizer_init); "
                              "use stop_token_ids.")
-        matcher = self.grammar_matcher(params)
+        grammar = self.grammar(params)
         params.all_stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         samples = []
         for i in range(params.n):
@@ -131,7 +132,7 @@ class OutputProcessor:
             cid = child_request_id(request_id, s.index, params.n)
             self._children[cid] = (state, s)
             # Each sample advances its own matcher.
-            ids.append((cid, s.params, None if matcher is None else matcher.deep_copy()))
+            ids.append((cid, s.params, None if grammar is None else grammar.deep_copy()))
         return ids
 
     def engine_ids(self, request_id: str, state: _RequestState | None = None) -> list[str]:

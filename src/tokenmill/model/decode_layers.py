@@ -19,6 +19,7 @@ import torch
 from tokenmill.model import kernels
 from tokenmill.model.layers.attention import AttentionMetadata
 from tokenmill.model.layers.linear import Linear
+from tokenmill.model.stored_weight import StoredWeight
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class DecodeLayers:
         """None unless every layer fits: CPU kernels, float32 norms, no biases or q/k norms,
         each projection one stored part in the natural column order."""
         cfg = model.config
-        if kernels.cpu_kernels() is None or cfg.qk_norm or cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
+        if kernels.cpu_kernels() is None or cfg.qk_norm:
             return None
         layers = model.model.layers
         weights: list[torch.Tensor] = []
@@ -83,7 +84,7 @@ class DecodeLayers:
         )
 
 
-def _single_part(linear: Linear):
+def _single_part(linear: Linear) -> StoredWeight | None:
     """The layer's one stored part when it has exactly one in natural column order, else None."""
     if len(linear.stored) != 1 or linear.bias is not None:
         return None

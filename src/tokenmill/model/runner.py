@@ -172,8 +172,9 @@ class ModelRunner:
                 SamplingState(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
                 for r in sample_reqs
             ]
-            apply_token_masks(logits[: len(sample_reqs)], [r.matcher for r in sample_reqs])  # structured output
-            result = self.sampler.sample(logits[: len(sample_reqs)], states)
+            sample_logits = logits[: len(sample_reqs)]
+            apply_token_masks(sample_logits, [r.matcher for r in sample_reqs])  # structured output
+            result = self.sampler.sample(sample_logits, states)
             for r, tok, lp in zip(sample_reqs, result.token_ids, result.logprobs):
                 out.sampled[r.request_id] = tok
                 if lp is not None:

@@ -47,7 +47,7 @@ class StoredWeight:
         into `out` when given (it may be a column slice of a wider output)."""
         x = self.permute_input(x)
         if out is None:
-            out = x.new_empty(x.shape[0], self.blocks.shape[0])
+            out = x.new_empty(x.shape[0], self.shape[0])
         kernels.cpu_kernels().stored_matmul(out, x, self.blocks, self.ggml_type, self.rows8)
         return out
 

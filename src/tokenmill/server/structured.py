@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenmill.server.errors import bad_request, from_value_error
+from tokenmill.server.errors import bad_request
 from tokenmill.structured import StructuredOutputsParams
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
@@ -43,8 +43,8 @@ def structured_outputs_from(extra: dict[str, Any]) -> StructuredOutputsParams | 
     name, fields = asked[0]
     try:
         return StructuredOutputsParams(**fields)
-    except (TypeError, ValueError) as e:
-        raise from_value_error(ValueError(str(e)), name) from None
+    except ValueError as e:  # reported against the field the client sent
+        raise bad_request(str(e), param=name) from None
 
 
 def _from_response_format(fmt: Any) -> dict[str, Any]:

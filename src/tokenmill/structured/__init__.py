@@ -7,7 +7,7 @@ grammar.py  those -> llguidance matchers for one tokenizer, compiled once per co
 mask.py     a step's token masks applied to the constrained rows of the logits
 """
 
-from tokenmill.structured.grammar import GrammarCompiler, StructuredOutputError
-from tokenmill.structured.params import StructuredOutputsParams
+from tokenmill.structured.grammar import GrammarCompiler
+from tokenmill.structured.params import StructuredOutputError, StructuredOutputsParams
 
 __all__ = ["GrammarCompiler", "StructuredOutputError", "StructuredOutputsParams"]

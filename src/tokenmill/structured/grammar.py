@@ -13,13 +13,7 @@ from collections import OrderedDict
 
 import llguidance
 
-from tokenmill.structured.params import StructuredOutputsParams
-
-
-class StructuredOutputError(ValueError):
-    """A grammar that cannot be compiled or is not supported: the request's fault (400)."""
-
-    param = "structured_outputs"
+from tokenmill.structured.params import StructuredOutputError, StructuredOutputsParams
 
 
 class GrammarCompiler:
@@ -37,13 +31,17 @@ class GrammarCompiler:
         eos_token_ids: the tokens that end a sequence; the grammar allows them once complete.
         """
         self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids))
-        self.vocab_size = vocab_size
         self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
     def matcher(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
         """A fresh matcher for one request, or StructuredOutputError naming the problem."""
+        return self.compiled(spec).deep_copy()
+
+    def compiled(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
+        """The cached pristine matcher of `spec` (compiled on first use). Never advance it:
+        copy it (`matcher`, or its deep_copy()) for each request."""
         key = spec.grammar_source()
         with self._lock:
             pristine = self._cache.get(key)
@@ -55,7 +53,7 @@ class GrammarCompiler:
                 self._cache[key] = pristine
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        return pristine.deep_copy()
+        return pristine
 
     def _compile(self, kind: str, text: str) -> llguidance.LLMatcher:
         try:

@@ -23,8 +23,8 @@ def apply_token_masks(logits: torch.Tensor, matchers: list[Any]) -> None:
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return
-    masks = b"".join(matchers[i].compute_bitmask() for i in rows)
-    packed = torch.frombuffer(bytearray(masks), dtype=torch.uint8).long()  # [n * bytes]
+    masks = bytearray().join(matchers[i].compute_bitmask() for i in rows)  # writable, for frombuffer
+    packed = torch.frombuffer(masks, dtype=torch.uint8).long()  # [n * bytes]
     penalty = _PENALTY_OF_BYTE.index_select(0, packed).view(len(rows), -1)[:, : logits.shape[1]]  # [n, V]
     penalty = penalty.to(logits.device)
     if len(rows) == logits.shape[0]:  # every row constrained

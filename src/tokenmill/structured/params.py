@@ -7,6 +7,15 @@ from dataclasses import dataclass
 from typing import Any
 
 
+class StructuredOutputError(ValueError):
+    """A constraint that is malformed, cannot be compiled or is not supported: the request's
+    fault (400). `param` names the request field."""
+
+    def __init__(self, message: str, param: str = "structured_outputs") -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class StructuredOutputsParams:
     """Exactly one of these constrains the output (vLLM's names and meanings).
@@ -27,14 +36,11 @@ class StructuredOutputsParams:
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
-            err = ValueError("structured_outputs needs exactly one of json, regex, choice, grammar, json_object; "
-                             f"got {', '.join(given) or 'none'}.")
-            err.param = "structured_outputs"  # type: ignore[attr-defined]
-            raise err
+            raise StructuredOutputError("structured_outputs needs exactly one of json, regex, choice, grammar, "
+                                        f"json_object; got {', '.join(given) or 'none'}.")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
-            err = ValueError("structured_outputs.choice must be a non-empty list of strings.")
-            err.param = "structured_outputs.choice"  # type: ignore[attr-defined]
-            raise err
+            raise StructuredOutputError("structured_outputs.choice must be a non-empty list of strings.",
+                                        "structured_outputs.choice")
 
     def grammar_source(self) -> tuple[str, str]:
         """(llguidance grammar format, text): the cache key of the compiled grammar."""

@@ -147,7 +147,6 @@ class GGUFFile:
                 )
             self.tensors[name] = GGUFTensorInfo(name, shape, ggml_type, start, num_bytes or 0)
 
-
     def release_resident_pages(self) -> None:
         """Drop this process's resident copies of the file's pages (MADV_DONTNEED). The
         mapping is only ever read, so a page still in use faults back in from the file on
@@ -156,6 +155,7 @@ class GGUFFile:
         still read (the embedding rows looked up), not every page the copies touched."""
         if hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             self._mm.madvise(mmap.MADV_DONTNEED)
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 

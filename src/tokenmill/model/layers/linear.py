@@ -137,8 +137,9 @@ _GGML_16_BIT = {torch.float16: 1, torch.bfloat16: 30}
 
 def _unpackable_16_bit(weight: torch.Tensor) -> bool:
     """A 16-bit weight oneDNN cannot pack (CPUs without AVX-512 or AVX-NE-CONVERT) goes to the
-    kernels' panel product, which widens it to float32 in L1: F.linear's emulated 16-bit
-    matmul measured 1.0x as fast at 1 token and 3.2x slower at 64 (docs/performance.md)."""
+    kernels, which widen it to float32 in registers (rows interleaved by 8); F.linear
+    emulates the 16-bit matmul, several times slower for batches (docs/performance.md,
+    "Which dtype auto picks")."""
     return (weight.device.type == "cpu" and weight.dtype in _GGML_16_BIT and weight.shape[1] % 32 == 0
             and not onednn_packs(weight.dtype) and kernels.cpu_kernels() is not None)
 

@@ -151,11 +151,12 @@ inline void quant_rows8_tile(const QuantMatmulArgs& a, const uint8_t* group, int
       }
     }
     const F8 d = f8_load_f16(block);
+    const F8 m = L::kHasMin ? f8_load_f16(block + 16) : f8_set1(0.f);
     for (int c = 0; c < kTokens; ++c) {
       const int64_t xb = (t0 + c) * num_blocks + j;
       acc[c] = f8_fmadd(f8_mul(d, f8_set1(a.xd[xb])), i32_to_f8(dots[c]), acc[c]);
       if constexpr (L::kHasMin) {
-        acc[c] = f8_fmadd(f8_load_f16(block + 16), f8_set1(a.xs[xb]), acc[c]);
+        acc[c] = f8_fmadd(m, f8_set1(a.xs[xb]), acc[c]);
       } else if constexpr (!L::kQ8) {  // Q4_0: d * (q - 8), the -8 d against the block's sum
         acc[c] = f8_fmadd(d, f8_set1(-8.f * a.xs[xb]), acc[c]);
       }
