@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenmill.tools import ToolCall
 
 
 @dataclass
@@ -27,6 +31,7 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that fired
+    tool_calls: list[ToolCall] | None = None  # LLM.chat(tools=...): the calls the output made
 
     def finished(self) -> bool:
         return self.finish_reason is not None

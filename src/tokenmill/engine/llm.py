@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ from tokenmill.engine.request import EngineCoreRequest
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.tokenizer import Tokenizer
+from tokenmill.tools import ToolsRequest, ToolTemplate
 
 PromptType = str | dict[str, Any]
 _GEN_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -90,17 +92,38 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> list[RequestOutput]:
-        """Apply the checkpoint's chat template to one conversation or a list of them."""
+        """Apply the checkpoint's chat template to one conversation or a list of them.
+
+        With `tools` (OpenAI's tool objects; `tool_choice` and `parallel_tool_calls` as in
+        the API), the tools go into the prompt, the output is decoded under the tool-call
+        grammar, and each CompletionOutput's `tool_calls` holds the calls it made (its
+        `text` stays the raw output). Messages may hold assistant `tool_calls` and `tool`
+        turns, as in the API.
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params_list = self._params_for(len(conversations), sampling_params)
-        prompts = []
         tokenizer = self._require_tokenizer("chat()")
+        request = ToolsRequest.parse(tools, tool_choice, parallel_tool_calls)
+        template = ToolTemplate.of(tokenizer.chat_template)
+        if request is not None:
+            params_list = [dataclasses.replace(p, structured_outputs=template.constraint(request, p.structured_outputs))
+                           for p in params_list]
+        prompts = []
         for conv in conversations:
+            conv, variables = template.messages(list(conv), request)
             # The template writes BOS itself when the model wants one (HF's tokenize=True).
-            text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+            text = tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, **variables)
             prompts.append((text, tokenizer.encode(text, add_special_tokens=False)))
-        return self._generate(prompts, params_list, use_tqdm)
+        outputs = self._generate(prompts, params_list, use_tqdm)
+        if request is not None:
+            for out in outputs:
+                for o in out.outputs:
+                    o.tool_calls = template.parse(o.text)[1]
+        return outputs
 
     def stream(self, prompt: PromptType | list[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Generate for one prompt (text, prompt dict, or token ids), yielding text as it

@@ -124,12 +124,13 @@ _TEXT_PART = {"type": "object", "required": ["type", "text"],
 
 
 class ChatMessage(OpenAIBaseModel):
-    # Only the assistant may omit its content.
+    # Only the assistant may omit its content (a turn of tool calls). Assistant `tool_calls`
+    # and a tool turn's `tool_call_id` are read from the extra fields.
     model_config = ConfigDict(json_schema_extra={"anyOf": [
         {"properties": {"role": {"const": "assistant"}}},
         {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}},
     ]})
-    role: str = Field(json_schema_extra={"enum": ["system", "developer", "user", "assistant"]})
+    role: str = Field(json_schema_extra={"enum": ["system", "developer", "user", "assistant", "tool"]})
     content: str | list[dict[str, Any]] | None = Field(
         default=None, json_schema_extra={"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART},
                                                    {"type": "null"}]})
@@ -169,7 +170,7 @@ class DetokenizeRequest(OpenAIBaseModel):
 
 # ---- responses ----------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class UsageInfo(BaseModel):
@@ -259,10 +260,12 @@ class ChatCompletionResponse(ResponseBase):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:
-        # OpenAI's deltas carry only what changed: {"role": ...} first, then {"content": ...}.
+        # OpenAI's deltas carry only what changed: {"role": ...} first, then {"content": ...}
+        # or {"tool_calls": [...]}.
         return {k: v for k, v in handler(self).items() if v is not None}
 
 

@@ -190,8 +190,7 @@ class OpenAIServing(ResponseWriter):
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 ignore_eos=req.ignore_eos,
                 skip_special_tokens=req.skip_special_tokens,
-                structured_outputs=structured_outputs_from(req.model_extra or {}),
-                **overrides,
+                **({"structured_outputs": structured_outputs_from(req.model_extra or {})} | overrides),
             )
             self.engine.check_structured_outputs(params)  # compiles now: a bad grammar is a 400 here
             return params

@@ -20,6 +20,7 @@ from tokenmill.server.protocol import (
 )
 from tokenmill.server.serving_chat import render_chat
 from tokenmill.server.serving_engine import OpenAIServing
+from tokenmill.server.structured import tools_from
 
 
 def json_response(body: TokenizeResponse | DetokenizeResponse | ModelList | ModelCard | VersionResponse) -> Response:
@@ -40,7 +41,8 @@ class ServingTokenization(OpenAIServing):
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("Pass exactly one of prompt or messages.", param="prompt")
         if req.messages is not None:
-            text = render_chat(self.require_tokenizer("messages"), req.messages, req.add_generation_prompt)
+            text = render_chat(self.require_tokenizer("messages"), req.messages, req.add_generation_prompt,
+                               tools=tools_from(req.model_extra or {}))
             ids = await self.encode(text, add_special_tokens=False, param="messages")
         else:
             ids = await self.encode(req.prompt, add_special_tokens=req.add_special_tokens, param="prompt")

@@ -1,18 +1,29 @@
-"""The request fields that ask for structured output, read into StructuredOutputsParams:
-OpenAI's `response_format` (json_object, json_schema), vLLM's `structured_outputs` and its
-older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`."""
+"""The request fields that constrain the output: OpenAI's `response_format` (json_object,
+json_schema), vLLM's `structured_outputs` and its older `guided_json` / `guided_regex` /
+`guided_choice` / `guided_grammar`, read into StructuredOutputsParams; and OpenAI's `tools`,
+`tool_choice` and `parallel_tool_calls`, read into a ToolsRequest."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from tokenmill.server.errors import bad_request
-from tokenmill.structured import StructuredOutputsParams
+from tokenmill.structured import StructuredOutputError, StructuredOutputsParams
+from tokenmill.tools import ToolsRequest
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 _FIELDS = ("json", "regex", "choice", "grammar", "json_object")
+_TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
 # The request fields read here (from the request model's extra fields).
-STRUCTURED_FIELDS = frozenset({"response_format", "structured_outputs", *_GUIDED})
+STRUCTURED_FIELDS = frozenset({"response_format", "structured_outputs", *_GUIDED, *_TOOL_FIELDS})
+
+
+def tools_from(extra: dict[str, Any]) -> ToolsRequest | None:
+    """The request's tools, None when no tool may be called; 400 naming the field."""
+    try:
+        return ToolsRequest.parse(*(extra.get(name) for name in _TOOL_FIELDS))
+    except StructuredOutputError as e:
+        raise bad_request(str(e), param=e.param) from None
 
 
 def structured_outputs_from(extra: dict[str, Any]) -> StructuredOutputsParams | None:

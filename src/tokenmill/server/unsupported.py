@@ -2,7 +2,7 @@
 
 Unknown fields are accepted and logged, as vLLM does, so clients that send vendor-specific
 harmless fields keep working. Fields that OpenAI or vLLM define for features tokenmill does
-not have (tools, logit_bias, beam search...) are listed in UNSUPPORTED_* and
+not have (logit_bias, beam search...) are listed in UNSUPPORTED_* and
 answered with 400: silently ignoring them would return output the client did not ask for.
 """
 
@@ -44,10 +44,8 @@ UNSUPPORTED_COMPLETION: Unsupported = {
 
 UNSUPPORTED_CHAT: Unsupported = {
     **_COMMON_UNSUPPORTED,
-    "tools": (_empty, "tools (tool calling)"),
-    "tool_choice": (_none_choice, "tool_choice (tool calling)"),
-    "functions": (_empty, "functions (function calling)"),
-    "function_call": (_none_choice, "function_call (function calling)"),
+    "functions": (_empty, "functions (the legacy function calling; send tools)"),
+    "function_call": (_none_choice, "function_call (the legacy function calling; send tool_choice)"),
     "audio": (_empty, "audio output"),
     "modalities": (lambda v: _empty(v) or v == ["text"], "modalities other than text"),
     "prediction": (_empty, "predicted outputs"),
@@ -63,6 +61,6 @@ UNSUPPORTED_CHAT: Unsupported = {
 
 # Fields OpenAI defines that change nothing about the output here: accepted silently.
 IGNORED_FIELDS = frozenset(
-    {"metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
+    {"metadata", "store", "service_tier", "safety_identifier",
      "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options"}
 )
