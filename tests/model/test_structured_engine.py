@@ -95,3 +95,20 @@ def test_masks_forbid_exactly_what_the_matcher_forbids_and_leave_other_rows_alon
     every = torch.randn(1, 49152)
     apply_token_masks(every, [matcher])  # the all-rows path
     assert torch.equal(torch.isfinite(every[0]), allowed)
+
+
+@pytest.mark.usefixtures("requires_cpu_kernels")
+def test_a_grammar_dead_end_ends_the_request_and_frees_its_blocks():
+    llm = LLM(model=real_model_path(), max_model_len=256)
+    free_before = llm.engine.scheduler.kv.pool.num_free_blocks
+    rid = llm._add_request("x", llm.tokenizer.encode("Name a colour:"),
+                           SamplingParams(max_tokens=30, structured_outputs={"regex": "[a-z]{10,20}"}))
+    llm._step()
+    [req] = llm.engine.scheduler.running
+    # A dead end, as a parser limit hit mid-output would leave it: the matcher refuses a token.
+    assert not req.matcher.consume_token(llm.tokenizer.encode("7", add_special_tokens=False)[0])
+    finished = [o for _ in range(3) for o in llm._step() if o.finished]
+    [out] = [o for o in finished if o.request_id == rid]
+    assert out.outputs[0].finish_reason == "abort" and out.outputs[0].stop_reason == "grammar_dead_end"
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.scheduler.kv.pool.num_free_blocks == free_before

@@ -66,7 +66,7 @@ def test_malformed_json_is_400_not_422(http):
     ("/v1/completions", {**GOOD, "seed": 2**70}, "seed"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"content": "x"}]}, "messages[0].role"),
     ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"add_generation_prompt": False}},
      "chat_template_kwargs"),
@@ -77,8 +77,6 @@ def test_invalid_parameters_are_400_naming_the_parameter(http, path, body, param
 
 
 @pytest.mark.parametrize(("path", "field", "value"), [
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("/v1/chat/completions", "tool_choice", "required"),
     ("/v1/chat/completions", "logit_bias", {"5": 10}),
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
     ("/v1/chat/completions", "guided_decoding_backend", "xgrammar"),

@@ -8,7 +8,7 @@ import re
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import openai
 import pytest
@@ -117,6 +117,154 @@ class Score(BaseModel):
     rank: int = Field(ge=1, le=10)
 
 
+class Priority(str, Enum):
+    low = "low"
+    high = "high"
+
+
+class Task(BaseModel):
+    title: str = Field(max_length=30)
+    priority: Priority
+    done: bool
+
+
+class TodoList(BaseModel):
+    owner: str = Field(max_length=20)
+    tasks: list[Task] = Field(min_length=1, max_length=3)
+
+
+class Contact(BaseModel):
+    name: str = Field(max_length=30)
+    email: str = Field(pattern=r"^[a-z]{1,10}@[a-z]{1,10}\.(com|org)$")
+    phone: str | None = Field(default=None, pattern=r"^\+[0-9]{6,12}$")
+
+
+class Product(BaseModel):
+    sku: str = Field(pattern=r"^[A-Z]{3}-[0-9]{4}$")
+    price: float = Field(gt=0, le=10000)
+    in_stock: bool
+    colors: list[Color] = Field(max_length=3)
+
+
+class Coordinates(BaseModel):
+    latitude: float = Field(ge=-90, le=90)
+    longitude: float = Field(ge=-180, le=180)
+
+
+class City(BaseModel):
+    name: str = Field(max_length=30)
+    country: str = Field(max_length=30)
+    population: int = Field(ge=0, le=40_000_000)
+    location: Coordinates
+
+
+class Review(BaseModel):
+    product: str = Field(max_length=30)
+    stars: int = Field(ge=1, le=5)
+    pros: list[Annotated[str, Field(max_length=40)]] = Field(min_length=1, max_length=2)
+    cons: list[Annotated[str, Field(max_length=40)]] = Field(max_length=2)
+
+
+class Flight(BaseModel):
+    number: str = Field(pattern=r"^[A-Z]{2}[0-9]{2,4}$")
+    origin: str = Field(pattern=r"^[A-Z]{3}$")
+    destination: str = Field(pattern=r"^[A-Z]{3}$")
+    seats_left: int = Field(ge=0, le=300)
+
+
+class Matrix(BaseModel):
+    rows: list[list[int]] = Field(min_length=2, max_length=2)  # nested arrays
+
+
+class Sentiment(BaseModel):
+    text: str = Field(max_length=60)
+    label: Literal["positive", "negative", "neutral"]
+    score: float = Field(ge=-1, le=1)
+
+
+class Employee(BaseModel):
+    name: str = Field(max_length=30)
+    title: str = Field(max_length=30)
+    manager: str | None = Field(default=None, max_length=30)
+    skills: list[str] = Field(min_length=1, max_length=3)
+
+
+class Team(BaseModel):
+    name: str = Field(max_length=20)
+    members: list[Employee] = Field(min_length=1, max_length=2)  # $ref objects holding optionals
+
+
+class Translation(BaseModel):
+    source_language: Literal["en", "fr", "de", "es"]
+    target_language: Literal["en", "fr", "de", "es"]
+    text: str = Field(max_length=60)
+
+
+class Invoice(BaseModel):
+    invoice_id: int = Field(ge=1, le=999999)
+    customer: Contact
+    amount_eur: float = Field(ge=0, le=100000)
+    paid: bool
+
+
+class Weather(BaseModel):
+    city: str = Field(max_length=30)
+    condition: Literal["sunny", "cloudy", "rain", "snow"]
+    high_celsius: int = Field(ge=-40, le=50)
+    low_celsius: int = Field(ge=-40, le=50)
+
+
+class Quiz(BaseModel):
+    question: str = Field(max_length=60)
+    options: list[str] = Field(min_length=3, max_length=4)
+    correct_index: int = Field(ge=0, le=3)
+
+
+class Version(BaseModel):
+    package: str = Field(pattern=r"^[a-z][a-z0-9-]{1,20}$")
+    version: str = Field(pattern=r"^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$")
+    yanked: bool
+
+
+class Chapter(BaseModel):
+    title: str = Field(max_length=30)
+    pages: int = Field(ge=1, le=100)
+
+
+class Outline(BaseModel):
+    book: str = Field(max_length=30)
+    chapters: list[Chapter] = Field(min_length=2, max_length=3)
+
+
+class Settings(BaseModel):
+    theme: Literal["light", "dark"] = "light"
+    font_size: int = Field(default=12, ge=8, le=32)
+    language: str = Field(default="en", pattern=r"^[a-z]{2}$")
+
+
+class Nutrition(BaseModel):
+    food: str = Field(max_length=20)
+    kcal: int = Field(ge=0, le=1000)
+    protein_g: float = Field(ge=0, le=100)
+    allergens: list[Literal["gluten", "nuts", "milk", "egg"]] = Field(max_length=4)
+
+
+class Schedule(BaseModel):
+    day: Literal["mon", "tue", "wed", "thu", "fri"]
+    slots: list[Annotated[str, Field(pattern=r"^[0-2][0-9]:[0-5][0-9]$")]] = Field(min_length=1, max_length=3)
+
+
+class Poll(BaseModel):
+    question: str = Field(max_length=40)
+    votes: dict[str, Annotated[int, Field(ge=0, le=99)]] = Field(min_length=2, max_length=3)  # additionalProperties
+
+
+class Ticket(BaseModel):
+    ref: int | str  # anyOf
+    severity: Literal[1, 2, 3]
+    summary: str = Field(max_length=50)
+
+
 CASES = [
     (Person, "Describe a person with a name, an age and favourite colors."),
     (Company, "Invent a small company with its address."),
@@ -129,6 +277,26 @@ CASES = [
     (Inventory, "Record an item in a shop's stock."),
     (Tags, "Tag an article about a football match."),
     (Score, "Report a game score for one player."),
+    (TodoList, "Write a short todo list for tomorrow."),
+    (Contact, "Give me a contact card for a colleague."),
+    (Product, "Describe a product in a web shop."),
+    (City, "Describe a European capital."),
+    (Review, "Review a pair of headphones."),
+    (Flight, "Describe a flight from Paris to Rome."),
+    (Matrix, "Write a 2x2 matrix of small integers."),
+    (Sentiment, "Classify the sentiment of: I love this song."),
+    (Team, "Describe a small software team."),
+    (Translation, "Translate 'good morning' into French."),
+    (Invoice, "Write an invoice for a customer."),
+    (Weather, "Give tomorrow's weather forecast for Oslo."),
+    (Quiz, "Write a quiz question about planets."),
+    (Version, "Report the latest version of a Python package."),
+    (Outline, "Outline a short book about cooking."),
+    (Settings, "Pick settings for a text editor."),
+    (Nutrition, "Give the nutrition facts of an apple."),
+    (Schedule, "Book two meeting slots on Tuesday."),
+    (Poll, "Count the votes of a poll about lunch."),
+    (Ticket, "File a bug ticket about a broken login page."),
 ]
 
 

@@ -104,9 +104,11 @@ class AsyncLLM:
         """Raise ValueError for a request the engine would refuse (front-end check)."""
         self.core.validate_prompt(prompt_token_ids)
 
-    def check_structured_outputs(self, params: SamplingParams) -> None:
-        """Compile the request's grammar now (then cached): StructuredOutputError if bad."""
-        self.processor.grammar(params)
+    async def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile the request's grammar now (then cached), on a worker thread so the event
+        loop keeps streaming: StructuredOutputError if bad or slower than the compile timeout."""
+        if params.structured_outputs is not None:
+            await asyncio.to_thread(self.processor.grammar, params)
 
     async def generate(
         self,

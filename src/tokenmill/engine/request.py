@@ -96,8 +96,16 @@ class Request:
 
     @property
     def grammar_finished(self) -> bool:
-        """The grammar is complete (or at a dead end): the output can take no more tokens."""
-        return self.matcher is not None and (self.matcher.is_stopped() or self.matcher.is_error())
+        """The grammar is complete: the output can take no more tokens."""
+        return self.matcher is not None and self.matcher.is_stopped() and not self.matcher.is_error()
+
+    @property
+    def grammar_error(self) -> str | None:
+        """Why the grammar can go no further (a dead end: a token it refused, or a parser
+        limit hit), None while it is fine."""
+        if self.matcher is None or not self.matcher.is_error():
+            return None
+        return self.matcher.get_error() or "grammar dead end"
 
     def _update_block_hashes(self) -> None:
         bs = self.block_size

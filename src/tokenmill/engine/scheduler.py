@@ -9,6 +9,7 @@ goes back to the front of the queue to recompute later (its outputs are kept).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 
@@ -22,6 +23,8 @@ from tokenmill.engine.scheduler_output import (
     SchedulerOutput,
     SchedulerStats,
 )
+
+logger = logging.getLogger("tokenmill.engine")
 
 
 class Scheduler:
@@ -176,13 +179,20 @@ class Scheduler:
         params = req.params
         if req.max_tokens == 0:
             return RequestStatus.FINISHED_LENGTH
+        # First: an output whose grammar failed is not valid, whichever token came last.
+        error = req.grammar_error
+        if error is not None:  # never a stuck slot: the request ends, saying why
+            logger.warning("request %s: structured output stopped at a grammar dead end: %s",
+                           req.request_id, " ".join(error.split())[:300])
+            req.stop_reason = "grammar_dead_end"
+            return RequestStatus.FINISHED_ABORTED
         last = req.output_token_ids[-1]
         # all_stop_token_ids = eos ids (unless ignore_eos) + stop_token_ids; the sampler
         # already masks them below min_tokens, this guard keeps that true here too.
         if req.num_output_tokens >= params.min_tokens and last in params.all_stop_token_ids:
             req.stop_reason = last if last in params.stop_token_ids else None
             return RequestStatus.FINISHED_STOPPED
-        if req.grammar_finished:  # e.g. the end token under ignore_eos, or a dead end
+        if req.grammar_finished:  # e.g. the end token under ignore_eos
             return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 
@@ -13,7 +14,7 @@ from tokenmill.model import kernels
 from tokenmill.model.layers.attention import AttentionMetadata, decode_mask, kv_cache_shape
 from tokenmill.model.layers.sampler import Sampler, SamplingState, gather_logprobs
 from tokenmill.model.loader import load_model
-from tokenmill.structured.mask import apply_token_masks
+from tokenmill.structured.mask import TokenMaskWorker, TokenPenalties, add_token_penalties
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ModelRunner:
         # torch.empty: untouched pages cost no RAM on CPU until a block is first written.
         self.kv_caches = [torch.empty(shape, dtype=config.dtype, device=self.device) for _ in range(m.num_layers)]
         self.sampler = Sampler()
+        self.token_masks = TokenMaskWorker()  # structured output's masks, beside the forward pass
         # When set, receives every scored prompt position's full log-softmax row as
         # sink(request_id, first_position, rows [count, vocab]); row i predicts prompt
         # token first_position + i + 1. The quality lab (bench/quality) measures KL
@@ -104,6 +106,9 @@ class ModelRunner:
             positions.extend(range(start, start + len(r.token_ids)))
             slots.extend(self._slots(r.block_ids, start, start + len(r.token_ids)))
         dev = self.device
+        # The requests' matchers hold their output so far, which this step does not change
+        # until it has sampled: their masks are computed while the model runs.
+        masks = self.token_masks.start([r.matcher for r in reqs if r.needs_sample])
         meta = self._attention_metadata(reqs, len(decodes), starts, torch.tensor(slots, dtype=torch.long, device=dev))
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
@@ -111,7 +116,7 @@ class ModelRunner:
             self.kv_caches,
             meta,
         )  # [T, hidden]
-        return self._sample(reqs, starts, hidden)
+        return self._sample(reqs, starts, hidden, masks)
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
         """Flat cache slots of positions start..end-1, built a block run at a time."""
@@ -152,7 +157,8 @@ class ModelRunner:
             prefills=prefills,
         )
 
-    def _sample(self, reqs: list[ScheduledRequest], starts: list[int], hidden: torch.Tensor) -> ModelRunnerOutput:
+    def _sample(self, reqs: list[ScheduledRequest], starts: list[int], hidden: torch.Tensor,
+                masks: Future[TokenPenalties | None] | None) -> ModelRunnerOutput:
         # Rows of `hidden` that need logits: each sampling request's last token, then
         # the scored prompt positions of requests that asked for prompt logprobs.
         sample_reqs = [r for r, s in zip(reqs, starts) if r.needs_sample]
@@ -173,7 +179,8 @@ class ModelRunner:
                 for r in sample_reqs
             ]
             sample_logits = logits[: len(sample_reqs)]
-            apply_token_masks(sample_logits, [r.matcher for r in sample_reqs])  # structured output
+            if masks is not None:
+                add_token_penalties(sample_logits, masks.result())  # structured output
             result = self.sampler.sample(sample_logits, states)
             for r, tok, lp in zip(sample_reqs, result.token_ids, result.logprobs):
                 out.sampled[r.request_id] = tok

@@ -123,7 +123,7 @@ class ServingChat(OpenAIServing):
                     tools, structured_outputs_from(req.model_extra or {}))
             except ValueError as e:
                 raise from_value_error(e) from None
-        params = self.sampling_params(req, max_tokens=max_tokens, logprobs=num_top, **overrides)
+        params = await self.sampling_params(req, max_tokens=max_tokens, logprobs=num_top, **overrides)
         self.validate_prompt(prompt_ids, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         reservation = self.admission.reserve(req.n)

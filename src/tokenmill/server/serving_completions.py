@@ -49,7 +49,7 @@ class ServingCompletion(OpenAIServing):
         prompts = await self._tokenize(req)
         for p in prompts:
             max_tokens = self.resolve_max_tokens(len(p.token_ids), req.max_tokens, "prompt", "max_tokens")
-            p.params = self.sampling_params(
+            p.params = await self.sampling_params(
                 req, max_tokens=max_tokens, logprobs=req.logprobs,
                 prompt_logprobs=req.logprobs if req.echo else None,
             )

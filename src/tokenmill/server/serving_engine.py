@@ -163,7 +163,7 @@ class OpenAIServing(ResponseWriter):
                 param=param, code="context_length_exceeded")
         return max_tokens
 
-    def sampling_params(self, req: SamplingFields, **overrides: Any) -> SamplingParams:
+    async def sampling_params(self, req: SamplingFields, **overrides: Any) -> SamplingParams:
         """SamplingParams from the request's fields; 400 naming the parameter if invalid.
 
         Args:
@@ -192,7 +192,7 @@ class OpenAIServing(ResponseWriter):
                 skip_special_tokens=req.skip_special_tokens,
                 **({"structured_outputs": structured_outputs_from(req.model_extra or {})} | overrides),
             )
-            self.engine.check_structured_outputs(params)  # compiles now: a bad grammar is a 400 here
+            await self.engine.check_structured_outputs(params)  # compiles now: a bad grammar is a 400 here
             return params
         except ValueError as e:
             raise from_value_error(e) from None

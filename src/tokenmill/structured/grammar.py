@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import llguidance
 
 from tokenmill.structured.params import StructuredOutputError, StructuredOutputsParams
+
+# A grammar that has not compiled in this long is refused (400). llguidance bounds its own
+# work by "fuel" (milliseconds for any schema measured), so this is a backstop, not a budget.
+COMPILE_TIMEOUT_S = 10.0
 
 
 class GrammarCompiler:
@@ -24,16 +30,24 @@ class GrammarCompiler:
     to call from several threads.
     """
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int], cache_size: int = 256) -> None:
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int], cache_size: int = 256,
+                 compile_timeout_s: float = COMPILE_TIMEOUT_S) -> None:
         """Args:
         tokenizer_json: the model's tokenizer.json text (`tokenizers.Tokenizer.to_str()`).
         vocab_size: rows of the model's logits (may exceed the tokenizer's vocabulary).
         eos_token_ids: the tokens that end a sequence; the grammar allows them once complete.
+        compile_timeout_s: a compile that takes longer is a StructuredOutputError; it goes
+            on in the background and is cached when done.
         """
         self._tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids))
         self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self._compile_timeout_s = compile_timeout_s
+        self._compiling: dict[tuple[str, str], Future[llguidance.LLMatcher]] = {}  # one compile per content
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-compile")
+        # Reentrant: a compile that is already done runs its done-callback (which takes the
+        # lock) at once, in the thread that registers it, which holds the lock.
+        self._lock = threading.RLock()
 
     def matcher(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
         """A fresh matcher for one request, or StructuredOutputError naming the problem."""
@@ -47,13 +61,24 @@ class GrammarCompiler:
             pristine = self._cache.get(key)
             if pristine is not None:
                 self._cache.move_to_end(key)
-        if pristine is None:
-            pristine = self._compile(*key)
-            with self._lock:
-                self._cache[key] = pristine
+                return pristine
+            future = self._compiling.get(key)
+            if future is None:
+                future = self._compiling[key] = self._pool.submit(self._compile, *key)
+                future.add_done_callback(lambda f: self._store(key, f))
+        try:
+            return future.result(timeout=self._compile_timeout_s)
+        except FutureTimeout:
+            raise StructuredOutputError(f"the constraint did not compile within {self._compile_timeout_s:g} s; "
+                                        "simplify it.") from None
+
+    def _store(self, key: tuple[str, str], future: Future[llguidance.LLMatcher]) -> None:
+        with self._lock:
+            del self._compiling[key]
+            if future.exception() is None:
+                self._cache[key] = future.result()
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        return pristine
 
     def _compile(self, kind: str, text: str) -> llguidance.LLMatcher:
         try:

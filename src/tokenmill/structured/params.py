@@ -48,9 +48,43 @@ class StructuredOutputsParams:
             return "json_schema", '{"type": "object"}'
         if self.json is not None:
             # Key order kept: the output's properties follow the schema's order.
-            return "json_schema", self.json if isinstance(self.json, str) else json.dumps(self.json)
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError:  # the compiler reports it
+                    return "json_schema", self.json
+            return "json_schema", json.dumps(closed_objects(schema))
         if self.regex is not None:
             return "regex", self.regex
         if self.choice is not None:
             return "choice", json.dumps(self.choice)
         return "grammar", self.grammar  # type: ignore[return-value]
+
+
+# Keywords whose value is one subschema, a list of them, or a map of names to them.
+_SUBSCHEMA = ("items", "additionalProperties", "not", "contains", "if", "then", "else")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def closed_objects(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object that declares properties
+    and does not say: the output holds the declared properties only (OpenAI's strict mode;
+    vLLM's default backend does the same). Without it a small model fills objects with
+    invented keys until max_tokens. An object schema without properties stays any object."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if key in out:
+            out[key] = closed_objects(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out

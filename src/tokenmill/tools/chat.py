@@ -95,6 +95,10 @@ class ToolTemplate:
             if kind != "json_schema" or tools.choice != "auto":
                 raise StructuredOutputError("a structured output constraint combines with tools only as a JSON "
                                             "response_format under tool_choice 'auto'.", "tool_choice")
+            if self.format.trigger.startswith("{"):
+                raise StructuredOutputError(f"this model writes tool calls as JSON ({self.format.name}), so a JSON "
+                                            "response_format could not be told from a call; send one of them.",
+                                            "response_format")
             text_schema = text
         # A named tool_choice asks for exactly one call of it (OpenAI's meaning).
         parallel = tools.parallel and tools.choice in ("auto", "required")

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.structured.params import closed_objects
 from tokenmill.tools.spec import FunctionTool
 
 
@@ -165,4 +166,4 @@ def _lit(s: str) -> str:
 
 def _compact(schema: dict[str, Any]) -> str:
     """A schema for %json whose output has no whitespace (as response_format's outputs)."""
-    return json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
+    return json.dumps({**closed_objects(schema), "x-guidance": {"whitespace_flexible": False}})

@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import llguidance
+
 from tokenmill.structured import StructuredOutputError
 
 # OpenAI's rule for function names; it also keeps names safe inside the grammar's literals.
@@ -113,6 +115,12 @@ def _function_tool(tool: Any, i: int) -> FunctionTool:
     elif not isinstance(parameters, dict):
         raise StructuredOutputError(f"{where}.function.parameters must be a JSON schema object.",
                                     f"{where}.function.parameters")
+    else:  # checked alone (under a millisecond), so the error names the tool
+        error = llguidance.LLMatcher.validate_grammar(
+            llguidance.LLMatcher.grammar_from_json_schema(json.dumps(parameters)))
+        if error:
+            raise StructuredOutputError(f"{where}.function.parameters is not a JSON schema tokenmill can enforce: "
+                                        f"{' '.join(error.split())[:300]}", f"{where}.function.parameters")
     return FunctionTool(name, description, parameters)
 
 
