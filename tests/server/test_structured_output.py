@@ -351,3 +351,26 @@ def test_bad_constraints_are_400s_naming_the_problem(client, extra, message):
         client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=5, extra_body=extra)
     assert message in err.value.body["message"]
     client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2)  # still serving
+
+
+def test_structural_tag_every_trigger_starts_a_valid_structure(client):
+    tag = {"type": "structural_tag", "triggers": ["<function="], "structures": [
+        {"begin": "<function=get_weather>", "end": "</function>",
+         "schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}]}
+    prompt = ('Example: <function=get_weather>{"city": "Paris"}</function>\n'
+              'Example: <function=get_weather>{"city": "Rome"}</function>\nExample:')
+    out = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=60, temperature=1.0, n=4, seed=1,
+                                    extra_body={"structured_outputs": {"structural_tag": json.dumps(tag)}})
+    calls = 0
+    for c in out.choices:
+        for piece in c.text.split("<function=")[1:]:  # every trigger: the structure, whole
+            assert piece.startswith("get_weather>"), c.text
+            try:
+                value, end = json.JSONDecoder().raw_decode(piece, len("get_weather>"))
+            except json.JSONDecodeError:
+                assert c.finish_reason == "length", c.text  # cut short, not malformed
+                continue
+            assert set(value) == {"city"} and len(value["city"]) <= 20, c.text
+            assert piece.startswith("</function>", end) or c.finish_reason == "length", c.text
+            calls += 1
+    assert calls > 0  # the prompt leads the model into the tag

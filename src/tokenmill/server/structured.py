@@ -12,7 +12,7 @@ from tokenmill.structured import StructuredOutputError, StructuredOutputsParams
 from tokenmill.tools import ToolsRequest
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-_FIELDS = ("json", "regex", "choice", "grammar", "json_object")
+_FIELDS = ("json", "regex", "choice", "grammar", "structural_tag", "json_object")
 _TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
 # The request fields read here (from the request model's extra fields).
 STRUCTURED_FIELDS = frozenset({"response_format", "structured_outputs", *_GUIDED, *_TOOL_FIELDS})
@@ -40,8 +40,8 @@ def structured_outputs_from(extra: dict[str, Any]) -> StructuredOutputsParams | 
         fields = {k: v for k, v in so.items() if k in _FIELDS and v is not None and v is not False}
         unknown = sorted(set(so) - set(_FIELDS) - {"disable_any_whitespace", "disable_fallback", "whitespace_pattern"})
         if unknown:
-            raise bad_request(f"structured_outputs.{unknown[0]} is not supported (json, regex, choice, grammar and "
-                              "json_object are).", param=f"structured_outputs.{unknown[0]}")
+            raise bad_request(f"structured_outputs.{unknown[0]} is not supported (json, regex, choice, grammar, "
+                              "structural_tag and json_object are).", param=f"structured_outputs.{unknown[0]}")
         asked.append(("structured_outputs", fields))
     for name, field in _GUIDED.items():
         if extra.get(name) is not None:

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.structured.schema import closed_objects
+
 
 class StructuredOutputError(ValueError):
     """A constraint that is malformed, cannot be compiled or is not supported: the request's
@@ -22,7 +24,8 @@ class StructuredOutputsParams:
 
     json: a JSON schema (a dict or its text); regex: a regular expression the whole output
     matches; choice: the output is one of these strings; grammar: a GBNF grammar (llama.cpp's
-    EBNF dialect) or a llguidance Lark grammar; json_object: any JSON object (OpenAI's
+    EBNF dialect) or a llguidance Lark grammar; structural_tag: free text in which triggers
+    start tagged JSON structures (structural_tag.py); json_object: any JSON object (OpenAI's
     `response_format: {"type": "json_object"}`).
     """
 
@@ -30,14 +33,16 @@ class StructuredOutputsParams:
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    structural_tag: str | dict[str, Any] | None = None
     json_object: bool = False
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given = [name for name in ("json", "regex", "choice", "grammar", "structural_tag")
+                 if getattr(self, name) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
             raise StructuredOutputError("structured_outputs needs exactly one of json, regex, choice, grammar, "
-                                        f"json_object; got {', '.join(given) or 'none'}.")
+                                        f"structural_tag, json_object; got {', '.join(given) or 'none'}.")
         if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
             raise StructuredOutputError("structured_outputs.choice must be a non-empty list of strings.",
                                         "structured_outputs.choice")
@@ -59,32 +64,9 @@ class StructuredOutputsParams:
             return "regex", self.regex
         if self.choice is not None:
             return "choice", json.dumps(self.choice)
+        if self.structural_tag is not None:
+            from tokenmill.structured.structural_tag import structural_tag_grammar  # it builds on this module
+
+            return "grammar", structural_tag_grammar(self.structural_tag)
         return "grammar", self.grammar  # type: ignore[return-value]
 
-
-# Keywords whose value is one subschema, a list of them, or a map of names to them.
-_SUBSCHEMA = ("items", "additionalProperties", "not", "contains", "if", "then", "else")
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
-
-
-def closed_objects(schema: Any) -> Any:
-    """`schema` with `additionalProperties: false` on every object that declares properties
-    and does not say: the output holds the declared properties only (OpenAI's strict mode;
-    vLLM's default backend does the same). Without it a small model fills objects with
-    invented keys until max_tokens. An object schema without properties stays any object."""
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key in _SUBSCHEMA:
-        if key in out:
-            out[key] = closed_objects(out[key])
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [closed_objects(s) for s in out[key]]
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
-    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out

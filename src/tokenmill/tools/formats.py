@@ -8,11 +8,10 @@ literals rather than guessing at what a model might have meant.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
 
-from tokenmill.structured.params import closed_objects
+from tokenmill.structured.lark import TEXT_TERMINAL, json_value
+from tokenmill.structured.lark import literal as _lit
 from tokenmill.tools.spec import FunctionTool
 
 
@@ -69,11 +68,11 @@ class ToolCallFormat:
             # Lazy: the text ends at the first trigger, so a trigger always starts a real call.
             lines += [f"start: TEXT | text_then_trigger {calls}",
                       f"text_then_trigger[lazy]: TEXT {_lit(self.trigger)}",
-                      r"TEXT: /(.|\n)*/"]
+                      TEXT_TERMINAL]
         else:
             lines.append(f"start: %json {text_schema} | {_lit(self.trigger)} {calls}")
         for i, tool in enumerate(tools):
-            lines.append(f"fn_{i}: {_lit(self.head + tool.name + self.mid)} %json {_compact(tool.parameters)} "
+            lines.append(f"fn_{i}: {_lit(self.head + tool.name + self.mid)} {json_value(tool.parameters)} "
                          f"{_lit(self.tail)}")
         return "\n".join(lines) + "\n"
 
@@ -157,13 +156,3 @@ def _prefix_overlap(text: str, literal: str) -> int:
         if literal.startswith(text[-n:]):
             return n
     return 0
-
-
-def _lit(s: str) -> str:
-    """A Lark string literal (JSON's escapes)."""
-    return json.dumps(s)
-
-
-def _compact(schema: dict[str, Any]) -> str:
-    """A schema for %json whose output has no whitespace (as response_format's outputs)."""
-    return json.dumps({**closed_objects(schema), "x-guidance": {"whitespace_flexible": False}})
