@@ -65,7 +65,9 @@ class StructuredOutputsParams:
         if self.choice is not None:
             return "choice", json.dumps(self.choice)
         if self.structural_tag is not None:
-            from tokenmill.structured.structural_tag import structural_tag_grammar  # it builds on this module
+            from tokenmill.structured.structural_tag import (
+                structural_tag_grammar,  # it builds on this module
+            )
 
             return "grammar", structural_tag_grammar(self.structural_tag)
         return "grammar", self.grammar  # type: ignore[return-value]
