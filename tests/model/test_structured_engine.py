@@ -61,10 +61,21 @@ def test_constrained_and_free_requests_share_batches_and_survive_preemption():
 
 @pytest.mark.usefixtures("requires_cpu_kernels")
 def test_regex_choice_and_errors_offline():
-    llm = LLM(model=real_model_path(), max_model_len=256)
+    # 64-token chunks: the 150-token prompts below are prefilled in three steps.
+    llm = LLM(model=real_model_path(), max_model_len=256, max_num_batched_tokens=64)
     out = llm.generate(["The code is"], SamplingParams(max_tokens=20, temperature=1.0, seed=0, n=4,
                                                         structured_outputs={"regex": r"[A-Z]{2}[0-9]{3}"}))
     assert all(re.fullmatch(r"[A-Z]{2}[0-9]{3}", s.text) for s in out[0].outputs)
+    # Chunked prefill, then a prefix-cache hit on the same long prompt; a stop string inside
+    # the grammar's language ends the output there, as it would without a grammar.
+    long_prompt = "Here is a list of words: " + ", ".join(["apple", "river", "stone"] * 40) + ". The next word is"
+    params = SamplingParams(max_tokens=30, temperature=1.0, seed=1, stop=[" then"],
+                            structured_outputs={"regex": r" [a-z]{3,8} then [a-z]{3,8}"})
+    first, second = (llm.generate([long_prompt], params)[0] for _ in range(2))
+    assert second.num_cached_tokens > 0
+    for out in (first, second):
+        assert re.fullmatch(r" [a-z]{3,8}", out.outputs[0].text) and out.outputs[0].stop_reason == " then"
+    assert first.outputs[0].text == second.outputs[0].text
     good = SamplingParams(structured_outputs={"choice": ["a"]})
     bad = SamplingParams(structured_outputs={"json": '{"type": "object",'})
     with pytest.raises(StructuredOutputError, match="invalid JSON schema"):
