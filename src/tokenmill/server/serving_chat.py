@@ -115,9 +115,10 @@ class ServingChat(OpenAIServing):
         prompt_ids = await self.encode_prompt(prompt, add_special_tokens=False, param="messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.resolve_max_tokens(len(prompt_ids), getattr(req, param), "messages", param)
-        tool_template = ToolTemplate.of(tokenizer.chat_template) if tools else None
         overrides: dict[str, Any] = {}
-        if tool_template is not None and tools is not None:
+        tool_template = None
+        if tools is not None:  # the output follows the tool-call grammar
+            tool_template = ToolTemplate.of(tokenizer.chat_template)
             try:
                 overrides["structured_outputs"] = tool_template.constraint(
                     tools, structured_outputs_from(req.model_extra or {}))

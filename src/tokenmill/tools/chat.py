@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import jinja2
+import jinja2.ext
 import jinja2.meta
 
 from tokenmill.structured import StructuredOutputError, StructuredOutputsParams
@@ -32,17 +34,18 @@ class ToolTemplate:
     format: ToolCallFormat
     native: bool
 
-    @classmethod
-    def of(cls, source: str | None) -> ToolTemplate:
+    @staticmethod
+    @lru_cache(maxsize=16)  # one parse of the template per process, not per request
+    def of(source: str | None) -> ToolTemplate:
         """Recognised from the template's text: one that reads `tools` and writes <tool_call>
         (Qwen2, 2.5, 3) or "parameters" JSON (Llama 3.1+) renders them itself; any other
         gets tokenmill's prompt in the Hermes format."""
-        if source and "tools" in jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(source)):
+        if source and "tools" in _template_variables(source):
             if "<tool_call>" in source:
-                return cls(HERMES, True)
+                return ToolTemplate(HERMES, True)
             if '"parameters"' in source:
-                return cls(LLAMA3_JSON, True)
-        return cls(HERMES, False)
+                return ToolTemplate(LLAMA3_JSON, True)
+        return ToolTemplate(HERMES, False)
 
     def messages(self, messages: list[dict[str, Any]], tools: ToolsRequest | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """(messages, template variables) for the chat template.
@@ -63,10 +66,10 @@ class ToolTemplate:
                 out.append(m)
             elif calls:
                 text = self.format.render([(name, json.dumps(args, ensure_ascii=False)) for _, name, args in calls])
-                m["content"] = f"{m['content']}\n{text}" if m.get("content") else text
+                m["content"] = f"{_text(m.get('content'))}\n{text}" if m.get("content") else text
                 out.append(m)
             elif m["role"] == "tool":
-                response = f"<tool_response>\n{m['content']}\n</tool_response>"
+                response = f"<tool_response>\n{_text(m['content'])}\n</tool_response>"
                 if out and out[-1].get("tool_responses"):  # one user turn holds consecutive results
                     out[-1]["content"] += "\n" + response
                 else:
@@ -154,6 +157,15 @@ class ToolCallStream:
                 else:
                     deltas.append({"index": i, "function": {"arguments": piece}})
         return new_content, deltas
+
+
+def _template_variables(source: str) -> set[str]:
+    """The variables a chat template reads (none if it does not parse: rendering says why)."""
+    try:
+        ast = jinja2.Environment(extensions=[jinja2.ext.loopcontrols]).parse(source)
+    except jinja2.TemplateError:
+        return set()
+    return jinja2.meta.find_undeclared_variables(ast)
 
 
 def _past_call(call: Any, param: str) -> tuple[str, str, dict[str, Any]]:
