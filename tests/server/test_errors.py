@@ -81,6 +81,7 @@ def test_invalid_parameters_are_400_naming_the_parameter(http, path, body, param
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
     ("/v1/chat/completions", "guided_decoding_backend", "xgrammar"),
     ("/v1/completions", "suffix", "end"),
+    ("/v1/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("/v1/completions", "best_of", 3),
     ("/v1/completions", "logit_bias", {"5": 10}),
 ])

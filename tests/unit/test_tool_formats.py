@@ -190,3 +190,24 @@ def test_tool_choice_none_and_combinations():
         template.constraint(ToolsRequest.parse([WEATHER]), StructuredOutputsParams(regex="a+"))
     assert json.loads(json.dumps(template.constraint(ToolsRequest.parse([WEATHER]),
                                                      StructuredOutputsParams(json_object=True)).grammar))
+
+
+def test_llama3_models_make_one_call_per_turn(lltokenizer):
+    """Llama 3's templates refuse a turn of several calls, so its grammar allows one."""
+    grammar = ToolTemplate(LLAMA3_JSON, True).constraint(ToolsRequest.parse([WEATHER, CLOCK], "required"), None).grammar
+    assert accepts(lltokenizer, grammar, LLAMA3_JSON.render([("get_time", "{}")]))
+    assert not accepts(lltokenizer, grammar, LLAMA3_JSON.render([("get_time", "{}"), ("get_time", "{}")]))
+
+
+def test_objects_are_closed_except_under_all_of():
+    from tokenmill.structured.schema import closed_objects
+    nested = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {}}},
+                                               "c": {"type": "array", "items": {"properties": {"d": {}}}}}}
+    closed = closed_objects(nested)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["c"]["items"]["additionalProperties"] is False
+    assert closed_objects({"type": "object"}) == {"type": "object"}  # any object stays any object
+    assert closed_objects({**nested, "additionalProperties": True})["additionalProperties"] is True
+    combined = {"allOf": [{"properties": {"a": {}}, "required": ["a"]}, {"properties": {"b": {}}}]}
+    assert closed_objects(combined) == combined  # closing each part would forbid the other's keys

@@ -125,9 +125,12 @@ class AsyncLLM:
         if not self.is_alive:
             raise EngineDeadError("the engine is not running.")
         self.validate(prompt_token_ids)
+        # Off the event loop: a cache hit, unless the grammar left the cache since the check.
+        grammar = await asyncio.to_thread(self.processor.grammar, params) if params.structured_outputs else None
+        children = self.processor.add_request(request_id, prompt, prompt_token_ids, params, delta=True,
+                                              grammar=grammar)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
-        children = self.processor.add_request(request_id, prompt, prompt_token_ids, params, delta=True)
         leader = children[0][0]
         now = time.monotonic()
         for i, (cid, child_params, matcher) in enumerate(children):

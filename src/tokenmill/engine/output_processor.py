@@ -3,6 +3,7 @@ stop strings, n>1 aggregation). Shared by the offline LLM and the async server f
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class OutputProcessor:
         self.eos_token_ids = set(tokenizer.eos_token_ids if tokenizer else ()) | set(model_eos_token_ids)
         self.vocab_size = vocab_size
         self._grammars: GrammarCompiler | None = None  # built on the first structured request
+        self._grammars_lock = threading.Lock()  # compiles run on worker threads: build it once
         self._requests: dict[str, _RequestState] = {}
         self._children: dict[str, tuple[_RequestState, _Sample]] = {}
 
@@ -88,8 +90,10 @@ class OutputProcessor:
         if self.tokenizer is None or self.vocab_size is None:
             raise StructuredOutputError("structured output needs the tokenizer, which this engine skipped "
                                         "(skip_tokenizer_init).")
-        if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.vocab_size, sorted(self.eos_token_ids))
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.vocab_size,
+                                                 sorted(self.eos_token_ids))
         return self._grammars.compiled(params.structured_outputs)
 
     def add_request(
@@ -100,9 +104,14 @@ class OutputProcessor:
         params: SamplingParams,
         delta: bool = False,
         arrival_time: float | None = None,
+        grammar: Any = None,
     ) -> list[tuple[str, SamplingParams, Any]]:
         """Register a request; returns the (engine request id, params, grammar matcher or
         None) of each sample.
+
+        Args:
+            grammar: the request's compiled grammar when the caller already has it
+                (`grammar(params)`); compiled here otherwise.
 
         Raises:
             ValueError: stop strings without a tokenizer (nothing to match them in).
@@ -111,7 +120,8 @@ class OutputProcessor:
         if self.tokenizer is None and params.stop:
             raise ValueError("stop strings need the tokenizer, which this engine skipped (skip_tokenizer_init); "
                              "use stop_token_ids.")
-        grammar = self.grammar(params)
+        if grammar is None:
+            grammar = self.grammar(params)
         params.all_stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         samples = []
         for i in range(params.n):

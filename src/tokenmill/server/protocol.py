@@ -19,6 +19,12 @@ from pydantic import (
     model_validator,
 )
 
+from tokenmill.server.structured import (
+    STRUCTURED_FIELD_SCHEMAS,
+    TOOL_FIELD_SCHEMAS,
+    document_fields,
+)
+
 # torch.Generator.manual_seed takes a 64-bit value; n>1 adds the sample index to it.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 1024
 # OpenAI's own limit on n.
@@ -95,6 +101,7 @@ _TokenIds = Annotated[list[int], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra=document_fields(STRUCTURED_FIELD_SCHEMAS))
     prompt: _Text | Annotated[list[_Text], Field(min_length=1)] | _TokenIds | Annotated[list[_TokenIds], Field(min_length=1)]
     max_tokens: int | None = 16  # OpenAI's and vLLM's default for completions
     logprobs: int | None = None
@@ -124,8 +131,7 @@ _TEXT_PART = {"type": "object", "required": ["type", "text"],
 
 
 class ChatMessage(OpenAIBaseModel):
-    # Only the assistant may omit its content (a turn of tool calls). Assistant `tool_calls`
-    # and a tool turn's `tool_call_id` are read from the extra fields.
+    # Only the assistant may omit its content (a turn of tool calls).
     model_config = ConfigDict(json_schema_extra={"anyOf": [
         {"properties": {"role": {"const": "assistant"}}},
         {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}},
@@ -135,9 +141,12 @@ class ChatMessage(OpenAIBaseModel):
         default=None, json_schema_extra={"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART},
                                                    {"type": "null"}]})
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (OpenAI's objects)
+    tool_call_id: str | None = None  # the call a tool turn answers
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra=document_fields({**STRUCTURED_FIELD_SCHEMAS, **TOOL_FIELD_SCHEMAS}))
     messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
@@ -235,11 +244,42 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class _DeltaModel(BaseModel):
+    """A streamed delta: OpenAI's carry only what changed, so unset fields are left out."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionCallDelta(_DeltaModel):
+    name: str | None = None  # in the call's first delta
+    arguments: str | None = None  # the next piece of the arguments' JSON text
+
+
+class ToolCallDelta(_DeltaModel):
+    index: int  # which call of the message: the id, type and name come in its first delta
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -257,16 +297,12 @@ class ChatCompletionResponse(ResponseBase):
     system_fingerprint: str | None = None
 
 
-class DeltaMessage(BaseModel):
+class DeltaMessage(_DeltaModel):
+    """{"role": ...} first, then {"content": ...} or {"tool_calls": [...]}."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: Any) -> dict[str, Any]:
-        # OpenAI's deltas carry only what changed: {"role": ...} first, then {"content": ...}
-        # or {"tool_calls": [...]}.
-        return {k: v for k, v in handler(self).items() if v is not None}
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -74,10 +74,10 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         msg: dict[str, Any] = {"role": role, "content": content}
         if m.name is not None:
             msg["name"] = m.name
-        if role == "assistant" and extra.get("tool_calls"):
-            msg["tool_calls"] = extra["tool_calls"]
-        if role == "tool" and extra.get("tool_call_id") is not None:
-            msg["tool_call_id"] = extra["tool_call_id"]
+        if role == "assistant" and m.tool_calls:
+            msg["tool_calls"] = m.tool_calls
+        if role == "tool" and m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
 

@@ -169,6 +169,9 @@ class OpenAIServing(ResponseWriter):
         Args:
             **overrides: fields each endpoint decides itself (max_tokens, logprobs, ...).
         """
+        if "structured_outputs" not in overrides:  # chat with tools sets its own
+            overrides["structured_outputs"] = structured_outputs_from(req.model_extra or {})
+
         def pick(name: str, default: Any) -> Any:
             value = getattr(req, name)
             return self.defaults.get(name, default) if value is None else value
@@ -190,7 +193,7 @@ class OpenAIServing(ResponseWriter):
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 ignore_eos=req.ignore_eos,
                 skip_special_tokens=req.skip_special_tokens,
-                **({"structured_outputs": structured_outputs_from(req.model_extra or {})} | overrides),
+                **overrides,
             )
             await self.engine.check_structured_outputs(params)  # compiles now: a bad grammar is a 400 here
             return params

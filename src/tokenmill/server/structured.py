@@ -18,6 +18,43 @@ _TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
 STRUCTURED_FIELDS = frozenset({"response_format", "structured_outputs", *_GUIDED, *_TOOL_FIELDS})
 
 
+_SCHEMA = {"type": "object"}
+_SCHEMA_OR_TEXT = {"type": ["object", "string"]}
+_CHOICES = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+# How /openapi.json documents the fields read here (they stay extra fields of the request
+# models: the readers above check them and answer with OpenAI-style 400s).
+STRUCTURED_FIELD_SCHEMAS: dict[str, Any] = {
+    "response_format": {"type": "object", "required": ["type"], "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object", "properties": {"name": {"type": "string"}, "schema": _SCHEMA,
+                                                         "strict": {"type": "boolean"}}}}},
+    "structured_outputs": {"type": "object", "properties": {
+        "json": _SCHEMA_OR_TEXT, "regex": {"type": "string"}, "choice": _CHOICES, "grammar": {"type": "string"},
+        "structural_tag": _SCHEMA_OR_TEXT, "json_object": {"type": "boolean"}}},
+    "guided_json": _SCHEMA_OR_TEXT, "guided_regex": {"type": "string"}, "guided_choice": _CHOICES,
+    "guided_grammar": {"type": "string"},
+}
+_FUNCTION = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": {"type": "string"},
+    "parameters": _SCHEMA, "strict": {"type": "boolean"}}}
+TOOL_FIELD_SCHEMAS: dict[str, Any] = {
+    "tools": {"type": "array", "items": {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"}, "function": _FUNCTION}}},
+    "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]}, {
+        "type": "object", "required": ["type", "function"], "properties": {
+            "type": {"const": "function"},
+            "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]},
+    "parallel_tool_calls": {"type": "boolean"},
+}
+
+
+def document_fields(fields: dict[str, Any]) -> Any:
+    """A pydantic json_schema_extra that adds `fields` to a request model's properties."""
+    def add(schema: dict[str, Any], _cls: Any) -> None:
+        schema.setdefault("properties", {}).update(fields)
+    return add
+
+
 def tools_from(extra: dict[str, Any]) -> ToolsRequest | None:
     """The request's tools, None when no tool may be called; 400 naming the field."""
     try:

@@ -40,6 +40,8 @@ _COMMON_UNSUPPORTED: Unsupported = {
 UNSUPPORTED_COMPLETION: Unsupported = {
     **_COMMON_UNSUPPORTED,
     "suffix": (_empty, "suffix (fill-in-the-middle)"),
+    "tools": (_empty, "tools on completions (tool calling is on /v1/chat/completions)"),
+    "tool_choice": (_none_choice, "tool_choice on completions (tool calling is on /v1/chat/completions)"),
 }
 
 UNSUPPORTED_CHAT: Unsupported = {

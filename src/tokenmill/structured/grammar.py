@@ -15,7 +15,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import llguidance
 
-from tokenmill.structured.params import StructuredOutputError, StructuredOutputsParams
+from tokenmill.structured.errors import StructuredOutputError
+from tokenmill.structured.params import StructuredOutputsParams
 
 # A grammar that has not compiled in this long is refused (400). llguidance bounds its own
 # work by "fuel" (milliseconds for any schema measured), so this is a backstop, not a budget.
@@ -69,13 +70,16 @@ class GrammarCompiler:
         try:
             return future.result(timeout=self._compile_timeout_s)
         except FutureTimeout:
+            if future.cancel():  # still queued behind other compiles: it was never tried
+                raise StructuredOutputError(f"the grammar compiler was busy for {self._compile_timeout_s:g} s "
+                                            "with other constraints; retry.") from None
             raise StructuredOutputError(f"the constraint did not compile within {self._compile_timeout_s:g} s; "
                                         "simplify it.") from None
 
     def _store(self, key: tuple[str, str], future: Future[llguidance.LLMatcher]) -> None:
         with self._lock:
             del self._compiling[key]
-            if future.exception() is None:
+            if not future.cancelled() and future.exception() is None:
                 self._cache[key] = future.result()
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)

@@ -7,8 +7,14 @@ from typing import Any
 
 from tokenmill.structured.schema import closed_objects
 
-# Any text, newlines included; as a lazy rule's first part, it ends at the first trigger.
+# Any text, newlines included.
 TEXT_TERMINAL = r"TEXT: /(.|\n)*/"
+
+
+def text_then(rule: str, trigger: str) -> str:
+    """A rule matching free text up to and including `trigger`. Lazy: the text ends at the
+    first trigger, so a trigger always starts what follows the rule (needs TEXT_TERMINAL)."""
+    return f"{rule}[lazy]: TEXT {literal(trigger)}"
 
 
 def literal(s: str) -> str:

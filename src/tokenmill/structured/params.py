@@ -6,16 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.structured.errors import StructuredOutputError
 from tokenmill.structured.schema import closed_objects
-
-
-class StructuredOutputError(ValueError):
-    """A constraint that is malformed, cannot be compiled or is not supported: the request's
-    fault (400). `param` names the request field."""
-
-    def __init__(self, message: str, param: str = "structured_outputs") -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -43,9 +35,17 @@ class StructuredOutputsParams:
         if len(given) != 1:
             raise StructuredOutputError("structured_outputs needs exactly one of json, regex, choice, grammar, "
                                         f"structural_tag, json_object; got {', '.join(given) or 'none'}.")
-        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
             raise StructuredOutputError("structured_outputs.choice must be a non-empty list of strings.",
                                         "structured_outputs.choice")
+        for name in ("regex", "grammar"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise StructuredOutputError(f"structured_outputs.{name} must be a string.", f"structured_outputs.{name}")
+        for name in ("json", "structural_tag"):
+            if not isinstance(getattr(self, name), (str, dict, type(None))):
+                raise StructuredOutputError(f"structured_outputs.{name} must be an object or its JSON text.",
+                                            f"structured_outputs.{name}")
 
     def grammar_source(self) -> tuple[str, str]:
         """(llguidance grammar format, text): the cache key of the compiled grammar."""
@@ -71,4 +71,3 @@ class StructuredOutputsParams:
 
             return "grammar", structural_tag_grammar(self.structural_tag)
         return "grammar", self.grammar  # type: ignore[return-value]
-

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tokenmill.structured.lark import TEXT_TERMINAL, json_value, literal
-from tokenmill.structured.params import StructuredOutputError
+from tokenmill.structured.errors import StructuredOutputError
+from tokenmill.structured.lark import TEXT_TERMINAL, json_value, literal, text_then
 
 _PARAM = "structured_outputs.structural_tag"
 
@@ -53,6 +53,5 @@ def structural_tag_grammar(tag: str | dict[str, Any]) -> str:
     used = [(t, names) for t, names in by_trigger.items() if names]
     segments = " | ".join(f"text_then_trigger_{j} ({' | '.join(names)})" for j, (_, names) in enumerate(used))
     lines = ["%llguidance {}", f"start: ({segments})* TEXT", TEXT_TERMINAL]
-    # Lazy: the text ends at the first trigger, so a trigger always starts a structure.
-    lines += [f"text_then_trigger_{j}[lazy]: TEXT {literal(t)}" for j, (t, _) in enumerate(used)]
+    lines += [text_then(f"text_then_trigger_{j}", t) for j, (t, _) in enumerate(used)]
     return "\n".join(lines + rules) + "\n"

@@ -14,7 +14,7 @@ import jinja2.ext
 import jinja2.meta
 
 from tokenmill.structured import StructuredOutputError, StructuredOutputsParams
-from tokenmill.tools.formats import HERMES, LLAMA3_JSON, ToolCallFormat
+from tokenmill.tools.formats import HERMES, LLAMA3_JSON, JsonValueScanner, ToolCallFormat
 from tokenmill.tools.spec import ToolCall, ToolsRequest, arguments_object, new_call_id
 
 # tokenmill's own instructions, for chat templates that render no tools (SmolLM2's, for one).
@@ -104,7 +104,7 @@ class ToolTemplate:
                                             "response_format")
             text_schema = text
         # A named tool_choice asks for exactly one call of it (OpenAI's meaning).
-        parallel = tools.parallel and tools.choice in ("auto", "required")
+        parallel = tools.parallel and tools.choice in ("auto", "required") and self.format.parallel_calls
         return StructuredOutputsParams(
             grammar=self.format.grammar(tools.callable_tools(), tools.choice, parallel, text_schema))
 
@@ -131,6 +131,7 @@ class ToolCallStream:
         self._content_sent = 0
         self._ids: list[str] = []
         self._arguments_sent: list[int] = []
+        self._scanners: dict[int, JsonValueScanner] = {}  # the calls' arguments, scanned once
 
     @property
     def called(self) -> bool:
@@ -139,7 +140,7 @@ class ToolCallStream:
     def feed(self, text: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
         """(new content, new tool_calls deltas) once `text` is appended to the output."""
         self._text += text
-        content, calls = self._format.split(self._text, final)
+        content, calls = self._format.split(self._text, final, self._scanners)
         new_content = content[self._content_sent:]
         self._content_sent = len(content)
         deltas: list[dict[str, Any]] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenmill.structured.lark import TEXT_TERMINAL, json_value
+from tokenmill.structured.lark import TEXT_TERMINAL, json_value, text_then
 from tokenmill.structured.lark import literal as _lit
 from tokenmill.tools.spec import FunctionTool
 
@@ -40,6 +40,7 @@ class ToolCallFormat:
     mid: str
     tail: str
     separator: str
+    parallel_calls: bool = True  # whether the family's templates render several calls in one turn
 
     def render(self, calls: list[tuple[str, str]]) -> str:
         """(name, arguments JSON) pairs as the model writes them: past assistant turns."""
@@ -65,9 +66,7 @@ class ToolCallFormat:
         if choice != "auto":
             lines.append(f"start: {_lit(self.trigger)} {calls}")
         elif text_schema is None:
-            # Lazy: the text ends at the first trigger, so a trigger always starts a real call.
-            lines += [f"start: TEXT | text_then_trigger {calls}",
-                      f"text_then_trigger[lazy]: TEXT {_lit(self.trigger)}",
+            lines += [f"start: TEXT | text_then_trigger {calls}", text_then("text_then_trigger", self.trigger),
                       TEXT_TERMINAL]
         else:
             lines.append(f"start: %json {text_schema} | {_lit(self.trigger)} {calls}")
@@ -76,12 +75,15 @@ class ToolCallFormat:
                          f"{_lit(self.tail)}")
         return "\n".join(lines) + "\n"
 
-    def split(self, text: str, final: bool) -> tuple[str, list[PartialCall]]:
+    def split(self, text: str, final: bool,
+              scanners: dict[int, JsonValueScanner] | None = None) -> tuple[str, list[PartialCall]]:
         """(content, calls) of the output so far.
 
         Args:
             final: the output is complete. While it is not, a tail of the text that could
                 still become the trigger is held back from the content.
+            scanners: kept by a caller that splits the same growing text again and again
+                (streaming), so each arguments value is scanned once, not once per call.
         """
         start = text.find(self.trigger)
         if start < 0:
@@ -95,7 +97,9 @@ class ToolCallFormat:
             if value_start is None:  # the name is not complete yet
                 break
             name = text[name_start:name_end]  # type: ignore[misc]  # name_start is set when value_start is
-            value_end = json_value_end(text, value_start)
+            scanner = JsonValueScanner(value_start) if scanners is None else \
+                scanners.setdefault(value_start, JsonValueScanner(value_start))
+            value_end = scanner.end(text)
             if value_end is None:
                 calls.append(PartialCall(name, text[value_start:], False))
                 break
@@ -110,39 +114,62 @@ class ToolCallFormat:
 # own prompt for templates that render no tools); llama3_json is Llama 3.1+'s JSON calls.
 HERMES = ToolCallFormat("hermes", trigger="<tool_call>", head='\n{"name": "', mid='", "arguments": ',
                         tail="}\n</tool_call>", separator="\n")
+# Llama 3.1-3.3's templates refuse a turn of several calls, so their models make one.
 LLAMA3_JSON = ToolCallFormat("llama3_json", trigger='{"name"', head=': "', mid='", "parameters": ',
-                             tail="}", separator="; ")
-FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON)}
+                             tail="}", separator="; ", parallel_calls=False)
+
+
+class JsonValueScanner:
+    """Finds where the compact JSON value starting at `start` ends (the grammar writes no
+    whitespace outside strings), resuming where the last scan stopped: a streamed call's
+    arguments grow a few characters per step, and scanning them whole each time would cost
+    time quadratic in their length."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self._pos, self._depth, self._in_string, self._escaped = start, 0, False, False
+        self._end: int | None = None
+
+    def end(self, text: str) -> int | None:
+        """Index just past the value in `text` (which only grows between calls), None while
+        the value is not complete."""
+        if self._end is not None:
+            return self._end
+        depth, in_string, escaped = self._depth, self._in_string, self._escaped
+        for i in range(self._pos, len(text)):
+            c = text[i]
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                elif c == '"':
+                    in_string = False
+                    if depth == 0:
+                        self._end = i + 1
+                        return self._end
+            elif c == '"':
+                in_string = True
+            elif c in "{[":
+                depth += 1
+            elif c in "}]":
+                if depth == 0:  # closes what holds a number, true, false or null
+                    self._end = i
+                    return i
+                depth -= 1
+                if depth == 0:
+                    self._end = i + 1
+                    return self._end
+            elif depth == 0 and c in ",;\n ":  # the end of a number, true, false or null
+                self._end = i
+                return i
+        self._pos, self._depth, self._in_string, self._escaped = len(text), depth, in_string, escaped
+        return None
 
 
 def json_value_end(text: str, pos: int) -> int | None:
-    """Index just past the JSON value that starts at text[pos], None if it is not complete
-    yet. The value is compact (the grammar writes no whitespace outside strings)."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(pos, len(text)):
-        c = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_string = False
-                if depth == 0:
-                    return i + 1
-        elif c == '"':
-            in_string = True
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            if depth == 0:  # closes what holds a number, true, false or null
-                return i
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        elif depth == 0 and c in ",;\n ":  # the end of a number, true, false or null
-            return i
-    return None
+    """Index just past the JSON value that starts at text[pos], None if it is not complete."""
+    return JsonValueScanner(pos).end(text)
 
 
 def _expect(text: str, pos: int, literal: str) -> int | None:

@@ -12,6 +12,7 @@ from typing import Any
 import llguidance
 
 from tokenmill.structured import StructuredOutputError
+from tokenmill.structured.schema import closed_objects
 
 # OpenAI's rule for function names; it also keeps names safe inside the grammar's literals.
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -117,7 +118,7 @@ def _function_tool(tool: Any, i: int) -> FunctionTool:
                                     f"{where}.function.parameters")
     else:  # checked alone (under a millisecond), so the error names the tool
         error = llguidance.LLMatcher.validate_grammar(
-            llguidance.LLMatcher.grammar_from_json_schema(json.dumps(parameters)))
+            llguidance.LLMatcher.grammar_from_json_schema(json.dumps(closed_objects(parameters))))
         if error:
             raise StructuredOutputError(f"{where}.function.parameters is not a JSON schema tokenmill can enforce: "
                                         f"{' '.join(error.split())[:300]}", f"{where}.function.parameters")
@@ -132,7 +133,8 @@ def _choice(tool_choice: Any, names: list[str]) -> str | None:
     if tool_choice == "required":
         return "required"
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        name = (tool_choice.get("function") or {}).get("name")
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if name not in names:
             raise StructuredOutputError(f"tool_choice names the function {name!r}, which is not in tools.",
                                         "tool_choice")
