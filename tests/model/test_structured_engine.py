@@ -83,13 +83,19 @@ def test_regex_choice_and_errors_offline():
     assert not llm.engine.has_unfinished_requests()  # nothing was queued, not even the good one
 
 
-def test_masks_forbid_exactly_what_the_matcher_forbids_and_leave_other_rows_alone():
+@pytest.mark.parametrize("path", ["kernel", "lookup"])
+def test_masks_forbid_exactly_what_the_matcher_forbids_and_leave_other_rows_alone(path, monkeypatch):
     import torch
 
+    from tokenmill.model import kernels
     from tokenmill.structured import GrammarCompiler, StructuredOutputsParams
-    from tokenmill.structured.mask import apply_token_masks
+    from tokenmill.structured.mask import apply_token_masks, token_masks
     from tokenmill.tokenizer import Tokenizer
 
+    if path == "kernel" and kernels.cpu_kernels() is None:
+        pytest.skip("the CPU kernels are not built here")
+    if path == "lookup":
+        monkeypatch.setattr(kernels, "for_tensor", lambda t: None)
     tokenizer = Tokenizer.load(real_model_path())
     compiler = GrammarCompiler(tokenizer.backend.to_str(), 49152, sorted(tokenizer.eos_token_ids))
     matcher = compiler.matcher(StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "string"}}}))
@@ -100,12 +106,16 @@ def test_masks_forbid_exactly_what_the_matcher_forbids_and_leave_other_rows_alon
     assert 0 < int(allowed.sum()) < 49152
     logits = torch.randn(3, 49152, generator=torch.Generator().manual_seed(0))
     before = logits.clone()
-    apply_token_masks(logits, [None, matcher, None])
+    apply_token_masks(logits, token_masks([None, matcher, None]))
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     assert torch.equal(logits[1][allowed], before[1][allowed]) and (logits[1][~allowed] == float("-inf")).all()
     every = torch.randn(1, 49152)
-    apply_token_masks(every, [matcher])  # the all-rows path
+    apply_token_masks(every, token_masks([matcher]))  # the all-rows path
     assert torch.equal(torch.isfinite(every[0]), allowed)
+    narrow = torch.randn(1, 49150)  # a vocabulary that ends inside a mask word
+    apply_token_masks(narrow, token_masks([matcher]))
+    assert torch.equal(torch.isfinite(narrow[0]), allowed[:49150])
+    assert token_masks([None, None]) is None
 
 
 @pytest.mark.usefixtures("requires_cpu_kernels")

@@ -77,6 +77,11 @@ def test_round_trip_call_result_answer(client, server):
                                            max_tokens=60, temperature=0)
     assert final.choices[0].finish_reason in ("stop", "length")
     assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+    # The same turn streamed: the same answer, as content deltas.
+    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=conversation, tools=TOOLS,
+                                                 tool_choice="none", max_tokens=60, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == final.choices[0].message.content
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)
 
 
 def test_streamed_calls_match_the_whole_response(client):

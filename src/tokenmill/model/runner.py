@@ -14,7 +14,7 @@ from tokenmill.model import kernels
 from tokenmill.model.layers.attention import AttentionMetadata, decode_mask, kv_cache_shape
 from tokenmill.model.layers.sampler import Sampler, SamplingState, gather_logprobs
 from tokenmill.model.loader import load_model
-from tokenmill.structured.mask import TokenMaskWorker, TokenPenalties, add_token_penalties
+from tokenmill.structured.mask import TokenMasks, TokenMaskWorker, apply_token_masks
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class ModelRunner:
         )
 
     def _sample(self, reqs: list[ScheduledRequest], starts: list[int], hidden: torch.Tensor,
-                masks: Future[TokenPenalties | None] | None) -> ModelRunnerOutput:
+                masks: Future[TokenMasks | None] | None) -> ModelRunnerOutput:
         # Rows of `hidden` that need logits: each sampling request's last token, then
         # the scored prompt positions of requests that asked for prompt logprobs.
         sample_reqs = [r for r, s in zip(reqs, starts) if r.needs_sample]
@@ -180,7 +180,7 @@ class ModelRunner:
             ]
             sample_logits = logits[: len(sample_reqs)]
             if masks is not None:
-                add_token_penalties(sample_logits, masks.result())  # structured output
+                apply_token_masks(sample_logits, masks.result())  # structured output
             result = self.sampler.sample(sample_logits, states)
             for r, tok, lp in zip(sample_reqs, result.token_ids, result.logprobs):
                 out.sampled[r.request_id] = tok

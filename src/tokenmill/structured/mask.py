@@ -1,7 +1,8 @@
 """A step's token masks, applied to the logits rows of the constrained requests only.
 
 The masks depend only on what each request has output so far, so they are computed on a
-worker thread while the forward pass runs (`TokenMaskWorker`); the step then only adds them.
+worker thread while the forward pass runs (`TokenMaskWorker`); the step then only applies
+them (the CPU kernel `apply_token_bitmask`, or a byte lookup without the kernels).
 """
 
 from __future__ import annotations
@@ -13,64 +14,79 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokenmill.model import kernels
+
 # Byte -> what its 8 bits add to the logits (0 allowed, -inf forbidden), least significant
 # bit first: llguidance's masks are little-endian words in which token t is bit t % 32 of
-# word t // 32, so byte b holds tokens 8b..8b+7. One gather and one add per step: a boolean
-# mask with masked_fill measured 4x slower on 64 rows of 49,152 tokens. numpy's take, one
-# thread, measured 2.0 ms for 64 rows where torch's index_select took 2.5 ms on one thread
-# (and would start OpenMP threads of its own beside the forward pass's).
+# word t // 32, so byte b holds tokens 8b..8b+7. The fallback without the CPU kernels (one
+# numpy take and one add: 3.7 ms for 64 rows of 49,152 tokens; a boolean mask with
+# masked_fill took 8.7 ms).
 _PENALTY_OF_BYTE = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 0.0, -np.inf).astype(np.float32)
 
 
 @dataclass(frozen=True)
-class TokenPenalties:
-    """What a step's masks add to the logits: `penalty[i]` (0 or -inf per token, padded to
-    a multiple of 32) goes to row `rows[i]`."""
+class TokenMasks:
+    """A step's grammar masks: `bitmask[i]` (llguidance's words) applies to logits row `rows[i]`."""
 
     rows: list[int]
-    penalty: torch.Tensor  # [len(rows), padded vocab] float32
+    bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32
 
 
-def token_penalties(matchers: list[Any]) -> TokenPenalties | None:
+def token_masks(matchers: list[Any]) -> TokenMasks | None:
     """The masks of the rows that have a llguidance matcher (None for unconstrained rows);
     None when no row has one."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return None
-    masks = b"".join(matchers[i].compute_bitmask() for i in rows)
-    penalty = np.take(_PENALTY_OF_BYTE, np.frombuffer(masks, dtype=np.uint8), axis=0)  # [n * bytes, 8]
-    return TokenPenalties(rows, torch.from_numpy(penalty).view(len(rows), -1))
+    words = bytearray().join(matchers[i].compute_bitmask() for i in rows)  # writable, for frombuffer
+    return TokenMasks(rows, torch.frombuffer(words, dtype=torch.int32).view(len(rows), -1))
 
 
-def add_token_penalties(logits: torch.Tensor, penalties: TokenPenalties | None) -> None:
+def apply_token_masks(logits: torch.Tensor, masks: TokenMasks | None) -> None:
     """In place: each constrained row gets -inf where its grammar forbids the token.
 
     Args:
         logits: [R, V] float32, one row per sampled request.
     """
-    if penalties is None:
+    if masks is None:
         return
-    penalty = penalties.penalty[:, : logits.shape[1]].to(logits.device)  # [n, V]
-    if len(penalties.rows) == logits.shape[0]:  # every row constrained
+    ops = kernels.for_tensor(logits)
+    if ops is not None and logits.dtype == torch.float32 and logits.is_contiguous():
+        ops.apply_token_bitmask(logits, masks.bitmask, torch.tensor(masks.rows, dtype=torch.long))
+        return
+    packed = masks.bitmask.numpy().view(np.uint8).reshape(-1)
+    penalty = torch.from_numpy(np.take(_PENALTY_OF_BYTE, packed, axis=0)).view(len(masks.rows), -1)
+    penalty = penalty[:, : logits.shape[1]].to(logits.device)  # [n, V]
+    if len(masks.rows) == logits.shape[0]:  # every row constrained
         logits.add_(penalty)
     else:
-        logits.index_add_(0, torch.tensor(penalties.rows, device=logits.device), penalty)
-
-
-def apply_token_masks(logits: torch.Tensor, matchers: list[Any]) -> None:
-    """Compute and apply the masks of `matchers` (one per row of `logits`) now."""
-    add_token_penalties(logits, token_penalties(matchers))
+        logits.index_add_(0, torch.tensor(masks.rows, device=logits.device), penalty)
 
 
 class TokenMaskWorker:
-    """Computes each step's masks on one thread, alongside the forward pass."""
+    """Computes each step's masks on one thread, alongside the forward pass.
 
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-masks")
+    Measured on 2 cores that torch's OpenMP threads both use (docs/structured_output.md):
+    with llguidance's 0.7 ms for 64 rows on the thread, decoding ran as fast as with the
+    masks computed first. It did not pay while the thread also built a dense 0/-inf
+    penalty (4 ms): a descheduled OpenMP thread leaves the other spinning at the next
+    barrier, and the forward pass slowed by more than that work.
+    """
 
-    def start(self, matchers: list[Any]) -> Future[TokenPenalties | None] | None:
+    def __init__(self, overlap: bool = True) -> None:
+        """Args:
+            overlap: compute on the worker thread; False computes them at the start of
+                the step (scripts/bench_structured.py compares the two).
+        """
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-masks") if overlap else None
+
+    def start(self, matchers: list[Any]) -> Future[TokenMasks | None] | None:
         """Begin the masks of a step's sampled rows; None when none is constrained. The
         matchers must not advance until the result is taken."""
         if all(m is None for m in matchers):
             return None
-        return self._pool.submit(token_penalties, matchers)
+        if self._pool is not None:
+            return self._pool.submit(token_masks, matchers)
+        done: Future[TokenMasks | None] = Future()
+        done.set_result(token_masks(matchers))
+        return done

@@ -34,7 +34,7 @@ logger = logging.getLogger("tokenmill.model.kernels")
 
 LIBRARY_NAME = "tokenmill_cpu_kernels"
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("bindings.cpp", "weight_ops.cpp", "decode_layers.cpp", "kernels_isa.cpp")
+_SOURCES = ("bindings.cpp", "weight_ops.cpp", "decode_layers.cpp", "token_mask.cpp", "kernels_isa.cpp")
 # -ffp-contract=off: the sampler's float32 operations must stay exactly those of its
 # PyTorch twin (same tokens for the same seed); explicit fused multiply-adds still are.
 # -fno-trapping-math / -fno-math-errno change no result; they let loops with selects and
