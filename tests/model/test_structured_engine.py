@@ -85,6 +85,7 @@ def test_regex_choice_and_errors_offline():
 
 @pytest.mark.parametrize("path", ["kernel", "lookup"])
 def test_masks_forbid_exactly_what_the_matcher_forbids_and_leave_other_rows_alone(path, monkeypatch):
+    import llguidance
     import torch
 
     from tokenmill.model import kernels
@@ -104,18 +105,19 @@ def test_masks_forbid_exactly_what_the_matcher_forbids_and_leave_other_rows_alon
     words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
     allowed = ((words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).view(-1)[:49152].bool()
     assert 0 < int(allowed.sum()) < 49152
+    executor = llguidance.LLExecutor(num_threads=2)
     logits = torch.randn(3, 49152, generator=torch.Generator().manual_seed(0))
     before = logits.clone()
-    apply_token_masks(logits, token_masks([None, matcher, None]))
+    apply_token_masks(logits, token_masks([None, matcher, None], 49152, executor))
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     assert torch.equal(logits[1][allowed], before[1][allowed]) and (logits[1][~allowed] == float("-inf")).all()
     every = torch.randn(1, 49152)
-    apply_token_masks(every, token_masks([matcher]))  # the all-rows path
+    apply_token_masks(every, token_masks([matcher], 49152, executor))  # the all-rows path
     assert torch.equal(torch.isfinite(every[0]), allowed)
     narrow = torch.randn(1, 49150)  # a vocabulary that ends inside a mask word
-    apply_token_masks(narrow, token_masks([matcher]))
+    apply_token_masks(narrow, token_masks([matcher], 49150, executor))
     assert torch.equal(torch.isfinite(narrow[0]), allowed[:49150])
-    assert token_masks([None, None]) is None
+    assert token_masks([None, None], 49152, executor) is None
 
 
 @pytest.mark.usefixtures("requires_cpu_kernels")

@@ -1,16 +1,19 @@
 """A step's token masks, applied to the logits rows of the constrained requests only.
 
-The masks depend only on what each request has output so far, so they are computed on a
-worker thread while the forward pass runs (`TokenMaskWorker`); the step then only applies
-them (the CPU kernel `apply_token_bitmask`, or a byte lookup without the kernels).
+The masks depend only on what each request has output so far, so they can be computed
+while the forward pass runs, where CPUs are free for it (`TokenMaskWorker`); the step then
+only applies them (the CPU kernel `apply_token_bitmask`, or a byte lookup without the
+kernels).
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import llguidance
 import numpy as np
 import torch
 
@@ -32,14 +35,24 @@ class TokenMasks:
     bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32
 
 
-def token_masks(matchers: list[Any]) -> TokenMasks | None:
+def token_masks(matchers: list[Any], vocab_size: int, executor: llguidance.LLExecutor) -> TokenMasks | None:
     """The masks of the rows that have a llguidance matcher (None for unconstrained rows);
-    None when no row has one."""
+    None when no row has one.
+
+    Args:
+        vocab_size: rows of the model's logits (the masks' width, rounded up to words).
+        executor: llguidance's thread pool: the masks computed in parallel, outside the GIL,
+            written in place (64 masks: 0.12 ms on 2 threads, where a compute_bitmask call
+            per matcher took 0.7 ms).
+    """
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return None
-    words = bytearray().join(matchers[i].compute_bitmask() for i in rows)  # writable, for frombuffer
-    return TokenMasks(rows, torch.frombuffer(words, dtype=torch.int32).view(len(rows), -1))
+    words = -(-vocab_size // 32)  # as llguidance's helpers size them
+    bitmask = torch.empty(len(rows), words, dtype=torch.int32)
+    executor.unsafe_compute_mask_ptr([(matchers[r], i) for i, r in enumerate(rows)], bitmask.data_ptr(),
+                                     words * 4, len(rows))
+    return TokenMasks(rows, bitmask)
 
 
 def apply_token_masks(logits: torch.Tensor, masks: TokenMasks | None) -> None:
@@ -63,22 +76,32 @@ def apply_token_masks(logits: torch.Tensor, masks: TokenMasks | None) -> None:
         logits.index_add_(0, torch.tensor(masks.rows, device=logits.device), penalty)
 
 
+def spare_cpus() -> int:
+    """CPUs this process may run on beyond the threads torch's ops use."""
+    return len(os.sched_getaffinity(0)) - torch.get_num_threads()
+
+
 class TokenMaskWorker:
-    """Computes each step's masks on one thread, alongside the forward pass.
+    """Computes each step's masks, on llguidance's threads: alongside the forward pass when
+    CPUs are free for them, else at the start of the step on the CPUs the forward pass is
+    about to use.
 
     Measured on 2 cores that torch's OpenMP threads both use (docs/structured_output.md):
-    with llguidance's 0.7 ms for 64 rows on the thread, decoding ran as fast as with the
-    masks computed first. It did not pay while the thread also built a dense 0/-inf
-    penalty (4 ms): a descheduled OpenMP thread leaves the other spinning at the next
-    barrier, and the forward pass slowed by more than that work.
+    masks computed on a thread beside the forward pass slowed decoding more than computing
+    them first, because a descheduled OpenMP thread leaves the other spinning at the next
+    barrier; so overlap needs CPUs of its own.
     """
 
-    def __init__(self, overlap: bool = True) -> None:
+    def __init__(self, vocab_size: int, overlap: bool | None = None) -> None:
         """Args:
-            overlap: compute on the worker thread; False computes them at the start of
-                the step (scripts/bench_structured.py compares the two).
+            vocab_size: rows of the model's logits.
+            overlap: compute beside the forward pass; default: when spare_cpus() > 0.
         """
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-masks") if overlap else None
+        self.vocab_size = vocab_size
+        self.overlap = spare_cpus() > 0 if overlap is None else overlap
+        threads = max(1, spare_cpus()) if self.overlap else torch.get_num_threads()
+        self._executor = llguidance.LLExecutor(num_threads=threads)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-masks") if self.overlap else None
 
     def start(self, matchers: list[Any]) -> Future[TokenMasks | None] | None:
         """Begin the masks of a step's sampled rows; None when none is constrained. The
@@ -86,7 +109,7 @@ class TokenMaskWorker:
         if all(m is None for m in matchers):
             return None
         if self._pool is not None:
-            return self._pool.submit(token_masks, matchers)
+            return self._pool.submit(token_masks, matchers, self.vocab_size, self._executor)
         done: Future[TokenMasks | None] = Future()
-        done.set_result(token_masks(matchers))
+        done.set_result(token_masks(matchers, self.vocab_size, self._executor))
         return done
