@@ -58,7 +58,7 @@ class ModelRunner:
         # torch.empty: untouched pages cost no RAM on CPU until a block is first written.
         self.kv_caches = [torch.empty(shape, dtype=config.dtype, device=self.device) for _ in range(m.num_layers)]
         self.sampler = Sampler()
-        self.token_masks = TokenMaskWorker(m.vocab_size)  # structured output's masks
+        self.token_masks = TokenMaskWorker(m.vocab_size)  # structured output's masks, beside the forward pass
         # When set, receives every scored prompt position's full log-softmax row as
         # sink(request_id, first_position, rows [count, vocab]); row i predicts prompt
         # token first_position + i + 1. The quality lab (bench/quality) measures KL
@@ -107,7 +107,7 @@ class ModelRunner:
             slots.extend(self._slots(r.block_ids, start, start + len(r.token_ids)))
         dev = self.device
         # The requests' matchers hold their output so far, which this step does not change
-        # until it has sampled: their masks can be computed while the model runs.
+        # until it has sampled: their masks are computed while the model runs.
         masks = self.token_masks.start([r.matcher for r in reqs if r.needs_sample])
         meta = self._attention_metadata(reqs, len(decodes), starts, torch.tensor(slots, dtype=torch.long, device=dev))
         hidden = self.model(

@@ -1,9 +1,8 @@
 """A step's token masks, applied to the logits rows of the constrained requests only.
 
-The masks depend only on what each request has output so far, so they can be computed
-while the forward pass runs, where CPUs are free for it (`TokenMaskWorker`); the step then
-only applies them (the CPU kernel `apply_token_bitmask`, or a byte lookup without the
-kernels).
+The masks depend only on what each request has output so far, so they are computed while
+the forward pass runs (`TokenMaskWorker`); the step then only applies them (the CPU kernel
+`apply_token_bitmask`, or a byte lookup without the kernels).
 """
 
 from __future__ import annotations
@@ -82,26 +81,28 @@ def spare_cpus() -> int:
 
 
 class TokenMaskWorker:
-    """Computes each step's masks, on llguidance's threads: alongside the forward pass when
-    CPUs are free for them, else at the start of the step on the CPUs the forward pass is
-    about to use.
+    """Computes each step's masks on llguidance's threads, alongside the forward pass.
 
     Measured on 2 cores that torch's OpenMP threads both use (docs/structured_output.md):
-    masks computed on a thread beside the forward pass slowed decoding more than computing
-    them first, because a descheduled OpenMP thread leaves the other spinning at the next
-    barrier; so overlap needs CPUs of its own.
+    with the masks computed by llguidance's executor and applied by the kernel, computing
+    them beside the forward pass decoded 64 constrained streams at 0.95x of free ones,
+    computing them first at 0.93x. An earlier version that also built a dense 0/-inf
+    penalty on the thread (4 ms per step) slowed the forward pass by more than that: a
+    descheduled OpenMP thread leaves the other spinning at the next barrier.
     """
 
-    def __init__(self, vocab_size: int, overlap: bool | None = None) -> None:
+    def __init__(self, vocab_size: int, overlap: bool = True) -> None:
         """Args:
             vocab_size: rows of the model's logits.
-            overlap: compute beside the forward pass; default: when spare_cpus() > 0.
+            overlap: compute beside the forward pass (on the CPUs torch's threads leave
+                free, at least one); False computes them at the start of the step, on the
+                CPUs the forward pass is about to use (scripts/bench_structured.py
+                measures both).
         """
         self.vocab_size = vocab_size
-        self.overlap = spare_cpus() > 0 if overlap is None else overlap
-        threads = max(1, spare_cpus()) if self.overlap else torch.get_num_threads()
+        threads = max(1, spare_cpus()) if overlap else torch.get_num_threads()
         self._executor = llguidance.LLExecutor(num_threads=threads)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-masks") if self.overlap else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-masks") if overlap else None
 
     def start(self, matchers: list[Any]) -> Future[TokenMasks | None] | None:
         """Begin the masks of a step's sampled rows; None when none is constrained. The
