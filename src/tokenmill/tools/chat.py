@@ -56,6 +56,7 @@ class ToolTemplate:
             tools: the request's tools; None when none may be called (tool_choice "none").
         """
         out: list[dict[str, Any]] = []
+        results_turn = False  # out[-1] is a user turn of tool results (tokenmill's rendering)
         for i, m in enumerate(messages):
             m = dict(m)
             calls = [_past_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(m.pop("tool_calls", None) or [])]
@@ -63,20 +64,19 @@ class ToolTemplate:
                 if calls:
                     m["tool_calls"] = [{"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
                                        for cid, name, args in calls]
-                out.append(m)
             elif calls:
                 text = self.format.render([(name, json.dumps(args, ensure_ascii=False)) for _, name, args in calls])
                 m["content"] = f"{_text(m.get('content'))}\n{text}" if m.get("content") else text
-                out.append(m)
             elif m["role"] == "tool":
                 response = f"<tool_response>\n{_text(m['content'])}\n</tool_response>"
-                if out and out[-1].get("tool_responses"):  # one user turn holds consecutive results
+                if results_turn:  # one user turn holds consecutive results
                     out[-1]["content"] += "\n" + response
                 else:
-                    out.append({"role": "user", "content": response, "tool_responses": True})
-            else:
-                out.append(m)
-        out = [{k: v for k, v in m.items() if k != "tool_responses"} for m in out]
+                    out.append({"role": "user", "content": response})
+                results_turn = True
+                continue
+            out.append(m)
+            results_turn = False
         if tools is None:
             return out, {}
         if self.native:
