@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -35,7 +36,7 @@ class GrammarCompiler:
                  compile_timeout_s: float = COMPILE_TIMEOUT_S) -> None:
         """Args:
         tokenizer_json: the model's tokenizer.json text (`tokenizers.Tokenizer.to_str()`).
-        vocab_size: rows of the model's logits (may exceed the tokenizer's vocabulary).
+        vocab_size: the width of the model's logits (may exceed the tokenizer's vocabulary).
         eos_token_ids: the tokens that end a sequence; the grammar allows them once complete.
         compile_timeout_s: a compile that takes longer is a StructuredOutputError; it goes
             on in the background and is cached when done.
@@ -67,12 +68,15 @@ class GrammarCompiler:
             if future is None:
                 future = self._compiling[key] = self._pool.submit(self._compile, *key)
                 future.add_done_callback(lambda f: self._store(key, f))
+        busy = StructuredOutputError(f"the grammar compiler was busy for {self._compile_timeout_s:g} s with other "
+                                     "constraints; retry.")
         try:
             return future.result(timeout=self._compile_timeout_s)
+        except FutureCancelled:  # another request waiting on the same compile gave up on it first
+            raise busy from None
         except FutureTimeout:
             if future.cancel():  # still queued behind other compiles: it was never tried
-                raise StructuredOutputError(f"the grammar compiler was busy for {self._compile_timeout_s:g} s "
-                                            "with other constraints; retry.") from None
+                raise busy from None
             raise StructuredOutputError(f"the constraint did not compile within {self._compile_timeout_s:g} s; "
                                         "simplify it.") from None
 

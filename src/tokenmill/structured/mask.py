@@ -21,8 +21,8 @@ from tokenmill.model import kernels
 # Byte -> what its 8 bits add to the logits (0 allowed, -inf forbidden), least significant
 # bit first: llguidance's masks are little-endian words in which token t is bit t % 32 of
 # word t // 32, so byte b holds tokens 8b..8b+7. The fallback without the CPU kernels (one
-# numpy take and one add: 3.7 ms for 64 rows of 49,152 tokens; a boolean mask with
-# masked_fill took 8.7 ms).
+# numpy take and one add: 3.7 ms for 64 rows of 49,152 tokens; masked_fill with a boolean
+# mask took 8.7 ms for the fill alone).
 _PENALTY_OF_BYTE = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 0.0, -np.inf).astype(np.float32)
 
 
@@ -39,10 +39,10 @@ def token_masks(matchers: list[Any], vocab_size: int, executor: llguidance.LLExe
     None when no row has one.
 
     Args:
-        vocab_size: rows of the model's logits (the masks' width, rounded up to words).
+        vocab_size: the width of the model's logits (the masks', rounded up to words).
         executor: llguidance's thread pool: the masks computed in parallel, outside the GIL,
-            written in place (64 masks: 0.12 ms on 2 threads, where a compute_bitmask call
-            per matcher took 0.7 ms).
+            written in place (64 masks of states already seen: 0.12 ms on 2 threads, where
+            a compute_bitmask call per matcher took 0.7 ms).
     """
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
@@ -93,7 +93,7 @@ class TokenMaskWorker:
 
     def __init__(self, vocab_size: int, overlap: bool = True) -> None:
         """Args:
-            vocab_size: rows of the model's logits.
+            vocab_size: the width of the model's logits.
             overlap: compute beside the forward pass (on the CPUs torch's threads leave
                 free, at least one); False computes them at the start of the step, on the
                 CPUs the forward pass is about to use (scripts/bench_structured.py

@@ -97,8 +97,11 @@ class ToolCallFormat:
             if value_start is None:  # the name is not complete yet
                 break
             name = text[name_start:name_end]  # type: ignore[misc]  # name_start is set when value_start is
-            scanner = JsonValueScanner(value_start) if scanners is None else \
-                scanners.setdefault(value_start, JsonValueScanner(value_start))
+            scanner = scanners.get(value_start) if scanners is not None else None
+            if scanner is None:
+                scanner = JsonValueScanner(value_start)
+                if scanners is not None:
+                    scanners[value_start] = scanner
             value_end = scanner.end(text)
             if value_end is None:
                 calls.append(PartialCall(name, text[value_start:], False))
