@@ -54,19 +54,25 @@ def _compile_chat_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+def content_text(content: Any) -> str:
+    """A message's content as one string: text parts newline-joined (as vLLM does for
+    templates that expect string content); ValueError on any other kind of part."""
+    if not isinstance(content, list):
+        return content or ""
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"only text content parts are supported, got {kind!r}")
+        texts.append(part.get("text", ""))
+    return "\n".join(texts)
+
+
 def _normalize_message(message: dict[str, Any]) -> dict[str, Any]:
     """Drop None fields (templates test for presence) and flatten list content to a string."""
     out = {k: v for k, v in message.items() if v is not None}
-    content = out.get("content")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"only text content parts are supported, got {kind!r}")
-            texts.append(part.get("text", ""))
-        # Newline-joined, as vLLM does for templates that expect string content.
-        out["content"] = "\n".join(texts)
+    if isinstance(out.get("content"), list):
+        out["content"] = content_text(out["content"])
     return out
 
 

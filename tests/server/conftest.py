@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import openai
 import pytest
 from server_harness import running_server
 
@@ -24,3 +25,10 @@ def http(server):
     """An httpx client of this module's `server`."""
     with server.client() as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client of this module's `server`."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+

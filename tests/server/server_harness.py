@@ -140,3 +140,13 @@ def wait_until(predicate, timeout: float = CEILING_S, interval: float = 0.02):
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
+
+
+def serve_real_model() -> Iterator[RunningServer]:
+    """A server on the real default model (SmolLM2-135M-Instruct GGUF). A module that runs
+    on it makes this its `server`:
+    `server = pytest.fixture(serve_real_model, scope="module", name="server")`."""
+    from tests.model.gguf_factory import real_model_path
+
+    with running_server(real_model_path(), max_model_len=2048, num_kv_blocks=512) as s:
+        yield s

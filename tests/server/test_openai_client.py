@@ -18,11 +18,6 @@ PROMPT = "ROMEO: But soft"
 GREEDY_LONG = {"ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 def client_tokenize(client, text: str) -> list[int]:
     base = str(client.base_url).removesuffix("/v1/")
     return httpx.post(base + "/tokenize", json={"prompt": text}).json()["tokens"]

@@ -5,31 +5,18 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, Literal
 
 import openai
 import pytest
 from pydantic import BaseModel, Field
-from server_harness import MODEL_NAME, running_server
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "model"))
-from gguf_factory import real_model_path  # noqa: E402
+from server_harness import MODEL_NAME, serve_real_model
 
 pytestmark = pytest.mark.usefixtures("requires_cpu_kernels")
 
 
-@pytest.fixture(scope="module")
-def server():
-    with running_server(real_model_path(), max_model_len=1024, num_kv_blocks=512) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+server = pytest.fixture(serve_real_model, scope="module", name="server")
 
 
 class Color(str, Enum):

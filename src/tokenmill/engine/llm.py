@@ -169,18 +169,20 @@ class LLM:
         self, prompts: list[tuple[str | None, list[int]]], params_list: list[SamplingParams], use_tqdm: bool
     ) -> list[RequestOutput]:
         # Validate every prompt and grammar before queueing any, so a bad one leaves nothing
-        # behind (grammars compile once; add_request then copies the cached matcher).
+        # behind; each request then copies the grammar compiled here.
+        grammars = []
         for (_, token_ids), params in zip(prompts, params_list):
             self.engine.validate_prompt(token_ids)
-            self.processor.grammar(params)
-        ids = [self._add_request(text, token_ids, params) for (text, token_ids), params in zip(prompts, params_list)]
+            grammars.append(self.processor.grammar(params))
+        ids = [self._add_request(text, token_ids, params, grammar=grammar)
+               for (text, token_ids), params, grammar in zip(prompts, params_list, grammars)]
         return self._run(ids, use_tqdm)
 
     def _add_request(
-        self, text: str | None, token_ids: list[int], params: SamplingParams, delta: bool = False
+        self, text: str | None, token_ids: list[int], params: SamplingParams, delta: bool = False, grammar: Any = None
     ) -> str:
         request_id = str(next(self._counter))
-        children = self.processor.add_request(request_id, text, token_ids, params, delta=delta)
+        children = self.processor.add_request(request_id, text, token_ids, params, delta=delta, grammar=grammar)
         for i, (cid, child_params, matcher) in enumerate(children):
             leader = children[0][0] if i > 0 else None
             self.engine.add_request(

@@ -10,6 +10,7 @@ from typing import Any
 from tokenmill.server.errors import bad_request
 from tokenmill.structured import StructuredOutputError, StructuredOutputsParams
 from tokenmill.tools import ToolsRequest
+from tokenmill.tools.spec import FUNCTION_NAME
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 _FIELDS = ("json", "regex", "choice", "grammar", "structural_tag", "json_object")
@@ -35,7 +36,7 @@ STRUCTURED_FIELD_SCHEMAS: dict[str, Any] = {
     "guided_grammar": {"type": "string"},
 }
 _FUNCTION = {"type": "object", "required": ["name"], "properties": {
-    "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": {"type": "string"},
+    "name": {"type": "string", "pattern": f"^{FUNCTION_NAME.pattern}$"}, "description": {"type": "string"},
     "parameters": _SCHEMA, "strict": {"type": "boolean"}}}
 TOOL_FIELD_SCHEMAS: dict[str, Any] = {
     "tools": {"type": "array", "items": {"type": "object", "required": ["type", "function"], "properties": {

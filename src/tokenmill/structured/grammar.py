@@ -58,7 +58,7 @@ class GrammarCompiler:
     def compiled(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
         """The cached pristine matcher of `spec` (compiled on first use). Never advance it:
         copy it (`matcher`, or its deep_copy()) for each request."""
-        key = spec.grammar_source()
+        key = spec.grammar_source
         with self._lock:
             pristine = self._cache.get(key)
             if pristine is not None:

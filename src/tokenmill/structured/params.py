@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from tokenmill.structured.errors import StructuredOutputError
 from tokenmill.structured.schema import closed_objects
+from tokenmill.structured.structural_tag import structural_tag_grammar
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class StructuredOutputsParams:
                 raise StructuredOutputError(f"structured_outputs.{name} must be an object or its JSON text.",
                                             f"structured_outputs.{name}")
 
+    @cached_property  # read by every lookup of the compiled grammar (a check, then the request's)
     def grammar_source(self) -> tuple[str, str]:
         """(llguidance grammar format, text): the cache key of the compiled grammar."""
         if self.json_object:
@@ -65,9 +68,5 @@ class StructuredOutputsParams:
         if self.choice is not None:
             return "choice", json.dumps(self.choice)
         if self.structural_tag is not None:
-            from tokenmill.structured.structural_tag import (
-                structural_tag_grammar,  # it builds on this module
-            )
-
             return "grammar", structural_tag_grammar(self.structural_tag)
         return "grammar", self.grammar  # type: ignore[return-value]

@@ -13,6 +13,7 @@ import jinja2
 import jinja2.ext
 import jinja2.meta
 
+from tokenmill.chat_template import content_text
 from tokenmill.structured import StructuredOutputError, StructuredOutputsParams
 from tokenmill.tools.formats import HERMES, LLAMA3_JSON, JsonValueScanner, ToolCallFormat
 from tokenmill.tools.spec import ToolCall, ToolsRequest, arguments_object, new_call_id
@@ -66,9 +67,9 @@ class ToolTemplate:
                                        for cid, name, args in calls]
             elif calls:
                 text = self.format.render([(name, json.dumps(args, ensure_ascii=False)) for _, name, args in calls])
-                m["content"] = f"{_text(m.get('content'))}\n{text}" if m.get("content") else text
+                m["content"] = f"{content_text(m.get('content'))}\n{text}" if m.get("content") else text
             elif m["role"] == "tool":
-                response = f"<tool_response>\n{_text(m['content'])}\n</tool_response>"
+                response = f"<tool_response>\n{content_text(m['content'])}\n</tool_response>"
                 if results_turn:  # one user turn holds consecutive results
                     out[-1]["content"] += "\n" + response
                 else:
@@ -84,7 +85,7 @@ class ToolTemplate:
         listing = "\n".join(json.dumps(t.as_openai(), ensure_ascii=False) for t in tools.tools)
         prompt = _SYSTEM_PROMPT.format(tools=listing)
         if out and out[0]["role"] == "system":
-            out[0] = {**out[0], "content": f"{_text(out[0]['content'])}\n\n{prompt}"}
+            out[0] = {**out[0], "content": f"{content_text(out[0]['content'])}\n\n{prompt}"}
         else:
             out.insert(0, {"role": "system", "content": prompt})
         return out, {}
@@ -94,7 +95,7 @@ class ToolTemplate:
         a non-call answer under tool_choice "auto"; other combinations are refused."""
         text_schema = None
         if response is not None:
-            kind, text = response.grammar_source()
+            kind, text = response.grammar_source
             if kind != "json_schema" or tools.choice != "auto":
                 raise StructuredOutputError("a structured output constraint combines with tools only as a JSON "
                                             "response_format under tool_choice 'auto'.", "tool_choice")
@@ -176,10 +177,3 @@ def _past_call(call: Any, param: str) -> tuple[str, str, dict[str, Any]]:
         raise StructuredOutputError(f"{param} must be {{\"id\", \"type\": \"function\", \"function\": "
                                     "{\"name\", \"arguments\"}}.", param)
     return str(call.get("id") or ""), fn["name"], arguments_object(fn.get("arguments", "{}"), f"{param}.function.arguments")
-
-
-def _text(content: Any) -> str:
-    """A message's content as one string (text parts joined as the templates see them)."""
-    if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content or ""

@@ -15,7 +15,7 @@ from tokenmill.structured import StructuredOutputError
 from tokenmill.structured.schema import closed_objects
 
 # OpenAI's rule for function names; it also keeps names safe inside the grammar's literals.
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # A function declared without `parameters` takes none (OpenAI's meaning).
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -104,7 +104,7 @@ def _function_tool(tool: Any, i: int) -> FunctionTool:
     if not isinstance(fn, dict):
         raise StructuredOutputError(f"{where}.function must be an object.", f"{where}.function")
     name = fn.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
         raise StructuredOutputError(f"{where}.function.name must be 1-64 letters, digits, '_' or '-'; got {name!r}.",
                                     f"{where}.function.name")
     description = fn.get("description")
