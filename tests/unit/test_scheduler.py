@@ -32,7 +32,7 @@ def add(s: Scheduler, rid: str, num_prompt: int, max_tokens: int = 8, **params) 
 
 def step(s: Scheduler, token: int = 5):
     out = s.schedule()
-    sampled = {r.request_id: token for r in out.scheduled if r.needs_sample}
+    sampled = {r.request_id: [token] for r in out.scheduled if r.needs_sample}
     return out, s.update_from_output(out, ModelRunnerOutput(sampled, {}, {}))
 
 

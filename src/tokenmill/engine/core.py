@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -12,6 +13,7 @@ from tokenmill.engine.request import EngineCoreRequest, Request
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.scheduler_output import EngineCoreOutput, SchedulerStats
 from tokenmill.model.runner import ModelRunner
+from tokenmill.spec_decode.proposers import DraftModelProposer, NgramProposer
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,14 @@ class EngineCore:
                 "lower max_model_len."
             )
         self.kv = KVCacheManager(self.num_kv_blocks, bs, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        spec = config.speculative
+        self.scheduler = Scheduler(config.scheduler, self.kv, spec)
+        self.proposer: NgramProposer | DraftModelProposer | None = None
+        if spec is not None:
+            self.proposer = (NgramProposer(spec) if spec.method == "ngram"
+                             else DraftModelProposer(config, self.num_kv_blocks))
+            logger.info("speculative decoding: %s, up to %d tokens per step", spec.method,
+                        spec.num_speculative_tokens)
         logger.info(
             "KV cache holds %d tokens (%d blocks of %d); max_model_len=%d",
             capacity, self.num_kv_blocks, bs, config.scheduler.max_model_len,
@@ -83,4 +92,11 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
-        return self.scheduler.update_from_output(sched, self.runner.execute(sched))
+        if self.proposer is None:
+            return self.scheduler.update_from_output(sched, self.runner.execute(sched))
+        self.proposer.propose(sched)
+        start = time.perf_counter()
+        result = self.runner.execute(sched)
+        if self.proposer.last_step_s is not None:
+            self.scheduler.spec_policy.observe_step_times(self.proposer.last_step_s, time.perf_counter() - start)
+        return self.scheduler.update_from_output(sched, result)

@@ -88,6 +88,16 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], request.block_hashes[i])
         self._num_hashed_blocks[request.request_id] = max(start, num_full)
 
+    def free_unused_blocks(self, request: Request) -> None:
+        """Give back the blocks past the request's known tokens: room that was allotted to
+        proposed tokens the target rejected (they were never cached: not yet full of
+        verified tokens)."""
+        blocks = self.req_blocks.get(request.request_id, [])
+        num_needed = -(-request.num_tokens // self.block_size)
+        if len(blocks) > num_needed:
+            self.pool.free(blocks[num_needed:][::-1])
+            del blocks[num_needed:]
+
     def free(self, request: Request) -> None:
         """Release all of the request's blocks (tail first, so the tail is evicted first)."""
         blocks = self.req_blocks.pop(request.request_id, [])

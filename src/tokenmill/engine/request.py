@@ -13,6 +13,7 @@ import torch
 
 from tokenmill.model.layers.sampler import make_generator
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec_decode.policy import AcceptanceEstimate
 
 _ROOT_HASH = b""  # parent "hash" of a sequence's first block
 
@@ -78,6 +79,7 @@ class Request:
         self.arrival_time = req.arrival_time or time.monotonic()
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0
+        self.spec_acceptance = AcceptanceEstimate()  # speculative decoding: how well proposals do
 
     @property
     def num_tokens(self) -> int:

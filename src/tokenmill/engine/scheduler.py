@@ -5,6 +5,10 @@ get their next tokens first (decodes, or the rest of a chunked prefill), then wa
 requests are admitted FCFS with as many prompt tokens as the budget allows. When KV
 blocks run out, the newest running request is preempted: its blocks are freed and it
 goes back to the front of the queue to recompute later (its outputs are kept).
+
+With speculative decoding a decode may also get room for a few proposed tokens (as many
+as `SpecPolicy` finds worth it), never at the cost of preempting anyone; after the step
+it advances past the proposals the target kept, and the blocks it no longer needs go back.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import time
 from collections import deque
 
-from tokenmill.config import SchedulerConfig
+from tokenmill.config import SchedulerConfig, SpeculativeConfig
 from tokenmill.engine.kv_cache_manager import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler_output import (
@@ -22,15 +26,21 @@ from tokenmill.engine.scheduler_output import (
     ScheduledRequest,
     SchedulerOutput,
     SchedulerStats,
+    SpecDecodeStats,
 )
+from tokenmill.spec_decode.policy import SpecPolicy
 
 logger = logging.getLogger("tokenmill.engine")
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.spec_policy = SpecPolicy(speculative) if speculative else None
+        self.spec_stats = SpecDecodeStats(accepted_per_pos=[0] * speculative.num_speculative_tokens) \
+            if speculative else None
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: newest last
@@ -64,6 +74,7 @@ class Scheduler:
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits,
             num_preemptions=self.num_preemptions,
+            spec_decode=self.spec_stats.copy() if self.spec_stats else None,
         )
 
     # -- one step -----------------------------------------------------------------------
@@ -76,6 +87,14 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_drafts = self._num_draft_slots(req, num_new, budget)
+            if num_drafts:  # room for proposals only where it is free: nobody is preempted for it
+                new_blocks = self.kv.allocate_slots(req, num_new + num_drafts)
+                if new_blocks is not None:
+                    scheduled.append(self._make_scheduled(req, num_new, new_blocks, num_drafts))
+                    budget -= num_new + num_drafts
+                    i += 1
+                    continue
             while (new_blocks := self.kv.allocate_slots(req, num_new)) is None:
                 victim = self.running.pop()  # newest first
                 self._preempt(victim)
@@ -128,13 +147,26 @@ class Scheduler:
             )
             out.new_prompt_logprobs = result.prompt_logprobs.get(req.request_id)
             if sr.needs_sample:
+                status = None
                 if req.max_tokens > 0:
-                    token = result.sampled[req.request_id]
-                    req.append_output_token(token)
-                    out.new_token_ids = [token]
-                    if req.request_id in result.logprobs:
-                        out.new_logprobs = [result.logprobs[req.request_id]]
-                status = self._check_stop(req)
+                    tokens = result.sampled[req.request_id]
+                    if sr.num_draft_slots:
+                        self._observe_proposals(req, sr, len(tokens) - 1)
+                    logprobs = result.logprobs.get(req.request_id)
+                    for n, token in enumerate(tokens, 1):
+                        req.append_output_token(token)
+                        # Each kept proposal's K/V was computed this step; the last token's is not.
+                        req.num_computed_tokens += n > 1
+                        if (status := self._check_stop(req)) is not None:
+                            break
+                    out.new_token_ids = tokens[:n]
+                    if logprobs is not None:
+                        out.new_logprobs = logprobs[:n]
+                    if sr.num_draft_slots:
+                        self.kv.cache_blocks(req)
+                        self.kv.free_unused_blocks(req)  # slots of rejected proposals
+                else:
+                    status = self._check_stop(req)
                 if status is not None:
                     self.running.remove(req)
                     self._finish(req, status)
@@ -144,7 +176,24 @@ class Scheduler:
         return outputs
 
     # -- helpers --------------------------------------------------------------------------
-    def _make_scheduled(self, req: Request, num_new: int, new_block_ids: list[int]) -> ScheduledRequest:
+    def _num_draft_slots(self, req: Request, num_new: int, budget: int) -> int:
+        """Room for proposals after a decode's token (0: none this step)."""
+        if self.spec_policy is None or num_new != 1 or req.num_tokens - req.num_computed_tokens != 1:
+            return 0
+        # The step yields up to num_drafts + 1 tokens: leave room for them in the output,
+        # the context and the step's token budget.
+        room = min(req.max_tokens - req.num_output_tokens, self.config.max_model_len - req.num_tokens,
+                   budget) - 1
+        return self.spec_policy.num_proposals(req.spec_acceptance, room, len(self.running))
+
+    def _observe_proposals(self, req: Request, sr: ScheduledRequest, num_accepted: int) -> None:
+        num_proposed = len(sr.draft_token_ids)
+        if num_proposed:  # the proposer may have found nothing to propose
+            req.spec_acceptance.observe(num_proposed, num_accepted)
+            self.spec_stats.observe(num_proposed, num_accepted)
+
+    def _make_scheduled(self, req: Request, num_new: int, new_block_ids: list[int],
+                        num_draft_slots: int = 0) -> ScheduledRequest:
         start = req.num_computed_tokens
         end = start + num_new
         needs_sample = end == req.num_tokens
@@ -169,6 +218,7 @@ class Scheduler:
             matcher=req.matcher,
             num_prompt_logprob_positions=num_scored,
             first_prompt_logprob_position=first_scored,
+            num_draft_slots=num_draft_slots,
         )
 
     def _waits_for_leader(self, req: Request) -> bool:

@@ -29,6 +29,23 @@ class ScheduledRequest:
     # (prompt_logprobs): how many (0 when not requested) and the first one.
     num_prompt_logprob_positions: int = 0
     first_prompt_logprob_position: int = 0
+    # Speculative decoding (decodes only): room the scheduler allotted for proposals, and
+    # the proposals a proposer put there (at most that many) to verify after token_ids.
+    num_draft_slots: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)
+    # [len(draft_token_ids), vocab] the distributions a draft model sampled them from;
+    # None: each proposal is a point mass (ngram, greedy drafts)
+    draft_probs: torch.Tensor | None = None
+
+    @property
+    def is_decode(self) -> bool:
+        """One known token to compute (plus any proposals), not a prefill chunk."""
+        return len(self.token_ids) == 1
+
+    @property
+    def num_query_tokens(self) -> int:
+        """Tokens the model runs this step: the known ones and the proposals."""
+        return len(self.token_ids) + len(self.draft_token_ids)
 
 
 @dataclass
@@ -43,8 +60,10 @@ class SchedulerOutput:
 class ModelRunnerOutput:
     """What the runner computed in one step (all on the host)."""
 
-    sampled: dict[str, int]  # request id -> new token, for requests that sampled
-    logprobs: dict  # request id -> SampledLogprobs of the sampled token (when asked)
+    # request id -> new tokens, for requests that sampled: one, or with proposals the kept
+    # ones and the target's next
+    sampled: dict[str, list[int]]
+    logprobs: dict  # request id -> [SampledLogprobs] of each new token (when asked)
     prompt_logprobs: dict  # request id -> [SampledLogprobs], one per scored prompt position
 
 
@@ -72,3 +91,26 @@ class SchedulerStats:
     prefix_cache_queries: int  # tokens looked up
     prefix_cache_hits: int  # tokens found
     num_preemptions: int
+    spec_decode: SpecDecodeStats | None = None  # when speculative decoding is on
+
+
+@dataclass
+class SpecDecodeStats:
+    """Speculative decoding counters, cumulative (vLLM's spec_decode_* metrics)."""
+
+    num_drafts: int = 0  # verifications: (request, step) pairs that had proposals
+    num_draft_tokens: int = 0  # tokens proposed
+    num_accepted_tokens: int = 0  # proposals kept
+    # [num_speculative_tokens]: how often the proposal at each position was kept
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def observe(self, num_proposed: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_proposed
+        self.num_accepted_tokens += num_accepted
+        for pos in range(num_accepted):
+            self.accepted_per_pos[pos] += 1
+
+    def copy(self) -> SpecDecodeStats:
+        return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                               list(self.accepted_per_pos))

@@ -14,15 +14,18 @@ from tokenmill.model import kernels
 from tokenmill.model.layers.attention import AttentionMetadata, decode_mask, kv_cache_shape
 from tokenmill.model.layers.sampler import Sampler, SamplingState, gather_logprobs
 from tokenmill.model.loader import load_model
+from tokenmill.spec_decode.rejection import SpecGroup, verify
 from tokenmill.structured.mask import TokenMasks, TokenMaskWorker, apply_token_masks
 
 logger = logging.getLogger(__name__)
 
 
 def kv_bytes_per_block(config: EngineConfig) -> int:
-    m = config.model
+    """K and V of one block, for every layer of the target and of the draft model (which
+    keeps its own K/V in the same block ids: one allocation covers both)."""
     itemsize = torch.empty((), dtype=config.dtype).element_size()
-    return 2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * itemsize
+    models = [config.model] + ([config.draft_model] if config.draft_model else [])
+    return sum(2 * m.num_layers * config.cache.block_size * m.num_kv_heads * m.head_dim * itemsize for m in models)
 
 
 def num_kv_blocks_for(config: EngineConfig) -> int:
@@ -45,14 +48,18 @@ def num_kv_blocks_for(config: EngineConfig) -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, num_blocks: int | None = None) -> None:
+        """Args:
+            num_blocks: KV blocks to hold (a draft model's runner mirrors the target's
+                block ids); None: what the budget buys (`num_kv_blocks_for`).
+        """
         self.config = config
         self.device = config.device
         self.block_size = config.cache.block_size
         max_positions = max(config.scheduler.max_model_len, 1)
         self.model = load_model(config.model_path, config.model, config.dtype, self.device, max_positions,
                                 keep_stored=config.quantization == "auto")
-        self.num_blocks = num_kv_blocks_for(config)
+        self.num_blocks = num_kv_blocks_for(config) if num_blocks is None else num_blocks
         m = config.model
         shape = kv_cache_shape(self.num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         # torch.empty: untouched pages cost no RAM on CPU until a block is first written.
@@ -83,40 +90,74 @@ class ModelRunner:
             for block_id in block_ids:  # at most one per request; faster than index_fill_ on dim 2
                 kv_cache[:, :, block_id].zero_()
 
+    def clear_blocks(self, block_ids: list[int]) -> None:
+        """Zero these blocks if decode attention reads whole blocks (no kernel): a draft
+        model's runner calls it for the blocks the target's step allocated."""
+        if not self.decode_kernel and block_ids:
+            self._clear_blocks(block_ids)
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        # Decodes (one query token) first: they share one batched attention call.
-        decodes = [r for r in sched.scheduled if len(r.token_ids) == 1]
-        reqs = decodes + [r for r in sched.scheduled if len(r.token_ids) != 1]
+        reqs = _decodes_first(sched.scheduled)
+        for r in reqs:
+            if r.draft_token_ids and r.matcher is not None:
+                # Proposals the grammar refuses would be rejected anyway (their
+                # probability is 0); cutting them here keeps every row's mask defined.
+                num_valid = r.matcher.validate_tokens(r.draft_token_ids)
+                del r.draft_token_ids[num_valid:]
+                if r.draft_probs is not None:
+                    r.draft_probs = r.draft_probs[:num_valid] if num_valid else None
         if not self.decode_kernel:
-            # A new block this step leaves partly unwritten is read whole by later decodes.
-            partial = [
+            # A new block this step leaves partly unwritten is read whole by later decodes
+            # (a decode's new blocks may hold room for more proposals than it got: all).
+            partial = [b for r in reqs if r.is_decode for b in r.new_block_ids] + [
                 r.block_ids[-1]
                 for r in reqs
-                if r.new_block_ids and (r.num_computed_tokens + len(r.token_ids)) % self.block_size
+                if not r.is_decode and r.new_block_ids and (r.num_computed_tokens + len(r.token_ids)) % self.block_size
             ]
             if partial:
                 self._clear_blocks(partial)
+        # The requests' matchers hold their output so far, which this step does not change
+        # until it has sampled: their masks are computed while the model runs.
+        masks = self.token_masks.start([m for r in reqs if r.needs_sample for m in _row_matchers(r)])
+        hidden, starts = self._forward(reqs)
+        return self._sample(reqs, starts, hidden, masks)
+
+    @torch.inference_mode()
+    def last_token_logits(self, reqs: list[ScheduledRequest]) -> torch.Tensor:
+        """Run the model over `reqs` (their K/V written to this runner's cache) and return
+        the logits of each one's last token, [len(reqs), vocab], in the order given (how
+        a draft model proposes)."""
+        order = _decodes_first(reqs)
+        hidden, starts = self._forward(order)
+        rows = {id(r): s + r.num_query_tokens - 1 for r, s in zip(order, starts)}
+        index = torch.tensor([rows[id(r)] for r in reqs], device=self.device)
+        return self.model.compute_logits(hidden[index])
+
+    def _forward(self, reqs: list[ScheduledRequest]) -> tuple[torch.Tensor, list[int]]:
+        """One pass of the model over the flat batch of `reqs` (decodes first).
+
+        Returns:
+            Final hidden states [T, hidden] and each request's first row in them.
+        """
         input_ids, positions, slots = [], [], []
         starts: list[int] = []
         for r in reqs:
             starts.append(len(input_ids))
             input_ids.extend(r.token_ids)
+            input_ids.extend(r.draft_token_ids)
             start = r.num_computed_tokens
-            positions.extend(range(start, start + len(r.token_ids)))
-            slots.extend(self._slots(r.block_ids, start, start + len(r.token_ids)))
+            positions.extend(range(start, start + r.num_query_tokens))
+            slots.extend(self._slots(r.block_ids, start, start + r.num_query_tokens))
         dev = self.device
-        # The requests' matchers hold their output so far, which this step does not change
-        # until it has sampled: their masks are computed while the model runs.
-        masks = self.token_masks.start([r.matcher for r in reqs if r.needs_sample])
-        meta = self._attention_metadata(reqs, len(decodes), starts, torch.tensor(slots, dtype=torch.long, device=dev))
+        meta = self._attention_metadata(reqs, starts, torch.tensor(slots, dtype=torch.long, device=dev))
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
             self.kv_caches,
             meta,
         )  # [T, hidden]
-        return self._sample(reqs, starts, hidden, masks)
+        return hidden, starts
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
         """Flat cache slots of positions start..end-1, built a block run at a time."""
@@ -128,19 +169,25 @@ class ModelRunner:
         return slots
 
     def _attention_metadata(
-        self, reqs: list[ScheduledRequest], num_decodes: int, starts: list[int], slot_mapping: torch.Tensor
+        self, reqs: list[ScheduledRequest], starts: list[int], slot_mapping: torch.Tensor
     ) -> AttentionMetadata:
         dev = self.device
-        decodes = reqs[:num_decodes]
+        decodes = [r for r in reqs if r.is_decode]
         tables = seq_lens = mask = None
         if decodes:
+            # A decode with proposals is one decode row per token: row j sits at position
+            # start + j and sees the cache through itself. Every row's K/V is written before
+            # any row attends, so the rows together are causal attention over the chunk.
             max_blocks = max(len(r.block_ids) for r in decodes)
             tables = torch.tensor(
-                [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in decodes],
+                [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in decodes for _ in range(r.num_query_tokens)],
                 dtype=torch.int32,
                 device=dev,
-            )  # [num_decodes, max_blocks]
-            seq_lens = torch.tensor([r.num_computed_tokens + 1 for r in decodes], dtype=torch.int32, device=dev)
+            )  # [num_decode_rows, max_blocks]
+            seq_lens = torch.tensor(
+                [r.num_computed_tokens + 1 + j for r in decodes for j in range(r.num_query_tokens)],
+                dtype=torch.int32, device=dev,
+            )
             if not self.decode_kernel:
                 mask = decode_mask(seq_lens, max_blocks, self.block_size)  # once per step, shared by every layer
         prefills = []
@@ -150,7 +197,7 @@ class ModelRunner:
             prefills.append((start, len(r.token_ids), r.num_computed_tokens, ids))
         return AttentionMetadata(
             slot_mapping=slot_mapping,
-            num_decodes=len(decodes),
+            num_decodes=0 if seq_lens is None else len(seq_lens),
             decode_block_tables=tables,
             decode_seq_lens=seq_lens,
             decode_mask=mask,
@@ -159,10 +206,12 @@ class ModelRunner:
 
     def _sample(self, reqs: list[ScheduledRequest], starts: list[int], hidden: torch.Tensor,
                 masks: Future[TokenMasks | None] | None) -> ModelRunnerOutput:
-        # Rows of `hidden` that need logits: each sampling request's last token, then
-        # the scored prompt positions of requests that asked for prompt logprobs.
-        sample_reqs = [r for r, s in zip(reqs, starts) if r.needs_sample]
-        rows = [s + len(r.token_ids) - 1 for r, s in zip(reqs, starts) if r.needs_sample]
+        # Rows of `hidden` that need logits: each sampling request's last token (and its
+        # proposals), then the scored prompt positions of requests that asked for prompt
+        # logprobs.
+        sample_reqs = [(r, s) for r, s in zip(reqs, starts) if r.needs_sample]
+        rows = [s + len(r.token_ids) - 1 + j for r, s in sample_reqs for j in range(1 + len(r.draft_token_ids))]
+        num_sample_rows = len(rows)
         prompt_rows: list[tuple[ScheduledRequest, int, int]] = []  # (req, first row in logits, count)
         for r, s in zip(reqs, starts):
             if r.num_prompt_logprob_positions:
@@ -174,18 +223,19 @@ class ModelRunner:
             return out
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [R, V]
         if sample_reqs:
-            states = [
-                SamplingState(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
-                for r in sample_reqs
-            ]
-            sample_logits = logits[: len(sample_reqs)]
+            sample_logits = logits[:num_sample_rows]
             if masks is not None:
                 apply_token_masks(sample_logits, masks.result())  # structured output
-            result = self.sampler.sample(sample_logits, states)
-            for r, tok, lp in zip(sample_reqs, result.token_ids, result.logprobs):
-                out.sampled[r.request_id] = tok
-                if lp is not None:
-                    out.logprobs[r.request_id] = lp
+            if num_sample_rows == len(sample_reqs):  # no proposals: the plain sampler
+                states = [SamplingState(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
+                          for r, _ in sample_reqs]
+                result = self.sampler.sample(sample_logits, states)
+                for (r, _), tok, lp in zip(sample_reqs, result.token_ids, result.logprobs):
+                    out.sampled[r.request_id] = [tok]
+                    if lp is not None:
+                        out.logprobs[r.request_id] = [lp]
+            else:
+                self._verify(sample_logits, [r for r, _ in sample_reqs], out)
         for r, first, count in prompt_rows:
             p0 = r.first_prompt_logprob_position
             targets = torch.tensor(r.prompt_token_ids[p0 + 1 : p0 + 1 + count], device=self.device)
@@ -195,3 +245,35 @@ class ModelRunner:
             num_top = min(r.params.prompt_logprobs, lps.shape[-1])
             out.prompt_logprobs[r.request_id] = gather_logprobs(lps, targets, num_top)
         return out
+
+    def _verify(self, logits: torch.Tensor, sample_reqs: list[ScheduledRequest], out: ModelRunnerOutput) -> None:
+        """Speculative step: keep each request's proposals the target agrees with."""
+        states: list[SamplingState] = []
+        groups: list[SpecGroup] = []
+        for r in sample_reqs:
+            groups.append(SpecGroup(len(states), r.draft_token_ids, r.draft_probs))
+            for j in range(1 + len(r.draft_token_ids)):
+                output = r.output_token_ids + r.draft_token_ids[:j] if j else r.output_token_ids
+                states.append(SamplingState(r.params, r.generator, r.prompt_token_ids, output))
+        for r, verified in zip(sample_reqs, verify(logits, states, groups)):
+            out.sampled[r.request_id] = verified.token_ids
+            if verified.logprobs is not None:
+                out.logprobs[r.request_id] = verified.logprobs
+
+
+def _decodes_first(reqs: list[ScheduledRequest]) -> list[ScheduledRequest]:
+    """Decodes (one known token, maybe proposals) first: they share one attention call."""
+    return [r for r in reqs if r.is_decode] + [r for r in reqs if not r.is_decode]
+
+
+def _row_matchers(r: ScheduledRequest) -> list:
+    """The grammar state of each of a sampling request's logits rows: its matcher, then
+    for row j a copy advanced by its first j proposals (None rows are unconstrained)."""
+    if r.matcher is None or not r.draft_token_ids:
+        return [r.matcher] * (1 + len(r.draft_token_ids))
+    matchers = [r.matcher]
+    for token in r.draft_token_ids:
+        advanced = matchers[-1].deep_copy()
+        advanced.consume_token(token)
+        matchers.append(advanced)
+    return matchers

@@ -80,19 +80,15 @@ class Sampler:
             rows_logits = logits if len(logprob_rows) == num_reqs else logits[logprob_rows]
             raw_logprobs = torch.log_softmax(rows_logits, dim=-1)  # [num_logprob_rows, vocab]
 
-        _apply_min_tokens(logits, states)
-        _apply_penalties(logits, states)
-
-        random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
+        random_rows = process_logits(logits, states)
         if not random_rows:
             sampled = logits.argmax(dim=-1)  # [num_reqs]
         elif len(random_rows) == num_reqs:
-            sampled = _sample_random(logits, states)
+            sampled = race(logits, states)
         else:
             sampled = logits.argmax(dim=-1)
-            random_logits = logits[random_rows]  # [num_random, vocab]
             index = torch.tensor(random_rows, device=logits.device)
-            sampled[index] = _sample_random(random_logits, [states[i] for i in random_rows])
+            sampled[index] = race(logits[random_rows], [states[i] for i in random_rows])
 
         if raw_logprobs is None:
             return SamplerOutput(token_ids=sampled.tolist(), logprobs=[None] * num_reqs)
@@ -194,17 +190,32 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
         logits[rows] = sub
 
 
-def _sample_random(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-    """Temperature, min_p, top_k, top_p, then one draw per row.
+def process_logits(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
+    """Turn raw logits into the distribution each row samples from, in place: min_tokens,
+    penalties, then for the random rows temperature, min_p, top_k and top_p.
 
     Args:
-        logits: [num_rows, vocab], modified in place.
-        states: the rows' states (none greedy).
+        logits: [num_rows, vocab] float32, modified in place.
+        states: the rows' states.
 
     Returns:
-        [num_rows] sampled token ids.
+        The random (not greedy) rows; greedy rows take the argmax of what is left.
     """
-    num_rows, vocab_size = logits.shape
+    _apply_min_tokens(logits, states)
+    _apply_penalties(logits, states)
+    random_rows = [i for i, s in enumerate(states) if not s.params.is_greedy]
+    if len(random_rows) == len(states):
+        _warp(logits, states)
+    elif random_rows:
+        random_logits = logits[random_rows]  # [num_random, vocab]
+        _warp(random_logits, [states[i] for i in random_rows])
+        logits[random_rows] = random_logits
+    return random_rows
+
+
+def _warp(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """Temperature, min_p, top_k, top_p, in place. logits: [num_rows, vocab], none greedy."""
+    vocab_size = logits.shape[1]
     device = logits.device
     params = [s.params for s in states]
 
@@ -224,18 +235,30 @@ def _sample_random(logits: torch.Tensor, states: list[SamplingState]) -> torch.T
     if any(p < 1.0 for p in top_p):
         _apply_top_p(logits, top_p)
 
-    # Exponential race: argmax(p_v / E_v) with E_v ~ Exp(1) picks v with probability p_v.
-    # Each row's noise is keyed by one draw from the request's own generator when it has
-    # one (seeded: its tokens do not depend on the batch), else from the global one.
+
+def race(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """One draw per row from softmax(logits) (already processed).
+
+    Exponential race: argmax(p_v / E_v) with E_v ~ Exp(1) picks v with probability p_v.
+    Each row's noise is keyed by one draw from the request's own generator when it has
+    one (seeded: its tokens do not depend on the batch), else from the global one.
+
+    Args:
+        logits: [num_rows, vocab] float32.
+        states: the rows' states.
+
+    Returns:
+        [num_rows] sampled token ids.
+    """
     keys = _row_keys(states)
     ops = kernels.for_tensor(logits)
     if ops is not None:
         # One pass instead of a dozen ops over [rows, vocab]: 64 x 49,152 15.2 -> 4.6 ms
         # (`microbench.py sampler`).
-        sampled = torch.empty(num_rows, dtype=torch.long)
+        sampled = torch.empty(logits.shape[0], dtype=torch.long)
         ops.sample_exponential_race(sampled, logits.contiguous(), keys)
         return sampled
-    return exponential_race(logits, keys.to(device))
+    return exponential_race(logits, keys.to(logits.device))
 
 
 def _row_keys(states: list[SamplingState]) -> torch.Tensor:
