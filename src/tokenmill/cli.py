@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -36,6 +37,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "as stored and are multiplied natively by the CPU kernels (int8 activations, as llama.cpp; "
                         "memory about the file size); none: dequantize every weight to --dtype at load (the float "
                         "reference). (default: auto)")
+    g.add_argument("--speculative-config", type=_parse_json_object, default=None, metavar="JSON",
+                   help='Speculative decoding, as vLLM\'s: e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                        '(prompt lookup; prompt_lookup_min/max set the matched suffix) or \'{"method": "draft_model", '
+                        '"model": "draft.gguf", "num_speculative_tokens": 4}\' (a smaller model with the same '
+                        "vocabulary, or a quantized copy of the target). Outputs follow the model's distribution "
+                        "exactly; see docs/speculative_decoding.md. (default: off)")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="Do not load a tokenizer (for checkpoints without one): prompts must be token ids and "
                         "outputs are token ids; text prompts, chat and stop strings are refused.")
@@ -55,6 +62,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         skip_tokenizer_init=args.skip_tokenizer_init,
         quantization=args.quantization,
+        speculative_config=args.speculative_config,
     )
 
 
@@ -68,6 +76,16 @@ def _parse_bytes(text: str) -> int:
     if unit not in _UNITS or not num:
         raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size; use e.g. 512MiB, 2GiB, 4GB.")
     return int(float(num) * _UNITS[unit])
+
+
+def _parse_json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -89,11 +89,11 @@ class KVCacheManager:
         self._num_hashed_blocks[request.request_id] = max(start, num_full)
 
     def free_unused_blocks(self, request: Request) -> None:
-        """Give back the blocks past the request's known tokens: room that was allotted to
-        proposed tokens the target rejected (they were never cached: not yet full of
-        verified tokens)."""
+        """Give back the blocks past the request's computed tokens (as after a step
+        without proposals): room that was allotted to proposed tokens the target rejected
+        (never cached: not full of verified tokens)."""
         blocks = self.req_blocks.get(request.request_id, [])
-        num_needed = -(-request.num_tokens // self.block_size)
+        num_needed = -(-request.num_computed_tokens // self.block_size)
         if len(blocks) > num_needed:
             self.pool.free(blocks[num_needed:][::-1])
             del blocks[num_needed:]

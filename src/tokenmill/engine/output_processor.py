@@ -215,16 +215,31 @@ class OutputProcessor:
 
     # ------------------------------------------------------------------------------------
     def _add_tokens(self, sample: _Sample, out: EngineCoreOutput) -> None:
-        sample.token_ids.extend(out.new_token_ids)
+        num_new = len(out.new_token_ids)
+        if num_new > 1 and sample.params.stop:
+            # Several tokens in one step (speculative decoding): a stop string may complete
+            # before the last one. The output ends at the token that completed it, as it
+            # would have without speculation.
+            for i in range(num_new):
+                self._add_token_run(sample, out, i, i + 1)
+                if sample.finish_reason is not None:
+                    return
+        else:
+            self._add_token_run(sample, out, 0, num_new)
+
+    def _add_token_run(self, sample: _Sample, out: EngineCoreOutput, start: int, end: int) -> None:
+        """Add out.new_token_ids[start:end] (and their logprobs) to the sample."""
+        new_ids = out.new_token_ids[start:end]
+        sample.token_ids.extend(new_ids)
         if sample.logprobs is not None and out.new_logprobs:
-            for lp in out.new_logprobs:
+            for lp in out.new_logprobs[start:end]:
                 sample.logprobs.append(self._to_logprobs(lp, sample))
                 sample.cumulative_logprob += lp.logprobs[0]
         # Ended on a stop token (eos or stop_token_ids), whose text is left out; a finished
         # grammar also ends with "stop", on a token that is part of the output.
-        on_stop_token = (out.finish_reason == "stop" and bool(out.new_token_ids)
-                         and out.new_token_ids[-1] in sample.params.all_stop_token_ids)
-        stop = sample.detok.update(out.new_token_ids, stop_terminated=on_stop_token)
+        on_stop_token = (out.finish_reason == "stop" and bool(new_ids) and end == len(out.new_token_ids)
+                         and new_ids[-1] in sample.params.all_stop_token_ids)
+        stop = sample.detok.update(new_ids, stop_terminated=on_stop_token)
         if stop is not None:
             sample.finish_reason, sample.stop_reason = "stop", stop
 

@@ -92,6 +92,22 @@ class _EngineStatsCollector:
             c = CounterMetricFamily(f"tokenmill:{name}", doc, labels=["model_name"])
             c.add_metric(self.labels, value)
             yield c
+        spec = s.spec_decode
+        if spec is None:
+            return
+        for name, doc, value in (
+            ("spec_decode_num_drafts", "Number of spec decoding drafts.", spec.num_drafts),
+            ("spec_decode_num_draft_tokens", "Number of draft tokens.", spec.num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Number of accepted tokens.", spec.num_accepted_tokens),
+        ):
+            c = CounterMetricFamily(f"tokenmill:{name}", doc, labels=["model_name"])
+            c.add_metric(self.labels, value)
+            yield c
+        c = CounterMetricFamily("tokenmill:spec_decode_num_accepted_tokens_per_pos",
+                                "Accepted tokens per draft position.", labels=["model_name", "position"])
+        for position, value in enumerate(spec.accepted_per_pos):
+            c.add_metric(self.labels + [str(position)], value)
+        yield c
 
 
 class ServerMetrics:

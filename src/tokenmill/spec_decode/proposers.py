@@ -55,6 +55,7 @@ class DraftModelProposer:
         self._num_computed: dict[str, int] = {}
         self.last_step_s: float | None = None  # the last step's time per draft pass (None: it made none)
 
+    @torch.inference_mode()
     def propose(self, sched: SchedulerOutput) -> None:
         self.last_step_s = None
         for rid in sched.preempted_req_ids:  # its blocks were freed; it starts over
