@@ -16,6 +16,9 @@ from tokenmill.spec_decode.ngram import propose_ngram
 
 logger = logging.getLogger(__name__)
 
+# A draft's catch-up of at most this many tokens runs as decode rows (see propose).
+_DECODE_ROWS_UP_TO = 8
+
 
 class NgramProposer:
     """Prompt lookup (ngram.py): free to run, so it is tried wherever there is room."""
@@ -71,8 +74,13 @@ class DraftModelProposer:
         for r in reqs:
             known = r.num_computed_tokens + 1
             first = min(self._num_computed.get(r.request_id, 0), r.num_computed_tokens)
-            rows.append(dataclasses.replace(r, token_ids=all_ids[r.request_id][first:known], num_computed_tokens=first,
-                                            new_block_ids=[], draft_token_ids=[], num_draft_slots=0))
+            catch_up = all_ids[r.request_id][first:known]
+            # A short catch-up (usually the last step's final token, maybe its last kept
+            # proposal before it) runs as decode rows, so the whole pass keeps the fast
+            # decode path; a long one (the prompt, the first time) as a prefill chunk.
+            head, tail = (catch_up[:1], catch_up[1:]) if len(catch_up) <= _DECODE_ROWS_UP_TO else (catch_up, [])
+            rows.append(dataclasses.replace(r, token_ids=head, draft_token_ids=tail, num_computed_tokens=first,
+                                            new_block_ids=[], num_draft_slots=0, draft_probs=None))
         drafts: list[list[int]] = [[] for _ in reqs]
         probs: list[list[torch.Tensor]] = [[] for _ in reqs]
         active = list(range(len(reqs)))
@@ -90,7 +98,8 @@ class DraftModelProposer:
                 position = r.num_computed_tokens + len(drafts[i])  # where this proposal sits
                 self._num_computed[r.request_id] = position
                 if len(drafts[i]) < r.num_draft_slots:
-                    rows[i] = dataclasses.replace(rows[i], token_ids=[token], num_computed_tokens=position)
+                    rows[i] = dataclasses.replace(rows[i], token_ids=[token], draft_token_ids=[],
+                                                  num_computed_tokens=position)
                     next_active.append(i)
             active = next_active
         for r, d, p in zip(reqs, drafts, probs):
