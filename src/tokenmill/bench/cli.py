@@ -78,7 +78,9 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset-name", choices=DATASET_NAMES, default="random",
                    help="random: random token prompts; prefix (alias prefix_repetition): N shared "
                         "prefixes x random suffixes, exercises prefix caching; file (aliases sharegpt, "
-                        "custom): prompts from --dataset-path.")
+                        "custom): prompts from --dataset-path; grounded: repeat/edit/reformat/summarise a "
+                        "passage of tokenmill's own source or docstrings (+ --grounded-path), where "
+                        "speculative decoding pays; chat: short open questions and writing tasks.")
     g.add_argument("--dataset-path", default=None,
                    help="For 'file': JSONL of {\"prompt\": str} or {\"messages\": [...]} (optional "
                         "\"output_len\"), or ShareGPT JSON/JSONL ({\"conversations\": [...]}).")
@@ -94,8 +96,20 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-repetition-output-len", type=int, default=64, help="Output length (prefix) (default %(default)s).")
     g.add_argument("--sharegpt-output-len", "--custom-output-len", dest="file_output_len", type=int, default=None,
                    help="Output length for every file prompt (default: the file's, or its reply's length).")
+    _add_grounded(g)
     g.add_argument("--prompt-format", choices=("text", "token-ids"), default="text",
                    help="Send prompts as text (default, as vLLM) or as token-id lists (completions only).")
+
+
+def _add_grounded(g: argparse._ArgumentGroup) -> None:
+    """The grounded and chat workloads' flags (shared by serve/sweep/capacity and spec)."""
+    g.add_argument("--grounded-input-len", type=int, default=256,
+                   help="Prompt tokens (instruction + passage) at most, grounded; passages end on whole "
+                        "lines (default %(default)s).")
+    g.add_argument("--grounded-output-len", type=int, default=128, help="max_tokens, grounded (default %(default)s).")
+    g.add_argument("--grounded-path", default=None, metavar="FILE",
+                   help="A plain-text file whose paragraphs join the built-in passages (grounded).")
+    g.add_argument("--chat-output-len", type=int, default=128, help="max_tokens, chat (default %(default)s).")
 
 
 def _add_load(p: argparse.ArgumentParser) -> None:
@@ -146,7 +160,7 @@ def _add_run_filters(p: argparse.ArgumentParser, with_kind: bool, limit: int, li
 
 
 def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Register serve, sweep, capacity, throughput, reference, history, compare and report.
+    """Register serve, sweep, capacity, throughput, reference, spec, history, compare and report.
 
     Args:
         sub: the subparsers object of the `bench` parser; each command sets `func`, which
@@ -250,6 +264,40 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="Prompt tokens of the prefill rows (default %(default)s).")
     _add_db(p)
     p.set_defaults(func=commands.cmd_reference)
+
+    p = sub.add_parser("spec", help="Speculative decoding off vs on, offline, side by side (tok/s, acceptance).",
+                       description="Measure tokenmill's offline engine with speculation off and with each "
+                                   "--speculative-config, side by side in one run, on the grounded and chat "
+                                   "workloads at each concurrency: output tok/s, ratio vs off, mean acceptance "
+                                   "length (1 + accepted/drafts) and acceptance rate (accepted/draft tokens). "
+                                   "One engine per config, built once and warmed up; repeats are interleaved. "
+                                   "Progress and the table go to stderr; --json prints the cells on stdout.")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="Target checkpoint folder or GGUF file (default: the default model, SmolLM2-135M-Instruct).")
+    p.add_argument("--quantization", choices=("auto", "none"), default="auto",
+                   help="How the target's quantized weights run (as `tokenmill serve`; default %(default)s).")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="Weights/activations dtype (default auto).")
+    p.add_argument("--speculative-config", action="append", default=None, metavar="JSON", dest="speculative_configs",
+                   help="A speculative config to measure against off, as `tokenmill serve --speculative-config`; "
+                        "repeat the flag for several (default: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}').")
+    p.add_argument("--workloads", default="grounded,chat", metavar="W1,W2",
+                   help="grounded and/or chat (default %(default)s).")
+    p.add_argument("--concurrency", default="1,64", metavar="C1,C2",
+                   help="Requests in flight (closed loop; the engines' max_num_seqs is the largest) (default %(default)s).")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="Requests per cell (default: max(6, concurrency)).")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="Measure every cell this many times, interleaved across configs; the median is "
+                        "reported (default %(default)s).")
+    p.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature; 0 = greedy (default %(default)s).")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=False,
+                   help="Generate exactly max_tokens (default: stop at EOS; past its natural end a small "
+                        "model tends to loop, which flatters ngram).")
+    p.add_argument("--seed", type=int, default=0, help="Workload and sampling seed (default %(default)s).")
+    _add_grounded(p.add_argument_group("workloads"))
+    p.add_argument("--json", action="store_true", help="Print the cells as JSON on stdout.")
+    p.set_defaults(func=commands.cmd_spec)
 
     p = sub.add_parser("history", help="List stored runs, filtered.")
     _add_db(p)

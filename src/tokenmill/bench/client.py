@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from tokenmill.bench.schema import Endpoint, RequestSample, RequestSpec
+from tokenmill.bench.spec import SpecDecodeCounts
 
 Clock = Callable[[], float]
 
@@ -251,6 +252,19 @@ async def fetch_server_info(client: httpx.AsyncClient, root_url: str) -> dict[st
     except (httpx.HTTPError, ValueError):
         pass
     return None
+
+
+async def fetch_spec_decode_counts(client: httpx.AsyncClient, root_url: str,
+                                   model: str | None) -> SpecDecodeCounts | None:
+    """The speculative decoding counters of GET {root}/metrics (tokenmill: or vllm: names);
+    None when the server has no /metrics or no such counters (no error: most servers)."""
+    try:
+        resp = await client.get(f"{root_url}/metrics", headers=_headers(), timeout=10.0)
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200:
+        return None
+    return SpecDecodeCounts.from_prometheus(resp.text, model)
 
 
 async def fetch_first_model(client: httpx.AsyncClient, api_base: str) -> str:

@@ -50,7 +50,9 @@ def serve_spec_from_args(args: argparse.Namespace) -> ServeSpec:
         random_prefix_len=args.random_prefix_len, prefix_num_prefixes=args.prefix_repetition_num_prefixes,
         prefix_prefix_len=args.prefix_repetition_prefix_len, prefix_suffix_len=args.prefix_repetition_suffix_len,
         prefix_output_len=args.prefix_repetition_output_len, dataset_path=args.dataset_path,
-        file_output_len=args.file_output_len, prompt_format=args.prompt_format, seed=args.seed,
+        file_output_len=args.file_output_len, grounded_input_len=args.grounded_input_len,
+        grounded_output_len=args.grounded_output_len, grounded_path=args.grounded_path,
+        chat_output_len=args.chat_output_len, prompt_format=args.prompt_format, seed=args.seed,
     )
     load = LoadSpec(request_rate=args.request_rate, burstiness=args.burstiness,
                     max_concurrency=args.max_concurrency, num_prompts=args.num_prompts,
@@ -216,6 +218,27 @@ def cmd_reference(args: argparse.Namespace) -> int:
         print(markdown, end="")
     served = [r.served for r in result.decode_rows if r.served]
     return 1 if any(s.num_completed == 0 for s in served) else 0
+
+
+@_handles_errors
+def cmd_spec(args: argparse.Namespace) -> int:
+    from tokenmill.bench.spec import NGRAM_K4, SpecBenchSpec, run_spec_bench
+
+    configs = [json.loads(c) for c in args.speculative_configs or [json.dumps(NGRAM_K4)]]
+    if not all(isinstance(c, dict) for c in configs):
+        raise ValueError("--speculative-config must be a JSON object")
+    spec = SpecBenchSpec(
+        model=args.model, quantization=args.quantization, dtype=args.dtype, speculative_configs=tuple(configs),
+        workloads=_csv(args.workloads, str.strip), concurrencies=_csv(args.concurrency, int),
+        num_prompts=args.num_prompts, repeats=args.repeats, temperature=args.temperature,
+        ignore_eos=args.ignore_eos, grounded_input_len=args.grounded_input_len,
+        grounded_output_len=args.grounded_output_len, grounded_path=args.grounded_path,
+        chat_output_len=args.chat_output_len, seed=args.seed)
+    result = run_spec_bench(spec)
+    display.print_spec_bench(result)
+    if args.json:
+        print(result.to_json())
+    return 0
 
 
 def run_to_json(r: RunRecord) -> dict:

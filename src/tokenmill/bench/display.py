@@ -12,6 +12,7 @@ from rich.table import Table
 from tokenmill.bench.compare import IMPROVEMENT, REGRESSION, MetricComparison
 from tokenmill.bench.cost import CostRow
 from tokenmill.bench.schema import RunRecord, RunSummary
+from tokenmill.bench.spec import SpecBenchResult
 from tokenmill.bench.store import config_hash
 
 err_console = Console(stderr=True)
@@ -53,9 +54,46 @@ def print_summary(record: RunRecord, summary: RunSummary, console: Console = err
         t.add_row(f"[bold]{title}[/]", f"n={st.count}")
         t.add_row("  mean / median / std (ms)", f"{_f(st.mean_ms)} / {_f(st.median_ms)} / {_f(st.std_ms)}")
         t.add_row("  " + " / ".join(st.percentiles_ms) + " (ms)", " / ".join(_f(v) for v in st.percentiles_ms.values()))
+    for name, value in spec_decode_rows(record.summary.get("spec_decode")):  # last, as vLLM prints it
+        t.add_row(name, value)
     console.print(t)
     if record.interrupted:
         console.print("[yellow]Interrupted: the results above cover what was measured before Ctrl-C.[/]")
+
+
+def _pct_str(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.1f}"
+
+
+def spec_decode_rows(spec: dict | None) -> list[tuple[str, str]]:
+    """The speculative decoding block of a serve run (vLLM's rows); empty when the server
+    exposed no counters."""
+    if not spec:
+        return []
+    per_pos = " / ".join(_pct_str(v) for v in spec["per_position_acceptance_rate"]) or "-"
+    return [("[bold]Speculative decoding[/]", ""),
+            ("  Mean acceptance length", _f(spec["mean_acceptance_length"])),
+            ("  Acceptance rate (%)", _pct_str(spec["acceptance_rate"])),
+            ("  Drafts / draft tokens / accepted tokens",
+             f"{spec['num_drafts']} / {spec['num_draft_tokens']} / {spec['num_accepted_tokens']}"),
+            ("  Per-position acceptance rate (%)", per_pos)]
+
+
+def print_spec_bench(result: SpecBenchResult, console: Console | None = None) -> None:
+    """`bench spec`: one row per workload x concurrency x config."""
+    t = Table(title=f"speculative decoding, offline: {escape(result.model)} "
+                    f"(temperature {result.spec.temperature:g}, median of {result.spec.repeats})")
+    for col in ("workload", "concurrency", "config", "requests", "output tok/s", "vs off",
+                "mean acc. len", "acc. rate %", "drafts"):
+        t.add_column(col, justify="left" if col in ("workload", "config") else "right")
+    for c in result.cells:
+        counts = c.counts
+        t.add_row(c.workload, str(c.concurrency), escape(c.config), str(c.num_requests), _f(c.output_tokens_per_s, 1),
+                  "-" if c.ratio_vs_off is None else f"{c.ratio_vs_off:.2f}x",
+                  _f(counts.mean_acceptance_length if counts else None),
+                  _pct_str(counts.acceptance_rate if counts else None), str(counts.num_drafts) if counts else "-")
+    # Not a terminal (a pipe, CI logs): do not squeeze the table into 80 columns.
+    (console or Console(stderr=True, width=None if sys.stderr.isatty() else 160)).print(t)
 
 
 def _median(summary: dict, metric: str) -> str:

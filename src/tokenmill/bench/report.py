@@ -1,7 +1,8 @@
 """`bench report`: one self-contained HTML file (inline CSS and SVG, no external URLs).
 
 Sections: runs overview, latency CDFs, throughput and latency vs request rate (per sweep or
-capacity series), percentile tables, A/B comparison with verdicts, cost per 1M tokens.
+capacity series), percentile tables, speculative decoding acceptance (only when a run has
+it), A/B comparison with verdicts, cost per 1M tokens.
 """
 
 from __future__ import annotations
@@ -152,6 +153,24 @@ def _percentiles(runs: Sequence[RunRecord]) -> str:
     return "".join(parts) or '<p class="note">No serve runs selected.</p>'
 
 
+def _spec_decode(runs: Sequence[RunRecord]) -> str | None:
+    """Acceptance of the runs whose server exposed speculative decoding counters; None: none did."""
+    rows = []
+    for r in runs:
+        sd = r.summary.get("spec_decode")
+        if sd:
+            rate = sd["acceptance_rate"]
+            per_pos = " / ".join(f"{v * 100:.1f}" for v in sd["per_position_acceptance_rate"]) or "-"
+            rows.append([escape(run_label(r)), sd["mean_acceptance_length"], None if rate is None else rate * 100,
+                         sd["num_drafts"], sd["num_draft_tokens"], sd["num_accepted_tokens"], per_pos])
+    if not rows:
+        return None
+    return ('<p class="note">From the server\'s spec_decode counters over the measured requests: mean '
+            "acceptance length = 1 + accepted / drafts, acceptance rate = accepted / draft tokens (vLLM's "
+            "definitions).</p>" + _table(["run", "mean acceptance length", "acceptance rate %", "drafts",
+                                          "draft tokens", "accepted tokens", "per-position acceptance %"], rows))
+
+
 def _comparison(base: Sequence[RunRecord], new: Sequence[RunRecord], comps: Sequence[MetricComparison],
                 alpha: float, min_effect: float) -> str:
     rows = [[c.name, c.unit, c.base_value, c.new_value, c.ratio, c.p_value, escape(c.method), c.verdict]
@@ -199,6 +218,9 @@ def build_report(runs: Sequence[RunRecord], prices: PriceTable | None = None,
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     sections = [("Runs", _overview(runs)), ("Latency CDFs", _cdfs(runs)),
                 ("Throughput and latency vs load", _sweeps(runs)), ("Percentiles", _percentiles(runs))]
+    spec_decode = _spec_decode(runs)
+    if spec_decode is not None:
+        sections.append(("Speculative decoding", spec_decode))
     if comparison is not None:
         sections.append(("A/B comparison", _comparison(*comparison, alpha, min_effect)))
     if prices is not None:

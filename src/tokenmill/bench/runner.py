@@ -8,6 +8,9 @@ clock starts when it is sent, so slot waiting is not in its latency.
 The run stops by itself: after `num_prompts` sends and/or when `duration_s` has passed
 (no new sends; in-flight requests finish, bounded by the request timeout). Ctrl-C stops
 sending, cancels what is in flight (those become "incomplete") and returns what was measured.
+
+Around the measured phase the server's speculative decoding counters are read from its
+/metrics, when it has them, so the run can report acceptance over exactly its requests.
 """
 
 from __future__ import annotations
@@ -20,12 +23,21 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
 from tokenmill.bench.arrivals import iter_arrival_offsets
-from tokenmill.bench.client import Clock, EndpointSpec, http_client, send_request
+from tokenmill.bench.client import (
+    Clock,
+    EndpointSpec,
+    fetch_spec_decode_counts,
+    http_client,
+    send_request,
+    split_base_url,
+)
 from tokenmill.bench.schema import LoadSpec, RequestSample, RequestSpec
+from tokenmill.bench.spec import spec_decode_delta
 
 
 @dataclass
@@ -36,6 +48,9 @@ class LoadResult:
     duration_s: float  # first send slot to last finish (or to the interruption)
     interrupted: bool  # stopped by Ctrl-C (or the caller's stop event)
     num_warmup_errors: int
+    # The server's speculative decoding counters over the measured requests
+    # (SpecDecodeCounts.to_summary()); None when it exposes none.
+    spec_decode: dict[str, Any] | None = None
 
 
 async def run_load(
@@ -72,7 +87,15 @@ async def run_load(
     with _sigint_sets(stop):
         try:
             num_warmup_errors = await _warm_up(send, warmups, load)
-            return await _measure(send, requests, load, show_progress, stop, clock, num_warmup_errors)
+            # Counters read after the warm-ups and after the drain cover the measured
+            # requests only (outside the timed span).
+            root = split_base_url(endpoint.api_base)[0]
+            before = await fetch_spec_decode_counts(client, root, endpoint.model)
+            result = await _measure(send, requests, load, show_progress, stop, clock, num_warmup_errors)
+            if before is not None:
+                result.spec_decode = spec_decode_delta(
+                    before, await fetch_spec_decode_counts(client, root, endpoint.model))
+            return result
         finally:
             if own_client:
                 await client.aclose()

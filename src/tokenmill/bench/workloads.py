@@ -1,4 +1,6 @@
-"""Workloads: what prompts a run sends. `random`, `prefix` (shared prefixes) and `file`.
+"""Workloads: what prompts a run sends. `random`, `prefix` (shared prefixes), `file`, and for
+speculative decoding `grounded` (edit a given passage) and `chat` (open questions); the last
+two are built in grounded.py.
 
 Every workload is an endless, seeded iterator of RequestSpec, so a `--num-prompts` run and a
 `--duration` run with the same seed send the same first requests. Prompts are made as token
@@ -17,18 +19,19 @@ from typing import Any
 
 import numpy as np
 
+from tokenmill.bench import grounded
 from tokenmill.bench.schema import RequestSpec
 from tokenmill.bench.tokenizer import TokenizerLike
 
 DATASET_ALIASES = {"prefix_repetition": "prefix", "sharegpt": "file", "custom": "file"}
-DATASET_NAMES = ("random", "prefix", "file", *DATASET_ALIASES)
+DATASET_NAMES = ("random", "prefix", "file", "grounded", "chat", *DATASET_ALIASES)
 
 
 @dataclass(frozen=True)
 class WorkloadSpec:
     """The prompts of a run (flag names follow `vllm bench serve`)."""
 
-    dataset_name: str = "random"  # random | prefix | file (aliases in DATASET_ALIASES)
+    dataset_name: str = "random"  # random | prefix | file | grounded | chat (aliases in DATASET_ALIASES)
     random_input_len: int = 256
     random_output_len: int = 64
     random_range_ratio: float = 0.0  # lengths uniform in [len*(1-r), len*(1+r)]
@@ -39,22 +42,30 @@ class WorkloadSpec:
     prefix_output_len: int = 64
     dataset_path: str | None = None
     file_output_len: int | None = None  # overrides the file's per-prompt output length
+    grounded_input_len: int = 256  # token budget of instruction + passage (passages end on whole lines)
+    grounded_output_len: int = 128
+    grounded_path: str | None = None  # a text file whose paragraphs join the built-in passages
+    chat_output_len: int = 128
     prompt_format: str = "text"  # text | token-ids (completions endpoint only)
     seed: int = 0
 
     def __post_init__(self) -> None:
         name = DATASET_ALIASES.get(self.dataset_name, self.dataset_name)
         object.__setattr__(self, "dataset_name", name)
-        if name not in ("random", "prefix", "file"):
+        if name not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {self.dataset_name!r}; one of {DATASET_NAMES}")
         if not 0.0 <= self.random_range_ratio < 1.0:
             raise ValueError(f"random_range_ratio must be in [0, 1), got {self.random_range_ratio}")
+        if name == "grounded" and self.grounded_path and not Path(self.grounded_path).is_file():
+            raise ValueError(f"--grounded-path {self.grounded_path}: no such file")
         if name == "file" and not self.dataset_path:
             raise ValueError("dataset 'file' needs --dataset-path")
         if self.prompt_format not in ("text", "token-ids"):
             raise ValueError(f"prompt_format must be text or token-ids, got {self.prompt_format}")
+        if self.grounded_input_len < grounded.MIN_INPUT_LEN:
+            raise ValueError(f"grounded_input_len must be >= {grounded.MIN_INPUT_LEN}, got {self.grounded_input_len}")
         for key in ("random_input_len", "random_output_len", "prefix_num_prefixes",
-                    "prefix_suffix_len", "prefix_output_len"):
+                    "prefix_suffix_len", "prefix_output_len", "grounded_output_len", "chat_output_len"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
 
@@ -69,8 +80,8 @@ def iter_requests(
 
     Args:
         spec: the workload.
-        tokenizer: turns token ids into text and measures prompts; random and prefix
-            workloads need one.
+        tokenizer: turns token ids into text and measures prompts; every workload but
+            file needs one.
         stream: 0 for measured requests; another value gives an independent sequence
             (warm-ups use 1 so that their number does not change the measured prompts).
 
@@ -82,11 +93,15 @@ def iter_requests(
         return _file_requests(spec, tokenizer, rng)
     if tokenizer is None:
         raise ValueError(
-            "random and prefix workloads need a tokenizer: pass --tokenizer DIR "
+            f"the {spec.dataset_name} workload needs a tokenizer: pass --tokenizer DIR "
             "(a folder with tokenizer.json matching the served model)"
         )
     if spec.dataset_name == "random":
         return _random_requests(spec, tokenizer, rng)
+    if spec.dataset_name == "grounded":
+        return _grounded_requests(spec, tokenizer, rng)
+    if spec.dataset_name == "chat":
+        return _chat_requests(spec, tokenizer, rng)
     return _prefix_requests(spec, tokenizer, rng)
 
 
@@ -133,6 +148,28 @@ def _prefix_requests(spec: WorkloadSpec, tokenizer: TokenizerLike,
         prefix = prefixes[int(rng.integers(len(prefixes)))]
         ids = prefix + rng.choice(vocab, size=spec.prefix_suffix_len).tolist()
         yield _make(index, ids, spec.prefix_output_len, spec, tokenizer)
+
+
+def _text_request(index: int, text: str, output_len: int, spec: WorkloadSpec,
+                  tokenizer: TokenizerLike) -> RequestSpec:
+    ids = tokenizer.encode(text)
+    return RequestSpec(index, ids if spec.prompt_format == "token-ids" else text, len(ids), output_len)
+
+
+def _grounded_requests(spec: WorkloadSpec, tokenizer: TokenizerLike,
+                       rng: np.random.Generator) -> Iterator[RequestSpec]:
+    documents = list(grounded.package_documents())
+    if spec.grounded_path:
+        documents.append(grounded.text_document(spec.grounded_path))
+    prompts = grounded.grounded_prompts(documents, tokenizer.encode, spec.grounded_input_len, rng)
+    for index, prompt in enumerate(prompts):
+        yield _text_request(index, prompt.text, spec.grounded_output_len, spec, tokenizer)
+
+
+def _chat_requests(spec: WorkloadSpec, tokenizer: TokenizerLike,
+                   rng: np.random.Generator) -> Iterator[RequestSpec]:
+    for index, text in enumerate(grounded.chat_prompts(rng)):
+        yield _text_request(index, text, spec.chat_output_len, spec, tokenizer)
 
 
 def load_prompt_file(path: str | Path) -> list[dict[str, Any]]:
