@@ -6,8 +6,9 @@ adds a**j expected tokens to the step, and costs a slot in the verification pass
 one forward pass of the draft model when there is one. So a request gets proposals while
 a**j is above the cost of one, relative to a step of the target:
 
-- ngram proposals cost only their verification, ~nothing at small batches (a 5-token
-  verification step of the default model costs 1.1x a 1-token step: docs/performance.md);
+- ngram proposals cost only their verification: each extra row of a one-stream step of
+  the default model costs ~0.1 of the step (its decode layers: 10.7 ms for 1 row, 14.7 ms
+  for 5, on a 2-core AVX2 CPU; docs/speculative_decoding.md);
 - a draft model's proposal costs a draft forward pass, whose time relative to the
   target's step the engine measures as it runs (`observe_step_times`).
 
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 from tokenmill.config import SpeculativeConfig
 
 # Cost of verifying one proposed token, as a fraction of a target step, at batch sizes
-# below the crossover (measured for the default model: docs/performance.md).
-VERIFY_COST = 0.05
+# below the crossover (measured for the default model, see the module docstring).
+VERIFY_COST = 0.1
 # Acceptance assumed before a request has any history (a fresh request is given a chance).
 PRIOR_ACCEPTANCE = 0.7
 # Weight of the newest step in the acceptance estimate.
