@@ -16,7 +16,7 @@ from tokenmill.bench.cli import main as bench_main
 from tokenmill.bench.schema import LoadSpec
 from tokenmill.bench.serve import ServeSpec, run_serve_async
 from tokenmill.bench.server_process import tokenmill_server
-from tokenmill.bench.spec import SpecDecodeCounts, spec_decode_delta
+from tokenmill.bench.spec_counts import SpecDecodeCounts, spec_decode_delta
 from tokenmill.bench.workloads import WorkloadSpec
 from tokenmill.config import DEMO_MODEL_DIR
 from tokenmill.engine.scheduler_output import SchedulerStats, SpecDecodeStats

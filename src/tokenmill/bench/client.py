@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from tokenmill.bench.schema import Endpoint, RequestSample, RequestSpec
-from tokenmill.bench.spec import SpecDecodeCounts
+from tokenmill.bench.spec_counts import SpecDecodeCounts
 
 Clock = Callable[[], float]
 

@@ -37,7 +37,7 @@ from tokenmill.bench.client import (
     split_base_url,
 )
 from tokenmill.bench.schema import LoadSpec, RequestSample, RequestSpec
-from tokenmill.bench.spec import spec_decode_delta
+from tokenmill.bench.spec_counts import spec_decode_delta
 
 
 @dataclass
