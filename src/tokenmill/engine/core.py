@@ -90,11 +90,13 @@ class EngineCore:
         if not self.scheduler.has_unfinished_requests():
             return []
         sched = self.scheduler.schedule()
+        if self.proposer is None:
+            if not sched.scheduled:
+                return []
+            return self.scheduler.update_from_output(sched, self.runner.execute(sched))
+        self.proposer.propose(sched)  # even with nothing scheduled: it must see every preemption
         if not sched.scheduled:
             return []
-        if self.proposer is None:
-            return self.scheduler.update_from_output(sched, self.runner.execute(sched))
-        self.proposer.propose(sched)
         start = time.perf_counter()
         result = self.runner.execute(sched)
         if self.proposer.last_step_s is not None:

@@ -63,11 +63,12 @@ class DraftModelProposer:
         self.last_step_s = None
         for rid in sched.preempted_req_ids:  # its blocks were freed; it starts over
             self._num_computed.pop(rid, None)
+        # Every block handed out, whether the draft writes it now or later.
+        self.runner.clear_blocks([b for r in sched.scheduled for b in r.new_block_ids])
         reqs = [r for r in sched.scheduled if r.num_draft_slots]
         if not reqs:
             return
         start = time.perf_counter()
-        self.runner.clear_blocks([b for r in sched.scheduled for b in r.new_block_ids])
         all_ids = {r.request_id: r.prompt_token_ids + r.output_token_ids for r in reqs}
         # Round 0: catch up through the request's last known token; its logits propose d_1.
         rows = []
