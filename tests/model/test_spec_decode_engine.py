@@ -109,6 +109,17 @@ def test_n_stop_strings_max_tokens_and_logprobs_match(draft_dir):
                         assert a[tok].logprob == pytest.approx(b[tok].logprob, abs=1e-4)
 
 
+def test_penalties_and_min_tokens_see_the_proposals_before_each_position(draft_dir):
+    # Penalised rows depend on every earlier token, proposals included; min_tokens masks
+    # eos by the output length at each row.
+    params = SamplingParams(max_tokens=40, temperature=0, repetition_penalty=1.3, frequency_penalty=0.4,
+                            presence_penalty=0.2, min_tokens=30)
+    _, reference = _generate(None, params=params)
+    for spec in (NGRAM | ALWAYS, _draft(draft_dir) | ALWAYS):
+        _, outputs = _generate(spec, params=params)
+        assert _tokens(outputs) == _tokens(reference), spec["method"]
+
+
 def test_structured_output_under_speculation_is_valid_and_identical():
     regex = r"(ROMEO|JULIET): [a-z ]{5,40}\."
     params = SamplingParams(max_tokens=40, temperature=0, structured_outputs={"regex": regex})
