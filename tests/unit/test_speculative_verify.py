@@ -225,3 +225,60 @@ def test_speculative_config_from_dict_reads_vllm_keys():
         with pytest.raises(ValueError, match=match):
             SpeculativeConfig.from_dict(bad)
     assert list(itertools.islice(iter(cfg.to_dict()), 1)) == ["method"]
+
+
+def test_a_proposal_the_grammar_refused_is_a_certain_rejection():
+    # The draft drew its next proposal from q; the grammar refused it, so the proposal was
+    # cut. The position must draw from max(0, p - q), not from p, to stay exact.
+    params = SamplingParams(temperature=1.0)
+    p = torch.tensor([0.5, 0.5, 0.0])
+    q = torch.tensor([[0.1, 0.3, 0.6]])
+    logits = torch.log(p)[None].repeat(4000, 1)
+    states = [SamplingState(params, None, [0], []) for _ in range(4000)]
+    groups = [SpecGroup(i, [], q) for i in range(4000)]
+    first = [v.token_ids[0] for v in verify(logits, states, groups)]
+    # Overall: q(refused) = 0.6 of draws get here; what they draw must make the whole p.
+    # Here every draw was refused, so the residual alone: (0.4, 0.2) / 0.6.
+    share = first.count(0) / len(first)
+    assert abs(share - 2 / 3) < 0.04 and 2 not in first
+
+
+def test_logprobs_wider_than_the_vocabulary_are_capped():
+    params = SamplingParams(temperature=0, logprobs=50)
+    logits = torch.randn(2, VOCAB)
+    states = [SamplingState(params, None, [0], []), SamplingState(params, None, [0], [1])]
+    [out] = verify(logits, states, [SpecGroup(0, [int(logits[0].argmax())])])
+    assert len(out.logprobs) == 2 and len(out.logprobs[0].token_ids) == VOCAB + 1
+
+
+def test_proposals_never_take_blocks_another_running_request_needs():
+    # 5 blocks of 4: two running requests need one more block each to decode; proposals
+    # may only use what is left after both.
+    kv = KVCacheManager(num_blocks=5, block_size=4)
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive=False, disable_by_batch_size=None)
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=24), kv, spec)
+    for rid, n in (("a", 7), ("b", 8)):
+        s.add_request(Request(EngineCoreRequest(rid, [1000 * ord(rid) + i for i in range(n)],
+                                                SamplingParams(max_tokens=10, ignore_eos=True)), 10, 4))
+    out = s.schedule()
+    s.update_from_output(out, ModelRunnerOutput({"a": [1], "b": [2]}, {}, {}))
+    out = s.schedule()
+    assert not out.preempted_req_ids
+    assert [r.request_id for r in out.scheduled] == ["a", "b"]
+    # a's proposals would need a third block, which b's own token takes; b's fit in the
+    # block its token needs anyway (positions 8..11).
+    assert [r.num_draft_slots for r in out.scheduled] == [0, 3] and kv.pool.num_free_blocks == 0
+
+
+def test_the_draft_trusts_only_the_proposals_the_target_kept():
+    from types import SimpleNamespace
+
+    from tokenmill.spec_decode.proposers import DraftModelProposer
+
+    # It computed 5 known positions and wrote proposals 7, 8, 9 after them.
+    fake = SimpleNamespace(_written={"a": (5, [7, 8, 9])})
+    valid = lambda tokens: DraftModelProposer._num_valid(fake, "a", tokens)  # noqa: E731
+    assert valid([0, 1, 2, 3, 4, 7, 8, 9, 10]) == 8  # all kept
+    assert valid([0, 1, 2, 3, 4, 7, 5, 9, 10, 11]) == 6  # 8 rejected: 9 at its old place is not trusted
+    assert valid([0, 1, 2, 3, 4, 7]) == 6
+    assert DraftModelProposer._num_valid(SimpleNamespace(_written={}), "new", [1, 2, 3]) == 0

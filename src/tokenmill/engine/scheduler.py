@@ -87,14 +87,6 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            num_drafts = self._num_draft_slots(req, num_new, budget)
-            if num_drafts:  # room for proposals only where it is free: nobody is preempted for it
-                new_blocks = self.kv.allocate_slots(req, num_new + num_drafts)
-                if new_blocks is not None:
-                    scheduled.append(self._make_scheduled(req, num_new, new_blocks, num_drafts))
-                    budget -= num_new + num_drafts
-                    i += 1
-                    continue
             while (new_blocks := self.kv.allocate_slots(req, num_new)) is None:
                 victim = self.running.pop()  # newest first
                 self._preempt(victim)
@@ -127,6 +119,8 @@ class Scheduler:
             scheduled.append(self._make_scheduled(req, num_new, new_blocks))
             budget -= num_new
 
+        if self.spec_policy is not None:
+            self._allot_proposals(scheduled, budget)
         return SchedulerOutput(
             scheduled=scheduled,
             preempted_req_ids=preempted,
@@ -176,15 +170,24 @@ class Scheduler:
         return outputs
 
     # -- helpers --------------------------------------------------------------------------
-    def _num_draft_slots(self, req: Request, num_new: int, budget: int) -> int:
-        """Room for proposals after a decode's token (0: none this step)."""
-        if self.spec_policy is None or num_new != 1 or req.num_tokens - req.num_computed_tokens != 1:
-            return 0
-        # The step yields up to num_drafts + 1 tokens: leave room for them in the output,
-        # the context and the step's token budget.
-        room = min(req.max_tokens - req.num_output_tokens, self.config.max_model_len - req.num_tokens,
-                   budget) - 1
-        return self.spec_policy.num_proposals(req.spec_acceptance, room, len(self.running))
+    def _allot_proposals(self, scheduled: list[ScheduledRequest], budget: int) -> None:
+        """Room for proposals after each decode's token, last: from the blocks and the budget
+        that every running request's own step and the admissions left over, so speculation
+        never preempts or delays anyone."""
+        for sr in scheduled:
+            req = self.requests[sr.request_id]
+            if budget <= 0 or not sr.is_decode or req.num_tokens - req.num_computed_tokens != 1:
+                continue
+            # The step yields up to num_drafts + 1 tokens: leave room for them in the output,
+            # the context and the step's token budget.
+            room = min(req.max_tokens - req.num_output_tokens - 1, self.config.max_model_len - req.num_tokens - 1,
+                       budget)
+            num_drafts = self.spec_policy.num_proposals(req.spec_acceptance, room, len(self.running))
+            if num_drafts and (new_blocks := self.kv.allocate_slots(req, 1 + num_drafts)) is not None:
+                sr.num_draft_slots = num_drafts
+                sr.new_block_ids = sr.new_block_ids + new_blocks
+                sr.block_ids = self.kv.block_ids(req.request_id)  # allocation made a new list
+                budget -= num_drafts
 
     def _observe_proposals(self, req: Request, sr: ScheduledRequest, num_accepted: int) -> None:
         num_proposed = len(sr.draft_token_ids)
@@ -192,8 +195,7 @@ class Scheduler:
             req.spec_acceptance.observe(num_proposed, num_accepted)
             self.spec_stats.observe(num_proposed, num_accepted)
 
-    def _make_scheduled(self, req: Request, num_new: int, new_block_ids: list[int],
-                        num_draft_slots: int = 0) -> ScheduledRequest:
+    def _make_scheduled(self, req: Request, num_new: int, new_block_ids: list[int]) -> ScheduledRequest:
         start = req.num_computed_tokens
         end = start + num_new
         needs_sample = end == req.num_tokens
@@ -218,7 +220,6 @@ class Scheduler:
             matcher=req.matcher,
             num_prompt_logprob_positions=num_scored,
             first_prompt_logprob_position=first_scored,
-            num_draft_slots=num_draft_slots,
         )
 
     def _waits_for_leader(self, req: Request) -> bool:

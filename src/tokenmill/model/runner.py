@@ -104,9 +104,12 @@ class ModelRunner:
                 # Proposals the grammar refuses would be rejected anyway (their
                 # probability is 0); cutting them here keeps every row's mask defined.
                 num_valid = r.matcher.validate_tokens(r.draft_token_ids)
-                del r.draft_token_ids[num_valid:]
-                if r.draft_probs is not None:
-                    r.draft_probs = r.draft_probs[:num_valid] if num_valid else None
+                if num_valid < len(r.draft_token_ids):
+                    del r.draft_token_ids[num_valid:]
+                    if r.draft_probs is not None:
+                        # The refused proposal was drawn from the draft's row num_valid: that
+                        # position is a certain rejection, resampled from its residual.
+                        r.draft_probs = r.draft_probs[:num_valid + 1]
         if not self.decode_kernel:
             # A new block this step leaves partly unwritten is read whole by later decodes
             # (a decode's new blocks may hold room for more proposals than it got: all).
@@ -226,7 +229,8 @@ class ModelRunner:
             sample_logits = logits[:num_sample_rows]
             if masks is not None:
                 apply_token_masks(sample_logits, masks.result())  # structured output
-            if num_sample_rows == len(sample_reqs):  # no proposals: the plain sampler
+            if num_sample_rows == len(sample_reqs) and all(r.draft_probs is None for r, _ in sample_reqs):
+                # No proposals (nor a refused one to resample): the plain sampler.
                 states = [SamplingState(r.params, r.generator, r.prompt_token_ids, r.output_token_ids)
                           for r, _ in sample_reqs]
                 result = self.sampler.sample(sample_logits, states)

@@ -25,7 +25,7 @@ class NgramProposer:
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
-        self.last_step_s = 0.0  # proposing costs no model pass
+        self.last_step_s = None  # proposing runs no model pass: nothing to measure
 
     def propose(self, sched: SchedulerOutput) -> None:
         cfg = self.config
@@ -54,15 +54,17 @@ class DraftModelProposer:
                                            quantization=spec.quantization, speculative=None, draft_model=None)
         logger.info("loading the draft model %s", spec.model)
         self.runner = ModelRunner(draft_config, num_blocks=num_blocks)
-        # request id -> positions of its draft K/V that hold tokens the target kept
-        self._num_computed: dict[str, int] = {}
+        # request id -> what the draft wrote for it: the positions it computed from known
+        # tokens, then the proposals it wrote after them (valid only as far as the target
+        # kept them: a rejected one's position may even sit in a block given back)
+        self._written: dict[str, tuple[int, list[int]]] = {}
         self.last_step_s: float | None = None  # the last step's time per draft pass (None: it made none)
 
     @torch.inference_mode()
     def propose(self, sched: SchedulerOutput) -> None:
         self.last_step_s = None
         for rid in sched.preempted_req_ids:  # its blocks were freed; it starts over
-            self._num_computed.pop(rid, None)
+            self._written.pop(rid, None)
         # Every block handed out, whether the draft writes it now or later.
         self.runner.clear_blocks([b for r in sched.scheduled for b in r.new_block_ids])
         reqs = [r for r in sched.scheduled if r.num_draft_slots]
@@ -74,7 +76,7 @@ class DraftModelProposer:
         rows = []
         for r in reqs:
             known = r.num_computed_tokens + 1
-            first = min(self._num_computed.get(r.request_id, 0), r.num_computed_tokens)
+            first = min(self._num_valid(r.request_id, all_ids[r.request_id]), r.num_computed_tokens)
             catch_up = all_ids[r.request_id][first:known]
             # A short catch-up (usually the last step's final token, maybe its last kept
             # proposal before it) runs as decode rows, so the whole pass keeps the fast
@@ -97,7 +99,6 @@ class DraftModelProposer:
                     probs[i].append(p)
                 r = reqs[i]
                 position = r.num_computed_tokens + len(drafts[i])  # where this proposal sits
-                self._num_computed[r.request_id] = position
                 if len(drafts[i]) < r.num_draft_slots:
                     rows[i] = dataclasses.replace(rows[i], token_ids=[token], draft_token_ids=[],
                                                   num_computed_tokens=position)
@@ -106,14 +107,30 @@ class DraftModelProposer:
         for r, d, p in zip(reqs, drafts, probs):
             r.draft_token_ids = d
             r.draft_probs = torch.stack(p) if p else None
+            # Known tokens through the last one, then every proposal but the last (the
+            # draft never computes the last one's K/V).
+            self._written[r.request_id] = (r.num_computed_tokens + 1, d[:-1])
         self.last_step_s = (time.perf_counter() - start) / num_passes
         self._forget_finished(sched)
 
+    def _num_valid(self, request_id: str, token_ids: list[int]) -> int:
+        """Leading positions of the request whose draft K/V hold its actual tokens: what was
+        computed from known tokens, then the proposals up to the first the target did not
+        keep (the token there differs: a rejected proposal is never drawn again in its
+        place)."""
+        known, proposals = self._written.get(request_id, (0, []))
+        num = known
+        for token in proposals:
+            if num >= len(token_ids) or token_ids[num] != token:
+                break
+            num += 1
+        return num
+
     def _forget_finished(self, sched: SchedulerOutput) -> None:
         """Keep the table from outgrowing the requests that can still come back."""
-        if len(self._num_computed) > 4 * max(len(sched.scheduled), 64):
+        if len(self._written) > 4 * max(len(sched.scheduled), 64):
             live = {r.request_id for r in sched.scheduled}
-            self._num_computed = {k: v for k, v in self._num_computed.items() if k in live}
+            self._written = {k: v for k, v in self._written.items() if k in live}
 
 
 def _draw(logits: torch.Tensor, reqs: list[ScheduledRequest],

@@ -33,7 +33,9 @@ class SpecGroup:
     first_row: int  # row of p_0; the request owns rows first_row .. first_row + len(draft_token_ids)
     draft_token_ids: list[int]
     # [k, vocab] the distributions the draft sampled each proposal from; None: a point
-    # mass on each proposal (ngram, or a greedy draft)
+    # mass on each proposal (ngram, or a greedy draft). One row more than the proposals:
+    # the draft's next proposal was cut (the grammar refused it), so that position is a
+    # certain rejection and draws from the residual of this row.
     draft_probs: torch.Tensor | None = None
 
 
@@ -68,7 +70,8 @@ def verify(logits: torch.Tensor, states: list[SamplingState], groups: list[SpecG
         logprobs = None
         if r0 in raw:
             rows = raw[r0][: len(tokens)]
-            logprobs = gather_logprobs(rows, torch.tensor(tokens), states[r0].params.logprobs)
+            num_top = min(states[r0].params.logprobs, rows.shape[-1])
+            logprobs = gather_logprobs(rows, torch.tensor(tokens, device=rows.device), num_top)
         out.append(VerifiedTokens(tokens, logprobs))
     return out
 
@@ -89,19 +92,20 @@ def _verify_sampled(rows: torch.Tensor, states: list[SamplingState], g: SpecGrou
     """rows: [k + 1, vocab] processed logits of one sampled request."""
     drafts = g.draft_token_ids
     k = len(drafts)
-    state = states[0]
+    device = rows.device
     num_accepted = k
+    probs = torch.softmax(rows, dim=-1)  # [k + 1, vocab] p_0 .. p_k
     if k:
-        probs = torch.softmax(rows[:k], dim=-1)  # [k, vocab] p_0 .. p_{k-1}
-        positions = torch.arange(k)
-        draft_ids = torch.tensor(drafts)
+        positions = torch.arange(k, device=device)
+        draft_ids = torch.tensor(drafts, device=device)
         p = probs[positions, draft_ids]  # [k]
-        q = g.draft_probs[positions, draft_ids] if g.draft_probs is not None else torch.ones(k)
-        u = torch.rand(k, generator=state.generator)
+        q = g.draft_probs[positions, draft_ids] if g.draft_probs is not None else torch.ones(k, device=device)
+        u = torch.rand(k, generator=states[0].generator, device=device)
         # u < p / q, without dividing by a q that may be 0 for a token the draft never picks.
         kept = (u * q < p).tolist()
         num_accepted = kept.index(False) if False in kept else k
-    if num_accepted == k:
+    cut = g.draft_probs is not None and len(g.draft_probs) > k  # the next proposal was refused
+    if num_accepted == k and not cut:
         return drafts + [int(race(rows[k:k + 1], [states[k]])[0])]
     a = num_accepted
     if g.draft_probs is not None:
