@@ -177,10 +177,16 @@ def test_a_draft_model_gets_fewer_proposals_when_it_is_slow():
     assert fast.num_proposals(estimate, 10, 1) > slow.num_proposals(estimate, 10, 1) > 0
 
 
+def _spec_scheduler(num_blocks: int, k: int, max_model_len: int) -> tuple[Scheduler, KVCacheManager]:
+    """A scheduler that proposes k tokens wherever there is room (blocks of 4 tokens)."""
+    kv = KVCacheManager(num_blocks=num_blocks, block_size=4)
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=k, adaptive=False, disable_by_batch_size=None)
+    return Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=max_model_len),
+                     kv, spec), kv
+
+
 def test_scheduler_gives_room_only_where_free_and_rolls_back():
-    kv = KVCacheManager(num_blocks=6, block_size=4)
-    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive=False, disable_by_batch_size=None)
-    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=24), kv, spec)
+    s, kv = _spec_scheduler(num_blocks=6, k=3, max_model_len=24)
     req = Request(EngineCoreRequest("a", list(range(7)), SamplingParams(max_tokens=10, ignore_eos=True)), 10, 4)
     s.add_request(req)
     out = s.schedule()  # prefill: no room for proposals
@@ -201,9 +207,7 @@ def test_scheduler_gives_room_only_where_free_and_rolls_back():
 
 
 def test_proposals_stop_at_max_tokens_and_the_context():
-    kv = KVCacheManager(num_blocks=20, block_size=4)
-    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=4, adaptive=False, disable_by_batch_size=None)
-    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=40), kv, spec)
+    s, kv = _spec_scheduler(num_blocks=20, k=4, max_model_len=40)
     req = Request(EngineCoreRequest("a", list(range(5)), SamplingParams(max_tokens=3, ignore_eos=True)), 3, 4)
     s.add_request(req)
     s.update_from_output(out := s.schedule(), ModelRunnerOutput({"a": [1]}, {}, {}))
@@ -254,9 +258,7 @@ def test_logprobs_wider_than_the_vocabulary_are_capped():
 def test_proposals_never_take_blocks_another_running_request_needs():
     # 5 blocks of 4: two running requests need one more block each to decode; proposals
     # may only use what is left after both.
-    kv = KVCacheManager(num_blocks=5, block_size=4)
-    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive=False, disable_by_batch_size=None)
-    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=24), kv, spec)
+    s, kv = _spec_scheduler(num_blocks=5, k=3, max_model_len=24)
     for rid, n in (("a", 7), ("b", 8)):
         s.add_request(Request(EngineCoreRequest(rid, [1000 * ord(rid) + i for i in range(n)],
                                                 SamplingParams(max_tokens=10, ignore_eos=True)), 10, 4))

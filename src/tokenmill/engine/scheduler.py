@@ -157,7 +157,7 @@ class Scheduler:
                     if logprobs is not None:
                         out.new_logprobs = logprobs[:n]
                     if sr.num_draft_slots:
-                        self.kv.cache_blocks(req)
+                        self.kv.cache_blocks(req)  # the kept proposals may fill blocks
                         self.kv.free_unused_blocks(req)  # slots of rejected proposals
                 else:
                     status = self._check_stop(req)

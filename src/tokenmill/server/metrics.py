@@ -82,27 +82,26 @@ class _EngineStatsCollector:
             g = GaugeMetricFamily(f"tokenmill:{name}", doc, labels=["model_name"])
             g.add_metric(self.labels, value)
             yield g
-        for name, doc, value in (
+        spec = s.spec_decode
+        counters = [
             ("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
              s.prefix_cache_queries),
             ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
              s.prefix_cache_hits),
             ("num_preemptions", "Cumulative number of preemption from the engine.", s.num_preemptions),
-        ):
+        ]
+        if spec is not None:
+            counters += [
+                ("spec_decode_num_drafts", "Number of spec decoding drafts.", spec.num_drafts),
+                ("spec_decode_num_draft_tokens", "Number of draft tokens.", spec.num_draft_tokens),
+                ("spec_decode_num_accepted_tokens", "Number of accepted tokens.", spec.num_accepted_tokens),
+            ]
+        for name, doc, value in counters:
             c = CounterMetricFamily(f"tokenmill:{name}", doc, labels=["model_name"])
             c.add_metric(self.labels, value)
             yield c
-        spec = s.spec_decode
         if spec is None:
             return
-        for name, doc, value in (
-            ("spec_decode_num_drafts", "Number of spec decoding drafts.", spec.num_drafts),
-            ("spec_decode_num_draft_tokens", "Number of draft tokens.", spec.num_draft_tokens),
-            ("spec_decode_num_accepted_tokens", "Number of accepted tokens.", spec.num_accepted_tokens),
-        ):
-            c = CounterMetricFamily(f"tokenmill:{name}", doc, labels=["model_name"])
-            c.add_metric(self.labels, value)
-            yield c
         c = CounterMetricFamily("tokenmill:spec_decode_num_accepted_tokens_per_pos",
                                 "Accepted tokens per draft position.", labels=["model_name", "position"])
         for position, value in enumerate(spec.accepted_per_pos):
