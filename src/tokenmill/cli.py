@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_subcommands(bench.add_subparsers(dest="bench_cmd", required=True))
 
+    from tokenmill.gateway.cli import add_gateway_parser
+
+    add_gateway_parser(sub)
+
     from tokenmill.quant.cli import add_quantize_parser
 
     add_quantize_parser(sub)
