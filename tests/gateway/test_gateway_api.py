@@ -193,3 +193,39 @@ def test_keys_cli(gw):
     assert any(k["key_id"] == made["key_id"] for k in cli("list")["keys"])
     assert cli("rotate", made["key_id"])["key"] != made["key"]
     assert cli("revoke", made["key_id"]) == {"revoked": [made["key_id"]]}
+
+
+def test_model_limits_hold_across_keys(backend, tmp_path):
+    config = tmp_path / "gw.toml"
+    config.write_text("[models.fake]\nrpm = 3\n")
+    with gateway([backend.url], tmp_path / "keys.db", "--config", str(config)) as g:
+        a, b = client(g, create_key(g.url)), client(g, create_key(g.url))
+        for c in (a, b, a):
+            c.completions.create(model="fake", prompt="x", max_tokens=1)
+        with pytest.raises(openai.RateLimitError, match=r"\(model\)"):
+            b.completions.create(model="fake", prompt="x", max_tokens=1)
+
+
+def test_session_affinity_by_header_or_user(tmp_path):
+    with fake_backend() as f1, fake_backend() as f2, fake_backend() as f3:
+        fakes = (f1, f2, f3)
+
+        def counts():
+            return [metric(httpx.get(f.url + "/metrics").text, "fake_server_requests_total",
+                           path="/v1/completions") for f in fakes]
+
+        with gateway([f.url for f in fakes], tmp_path / "keys.db") as g:
+            key = create_key(g.url)
+            for session in ("alice", "bob", "carol"):
+                before = counts()
+                for i in range(6):  # different prompts, one session
+                    r = httpx.post(g.url + "/v1/completions", headers={"Authorization": f"Bearer {key}",
+                                                                       "X-Session-Id": session},
+                                   json={"model": "fake", "prompt": f"{i} unrelated {i * 7919}", "max_tokens": 1})
+                    assert r.status_code == 200
+                assert sorted(x - y for x, y in zip(counts(), before)) == [0, 0, 6], session
+            before = counts()
+            c = client(g, key)
+            for i in range(6):
+                c.completions.create(model="fake", prompt=f"{i} other {i * 31}", max_tokens=1, user="dave")
+            assert sorted(x - y for x, y in zip(counts(), before)) == [0, 0, 6]

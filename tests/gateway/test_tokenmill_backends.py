@@ -113,6 +113,20 @@ def test_prefix_routing_multiplies_the_prefix_cache_hit_rate_within_bounded_load
         print(f"hot prefix: peak in flight per backend {peaks}, requests {counts}")
 
 
+def test_a_full_backend_answers_503_and_the_gateway_retries_elsewhere(backends, tmp_path):
+    """A backend with room for one request refuses the rest with 503 (tokenmill's admission
+    control); the gateway sends those to another backend before any byte reaches the client."""
+    with tokenmill_backend(DEMO_MODEL_DIR, *BACKEND_ARGS, "--max-num-seqs", "1",
+                           "--max-waiting-requests", "0") as tiny, \
+            gateway([tiny.url, backends[1].url], tmp_path / "r.db", "--routing", "least_requests") as gw:
+        key = create_key(gw.url)
+        prompts = [f"request {i}: once more unto the breach" for i in range(40)]
+        assert asyncio.run(_send_all(gw.url, key, prompts, concurrency=8, max_tokens=16)) == [200] * 40
+        text = httpx.get(gw.url + "/metrics").text
+        assert metric(text, "tokenmill:gateway_retries_total", backend=tiny.url, reason="503") >= 1
+        assert metric(text, "tokenmill:gateway_requests_total", backend=tiny.url, status="200") >= 1
+
+
 async def _one(session: aiohttp.ClientSession, url: str, key: str, i: int) -> dict:
     """One request; for streams, whether any chunk arrived before a failure."""
     stream = i % 2 == 0
