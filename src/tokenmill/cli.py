@@ -233,7 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _gateway_parser() -> argparse.ArgumentParser:
+    """`tokenmill gateway ...` alone: the gateway never loads the engine (torch costs 2 s of
+    start-up and ~200 MB resident, which a proxy has no use for)."""
+    from tokenmill.gateway.cli import add_gateway_parser
+
+    parser = argparse.ArgumentParser(prog="tokenmill")
+    add_gateway_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gateway"]:
+        args = _gateway_parser().parse_args(argv)
+        return args.func(args)  # configures its own logging
     args = build_parser().parse_args(argv)
     if args.func is not _cmd_serve:  # serve configures its own logging (--log-level)
         # One-time long work (compiling the CPU kernels) announces itself on stderr.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenmill.bench import commands
+from tokenmill.bench import commands, fake_server
 from tokenmill.bench.model_configs import MODEL_CONFIGS
 from tokenmill.bench.reference import DEFAULT_CONCURRENCIES as REFERENCE_MODELS
 from tokenmill.bench.workloads import DATASET_NAMES
@@ -160,7 +160,8 @@ def _add_run_filters(p: argparse.ArgumentParser, with_kind: bool, limit: int, li
 
 
 def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Register serve, sweep, capacity, throughput, reference, spec, history, compare and report.
+    """Register serve, sweep, capacity, throughput, reference, spec, gateway, fake-server, history,
+    compare and report.
 
     Args:
         sub: the subparsers object of the `bench` parser; each command sets `func`, which
@@ -298,6 +299,58 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
     _add_grounded(p.add_argument_group("workloads"))
     p.add_argument("--json", action="store_true", help="Print the cells as JSON on stdout.")
     p.set_defaults(func=commands.cmd_spec)
+
+    p = sub.add_parser("gateway", help="Latency and memory the gateway adds, against the fake backend, side by side.",
+                       description="Start the fake OpenAI backend (`bench fake-server`) and `tokenmill gateway "
+                                   "serve` in front of it (free loopback ports, one API key made through the "
+                                   "admin API), then send the same open-loop load (constant rate, non-streaming "
+                                   "/v1/completions, aiohttp) to both, alternating targets in every pass: "
+                                   "p50/p99 direct and through the gateway, the difference (added latency), "
+                                   "achieved rate, errors; the gateway's own added-latency histogram when its "
+                                   "/metrics has one. --memory-requests N then sends N requests through the "
+                                   "gateway and follows its RSS. A Markdown report goes to stdout, progress to "
+                                   "stderr; exit code 1 if any request failed.")
+    g = p.add_argument_group("latency")
+    g.add_argument("--rates", default="100,500", metavar="R1,R2", help="Request rates, req/s (default %(default)s).")
+    g.add_argument("--duration-s", type=float, default=20.0, metavar="S",
+                   help="Measured seconds per target, rate and pass (default %(default)s).")
+    g.add_argument("--warmup-s", type=float, default=1.0, metavar="S",
+                   help="Unrecorded seconds at the same rate before each measured stretch (default %(default)s).")
+    g.add_argument("--passes", type=int, default=2,
+                   help="Passes over rates x targets; the target order alternates, results are pooled (default %(default)s).")
+    g.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
+                   help="Per-request timeout; a timeout counts as an error (default %(default)s).")
+    g = p.add_argument_group("memory")
+    g.add_argument("--memory-requests", type=int, default=0, metavar="N",
+                   help="After the latency passes, send N requests through the gateway (closed loop) and sample "
+                        "its RSS, e.g. 200000 (default 0: off).")
+    g.add_argument("--memory-concurrency", type=int, default=32, help="Requests in flight in memory mode (default %(default)s).")
+    g.add_argument("--memory-sample-every", type=int, default=5000, metavar="N",
+                   help="Requests between RSS samples (default %(default)s).")
+    g.add_argument("--memory-warmup-requests", type=int, default=20000, metavar="N",
+                   help="RSS slope is fitted after this many requests (default %(default)s).")
+    g.add_argument("--plot", default=None, metavar="SVG", help="Write the RSS series as an SVG chart (memory mode).")
+    g = p.add_argument_group("servers")
+    g.add_argument("--gateway-args", default="", metavar="'ARGS'",
+                   help="Further `tokenmill gateway serve` flags for the gateway it starts, in one quoted "
+                        "string, e.g. '--access-log off'.")
+    g = p.add_argument_group("servers already running (default: start the fake backend and the gateway)")
+    g.add_argument("--gateway-url", default=None, help="Measure this gateway instead of starting one.")
+    g.add_argument("--backend-url", default=None, help="The backend behind --gateway-url (the direct target).")
+    g.add_argument("--api-key", default=None, help="Key for --gateway-url (default: make one with --admin-key).")
+    g.add_argument("--admin-key", default=None, help="Admin key of --gateway-url, to make the API key.")
+    g.add_argument("--gateway-pid", type=int, default=None, help="Process id of --gateway-url (memory mode needs it).")
+    p.add_argument("--output", "-o", default=None, metavar="FILE", help="Also write the Markdown report to FILE.")
+    p.set_defaults(func=commands.cmd_gateway)
+
+    p = sub.add_parser("fake-server", help="Run the fast fake OpenAI-compatible server (overhead measurements).",
+                       description="A raw ASGI app on uvicorn (uvloop, httptools): /health, /v1/models, /metrics, "
+                                   "/v1/completions and /v1/chat/completions, streaming or not. Completion "
+                                   "tokens = max_tokens (default 16) copies of ' ok'; prompt_tokens = "
+                                   "whitespace-separated words of the prompt (or of all message contents). "
+                                   "Also: python -m tokenmill.bench.fake_server.")
+    fake_server.add_arguments(p)
+    p.set_defaults(func=commands.cmd_fake_server)
 
     p = sub.add_parser("history", help="List stored runs, filtered.")
     _add_db(p)

@@ -241,6 +241,64 @@ def cmd_spec(args: argparse.Namespace) -> int:
     return 0
 
 
+@_handles_errors
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import shlex
+    import tempfile
+    from contextlib import ExitStack
+    from datetime import datetime, timezone
+
+    from tokenmill.bench import gateway_bench as gb
+    from tokenmill.bench.gateway_bench_md import command_line, memory_svg, render_markdown
+
+    spec = gb.GatewayBenchSpec(
+        rates=_csv(args.rates, float), duration_s=args.duration_s, warmup_s=args.warmup_s, passes=args.passes,
+        memory_requests=args.memory_requests, memory_concurrency=args.memory_concurrency,
+        memory_sample_every=args.memory_sample_every, memory_warmup_requests=args.memory_warmup_requests,
+        request_timeout_s=args.request_timeout)
+    if args.gateway_url and not args.backend_url:
+        raise ValueError("--gateway-url needs --backend-url (the direct target)")
+    if args.gateway_url and spec.memory_requests and args.gateway_pid is None:
+        raise ValueError("memory mode against --gateway-url needs --gateway-pid")
+
+    def progress(line: str) -> None:
+        display.err_console.print(line, markup=False, highlight=False)
+
+    started_at = datetime.now(timezone.utc)
+    with ExitStack() as stack:
+        if args.gateway_url:
+            direct = gb.Target("direct", args.backend_url.rstrip("/"))
+            key = args.api_key or gb.create_api_key(args.gateway_url.rstrip("/"), args.admin_key or gb.ADMIN_KEY)
+            gateway = gb.Target("gateway", args.gateway_url.rstrip("/"), key, args.gateway_pid)
+            extra = ["--gateway-url", args.gateway_url, "--backend-url", args.backend_url]
+        else:
+            progress("starting the fake backend and the gateway...")
+            direct = stack.enter_context(gb.fake_server_process())
+            tmp_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tokenmill-gw-bench-")))
+            gateway_args = shlex.split(args.gateway_args)
+            gateway = stack.enter_context(gb.gateway_process(direct.base_url, tmp_dir, extra_args=gateway_args))
+            progress(f"fake backend {direct.base_url}, gateway {gateway.base_url} (pid {gateway.pid})")
+            extra = ["--gateway-args", args.gateway_args] if gateway_args else []
+        result = gb.run_gateway_bench(spec, direct, gateway, progress)
+    markdown = render_markdown(result, command_line(spec, extra), started_at)
+    print(markdown, end="")
+    if args.output:
+        Path(args.output).write_text(markdown, encoding="utf-8")
+        display.err_console.print(f"wrote {args.output}")
+    if args.plot and result.memory:
+        Path(args.plot).write_text(memory_svg(result.memory), encoding="utf-8")
+        display.err_console.print(f"wrote {args.plot}")
+    return 1 if result.num_errors else 0
+
+
+def cmd_fake_server(args: argparse.Namespace) -> int:
+    from tokenmill.bench import fake_server
+
+    fake_server.exec_lean(["--port", str(args.port), "--host", args.host, "--model", args.model,
+                           "--ttft-ms", str(args.ttft_ms), "--inter-token-ms", str(args.inter_token_ms)])
+    return 0  # not reached: exec_lean replaces the process
+
+
 def run_to_json(r: RunRecord) -> dict:
     """A run as the JSON object `history --json` prints."""
     return {"id": r.id, "time": r.created_at, "kind": r.kind, "hardware_sku": r.hardware_sku,
