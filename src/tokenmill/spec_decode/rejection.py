@@ -23,7 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.model.layers.sampler import SampledLogprobs, SamplingState, gather_logprobs, process_logits, race
+from tokenmill.model.layers.sampler import (
+    SampledLogprobs,
+    SamplingState,
+    gather_logprobs,
+    process_logits,
+    race,
+)
 
 
 @dataclass
