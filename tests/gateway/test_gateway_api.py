@@ -229,3 +229,40 @@ def test_session_affinity_by_header_or_user(tmp_path):
             for i in range(6):
                 c.completions.create(model="fake", prompt=f"{i} other {i * 31}", max_tokens=1, user="dave")
             assert sorted(x - y for x, y in zip(counts(), before)) == [0, 0, 6]
+
+
+def test_request_ids_and_trace_context_reach_the_backend(tmp_path):
+    """A backend that records what it receives (the fake server's app, on a real port)."""
+    import threading
+
+    import uvicorn
+
+    from tests.server.server_harness import free_port
+    from tokenmill.bench.fake_server import build_fake_app
+
+    app, seen = build_fake_app(), []
+
+    async def recording(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/v1/completions":
+            seen.append(dict(scope["headers"]))
+        await app(scope, receive, send)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(recording, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started)
+    try:
+        with gateway([f"http://127.0.0.1:{port}"], tmp_path / "keys.db") as g:
+            key = create_key(g.url)
+            parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            r = httpx.post(g.url + "/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 1},
+                           headers={"Authorization": f"Bearer {key}", "X-Request-Id": "req-42",
+                                    "traceparent": parent})
+            assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
+            got = seen[-1]
+            assert got[b"x-request-id"] == b"req-42" and got[b"traceparent"] == parent.encode()
+            assert b"authorization" not in got  # the client's key stays at the gateway
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

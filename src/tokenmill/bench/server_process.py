@@ -66,7 +66,7 @@ def server_command(cmd: Sequence[str], port: int, name: str,
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_healthy(proc, base, log, name, start_timeout_s)
+            wait_healthy(proc, base, log, name, start_timeout_s)
             yield base
         finally:
             proc.send_signal(signal.SIGTERM)  # graceful: the server drains, then exits
@@ -77,7 +77,7 @@ def server_command(cmd: Sequence[str], port: int, name: str,
                 proc.wait()
 
 
-def _wait_healthy(proc: subprocess.Popen, base: str, log: IO[bytes], name: str, timeout_s: float) -> None:
+def wait_healthy(proc: subprocess.Popen, base: str, log: IO[bytes], name: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -25,6 +25,9 @@ from tokenmill.gateway.routing import Router
 from tokenmill.server.errors import APIError, error_body
 
 RETRY_STATUSES = (429, 503)
+# Response headers not passed on: hop-by-hop ones, and those the gateway's server writes itself.
+_NOT_RELAYED = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server",
+                          "proxy-authenticate", "trailer", "upgrade"})
 # Client headers passed upstream (request ids and trace context join logs across hops).
 FORWARDED_HEADERS = (b"traceparent", b"tracestate", b"x-session-id")
 
@@ -64,6 +67,11 @@ class _Failure:
     reason: str  # connect | read | 429 | 503
     detail: str
     response: tuple[int, bytes, dict[str, str]] | None = None  # a 429/503 to relay if nothing better
+
+
+def _relayed(resp: aiohttp.ClientResponse) -> dict[str, str]:
+    """The replica's response headers the client should see (lower-cased names)."""
+    return {k.lower(): v for k, v in resp.headers.items() if k.lower() not in _NOT_RELAYED}
 
 
 def _describe(e: BaseException) -> str:
@@ -127,8 +135,7 @@ class Forwarder:
                     body = await resp.read()
                     if resp.status == 503:  # overloaded or draining: a health signal; 429 is not
                         backend.on_failure(time.monotonic(), "503", self.pool.health.max_fails)
-                    keep = {k: v for k, v in resp.headers.items() if k.lower() in ("retry-after", "content-type")}
-                    return _Failure(str(resp.status), f"answered {resp.status}", (resp.status, body, keep))
+                    return _Failure(str(resp.status), f"answered {resp.status}", (resp.status, body, _relayed(resp)))
                 if call.stream and resp.status == 200:
                     first = await resp.content.readany()
                     if not first:
@@ -154,8 +161,7 @@ class Forwarder:
                         call.usage = usage_of(json.loads(first))
                     except ValueError:
                         pass
-                ct = {"content-type": resp.headers.get("content-type", "application/json")}
-                await self._send_whole(call, send, resp.status, first, ct)
+                await self._send_whole(call, send, resp.status, first, _relayed(resp))
             completed = True
             return None
         finally:
@@ -169,7 +175,7 @@ class Forwarder:
                     resp.close()  # drops the connection: the replica sees the client leave
 
     async def _send_whole(self, call: Call, send, status: int, body: bytes, headers: dict[str, str]) -> None:
-        raw = [(k.lower().encode(), v.encode("latin-1")) for k, v in {**headers, **call.client_headers}.items()]
+        raw = [(k.encode(), v.encode("latin-1")) for k, v in {**headers, **call.client_headers}.items()]
         call.first_sent_at = time.perf_counter()
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
@@ -177,9 +183,8 @@ class Forwarder:
     async def _relay_stream(self, backend: Backend, call: Call, resp: aiohttp.ClientResponse, first: bytes,
                             send) -> None:
         relay = SseRelay(call.drop_usage_chunk)
-        headers = {"content-type": resp.headers.get("content-type", "text/event-stream"),
-                   "cache-control": "no-cache", **call.client_headers}
-        raw = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()]
+        headers = {"cache-control": "no-cache", **_relayed(resp), **call.client_headers}
+        raw = [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
         call.first_sent_at = time.perf_counter()
         await send({"type": "http.response.start", "status": 200, "headers": raw})
         tail = b""
