@@ -68,6 +68,14 @@ def _models(value) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _metadata(value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise APIError(400, "'metadata' must be a JSON object, e.g. {\"team\": \"search\"}.", param="metadata")
+    return value
+
+
 def _expiry_s(value) -> float | None:
     try:
         return parse_duration_s(value)
@@ -95,7 +103,7 @@ async def handle(gw: Gateway, scope, receive, send) -> None:
         body = _fields(parse_json(body_bytes) if body_bytes else {}, _LIMIT_FIELDS | _OTHER_FIELDS)
         record, key = create_record(key_alias=str(body.get("key_alias") or ""),
                                     duration_s=_expiry_s(body.get("duration")), models=_models(body.get("models")),
-                                    metadata=body.get("metadata") or {}, limits=_limits(body))
+                                    metadata=_metadata(body.get("metadata")), limits=_limits(body))
         await asyncio.to_thread(gw.store.insert, record)
         return await send_json(send, 200, {"key": key, **record.public()})
     if route == ("POST", "/key/update"):
@@ -105,7 +113,7 @@ async def handle(gw: Gateway, scope, receive, send) -> None:
         if "models" in body:
             changes["models"] = _models(body["models"])
         if "metadata" in body:
-            changes["metadata"] = body["metadata"] or {}
+            changes["metadata"] = _metadata(body["metadata"])
         if "key_alias" in body:
             changes["key_alias"] = str(body["key_alias"] or "")
         if "duration" in body:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import logging
 import time
@@ -73,6 +74,8 @@ class Gateway:
         self.ledger = SpendLedger(self.store)
         self.session: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder | None = None
+        # Unique across gateways sharing a Redis: a random prefix per process, then a counter.
+        self._reservation_ids = (f"{uuid.uuid4().hex[:12]}.{i}" for i in itertools.count())
 
     async def startup(self) -> None:
         if self.config.redis_url:
@@ -235,7 +238,7 @@ class Gateway:
                 payload = json.dumps(body).encode()
             if key is not None:
                 await self.ledger.ensure_seeded(self.limiter, key)
-            res = reservation_for(uuid.uuid4().hex, key, model, policy, est, time.time())
+            res = reservation_for(next(self._reservation_ids), key, model, policy, est, time.time())
             decision = await self.limiter.admit(res) if res.scopes or res.budget else None
             if decision is not None and not decision.admitted:
                 limited = decision.limit
@@ -280,7 +283,7 @@ class Gateway:
 
     async def _settle(self, res: Reservation, key: KeyRecord | None, model: str, usage: Usage) -> None:
         usd = self.config.policy(model).cost_usd(usage.prompt_tokens, usage.completion_tokens)
-        state = await self.limiter.settle(res, usage.total, usd)
+        state = await self.limiter.settle(res, usage.total, usd) if res.scopes or res.budget else None
         if key is None:
             return
         self.ledger.add(key.key_id, res.budget.id if res.budget else None, usage.total, usd)
@@ -293,22 +296,22 @@ class Gateway:
             self.metrics.spend.labels(key.label, model).inc(usd)
 
     def _record(self, request_id, key, model, call, status, limited, usage: Usage, t0) -> None:
-        label, backend = key.label if key else "", call.backend if call else ""
+        label, backend, model = key.label if key else "", call.backend if call else "", model or ""
         m = self.metrics
-        m.requests.labels(label, model or "", backend, str(status)).inc()
+        m.child(m.requests, label, model, backend, str(status)).inc()
         if limited:
-            m.limited.labels(label, model or "", limited).inc()
+            m.child(m.limited, label, model, limited).inc()
         if usage.total:
-            m.tokens.labels(label, model or "", "prompt").inc(usage.prompt_tokens)
-            m.tokens.labels(label, model or "", "completion").inc(usage.completion_tokens)
+            m.child(m.tokens, label, model, "prompt").inc(usage.prompt_tokens)
+            m.child(m.tokens, label, model, "completion").inc(usage.completion_tokens)
         total_s = time.perf_counter() - t0
         added = call.added_s if call else None
         if added is not None:
             m.added_latency.observe(added)
-        m.request_latency.labels(model or "").observe(total_s)
+        m.child(m.request_latency, model).observe(total_s)
         if self.config.access_log:
             access_logger.info(json.dumps({
-                "ts": round(time.time(), 3), "request_id": request_id, "key": label, "model": model,
+                "ts": round(time.time(), 3), "request_id": request_id, "key": label, "model": model or None,
                 "backend": backend, "status": status, "stream": bool(call and call.stream),
                 "latency_ms": round(total_s * 1e3, 2),
                 "added_ms": None if added is None else round(added * 1e3, 3),

@@ -240,7 +240,9 @@ class MemoryLimiter:
                 entry[2] = tokens
         if res.budget is None:
             return None
-        b = self._budgets[res.budget.id]
+        b = self._budgets.get(res.budget.id)
+        if b is None:  # never admitted
+            return None
         r_tokens, r_usd = b.reserved.pop(res.request_id, (0, 0.0))
         b.reserved_tokens -= r_tokens
         b.reserved_usd -= r_usd

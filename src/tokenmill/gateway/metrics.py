@@ -19,6 +19,7 @@ _CIRCUIT = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 class GatewayMetrics:
     def __init__(self, pool: BackendPool) -> None:
         self.registry = r = CollectorRegistry()
+        self._children: dict = {}
         self._pool = pool
         self.requests = Counter(_P + "requests", "Requests by key, model, backend and HTTP status.",
                                 ["key", "model", "backend", "status"], registry=r)
@@ -49,6 +50,14 @@ class GatewayMetrics:
                                  ["backend"], registry=r)
         self.circuit = Gauge(_P + "backend_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
                              ["backend"], registry=r)
+
+    def child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, remembered: the lookup is a dict hit on the hot path
+        (the client's labels() validates and locks on every call)."""
+        found = self._children.get((metric, labels))
+        if found is None:
+            found = self._children[(metric, labels)] = metric.labels(*labels)
+        return found
 
     def exposition(self) -> bytes:
         for b in self._pool.backends:  # gauges of state owned by the pool, read at scrape time
