@@ -96,7 +96,8 @@ def test_revocation_expiry_and_rotation(gw):
     for old in (key, rotated):  # no grace: the previous secrets stop at once
         with pytest.raises(openai.AuthenticationError):
             client(gw, old).completions.create(model="fake", prompt="x", max_tokens=1)
-    assert admin(gw.url, "POST", "/key/delete", json={"key_ids": [key_id]}).json() == {"revoked": [key_id]}
+    # LiteLLM's form: the key itself (here its latest secret) in `keys`.
+    assert admin(gw.url, "POST", "/key/delete", json={"keys": [again]}).json() == {"deleted_keys": [key_id]}
     with pytest.raises(openai.AuthenticationError, match="revoked"):
         client(gw, again).completions.create(model="fake", prompt="x", max_tokens=1)
     short = create_key(gw.url, duration="1s")
@@ -192,7 +193,7 @@ def test_keys_cli(gw):
     assert cli("info", made["key_id"])["spend"]["total"]["tokens"] == 0
     assert any(k["key_id"] == made["key_id"] for k in cli("list")["keys"])
     assert cli("rotate", made["key_id"])["key"] != made["key"]
-    assert cli("revoke", made["key_id"]) == {"revoked": [made["key_id"]]}
+    assert cli("revoke", made["key_id"]) == {"deleted_keys": [made["key_id"]]}
 
 
 def test_model_limits_hold_across_keys(backend, tmp_path):
@@ -266,3 +267,29 @@ def test_request_ids_and_trace_context_reach_the_backend(tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+def test_no_route_around_the_metering(gw):
+    """A trailing slash is the same route (metered, not passed through); pass-through
+    routes still check the key's models; replicas' redirects are not followed."""
+    key = create_key(gw.url, rpm_limit=1, models=["fake"])
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "fake", "prompt": "x", "max_tokens": 1}
+    assert httpx.post(gw.url + "/v1/completions/", json=body, headers=headers).status_code == 200
+    r = httpx.post(gw.url + "/v1/completions", json=body, headers=headers)
+    assert r.status_code == 429  # the slash-suffixed request counted
+    r = httpx.post(gw.url + "/v1/embeddings", json={"model": "other", "input": "x"}, headers=headers)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_defaults_follow_openai(gw):
+    """/v1/completions without max_tokens means 16 tokens (OpenAI's default), so a small
+    budget admits it; /v1/models/{id}; every response carries a request id."""
+    key = create_key(gw.url, max_budget_tokens=40)
+    r = client(gw, key).completions.create(model="fake", prompt="one two")
+    assert r.usage.completion_tokens == 16
+    assert client(gw, key).models.retrieve("fake").id == "fake"
+    with pytest.raises(openai.NotFoundError):
+        client(gw, key).models.retrieve("nope")
+    assert httpx.get(gw.url + "/health").headers["x-request-id"]
+    assert httpx.get(gw.url + "/nowhere").headers["x-request-id"]

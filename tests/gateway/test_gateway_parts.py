@@ -111,10 +111,21 @@ def test_the_prompt_estimate_is_an_upper_bound_of_byte_level_bpe():
         assert est.prompt_tokens >= len(tok.encode(text).ids) and est.completion_tokens == 7
     ids = estimate({"prompt": [5, 6, 7], "n": 2, "max_tokens": 4}, chat=False, default_max_tokens=99)
     assert (ids.prompt_tokens, ids.completion_tokens) == (3, 8)  # token ids are exact; n multiplies
-    chat = estimate({"messages": [{"role": "user", "content": "hi"}]}, chat=True, default_max_tokens=99)
+    batch = estimate({"prompt": ["a", "bb", [1, 2]], "n": 2, "max_tokens": 4}, chat=False, default_max_tokens=99)
+    assert batch.completion_tokens == 3 * 2 * 4 and batch.prompt_tokens == 3 + 4 + 2  # every prompt generates
+    assert estimate({"prompt": "x"}, chat=False, default_max_tokens=99).max_tokens == 16  # OpenAI's default
+    ignored = estimate({"prompt": "x", "max_completion_tokens": 1}, chat=False, default_max_tokens=99)
+    assert ignored.max_tokens == 16 and not ignored.max_tokens_given  # completions ignore that field
+    chat = estimate({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": None},
+                    chat=True, default_max_tokens=99)
     assert chat.completion_tokens == 99 and not chat.max_tokens_given
+    calls = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "lookup", "arguments": '{"q": "' + "z" * 300 + '"}'}}]}
+    with_calls = estimate({"messages": [calls], "max_tokens": 1}, chat=True, default_max_tokens=99)
+    assert with_calls.prompt_tokens > 300  # tool calls' text counts
     for bad, match in (({"prompt": "x", "max_tokens": "9"}, "max_tokens"), ({"max_tokens": 1}, "prompt"),
-                       ({"prompt": "x", "n": 0}, "'n'")):
+                       ({"prompt": "x", "n": 0}, "'n'"), ({"prompt": "x", "best_of": 1.5}, "best_of"),
+                       ({"prompt": {"a": 1}}, "prompt")):
         with pytest.raises(APIError, match=match):
             estimate(bad, chat=False, default_max_tokens=99)
     assert routing_text({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]},
@@ -131,6 +142,10 @@ def test_sse_relay_cuts_whole_events_counts_chunks_and_drops_the_usage_chunk():
     assert relay.chunks == 2 and relay.usage == Usage(3, 2)
     keep = SseRelay(drop_usage_chunk=False)
     assert keep.feed(stream) == stream and keep.usage == Usage(3, 2)
+    crlf, crlf_stream = SseRelay(drop_usage_chunk=True), stream.replace(b"\n\n", b"\r\n\r\n")
+    out = b"".join(crlf.feed(crlf_stream[i:i + 5]) for i in range(0, len(crlf_stream), 5)) + crlf.rest()
+    assert crlf.chunks == 2 and crlf.usage == Usage(3, 2)  # servers that end events with \r\n\r\n
+    assert out.count(b"data: {") == 2 and out.endswith(b"data: [DONE]\n\n")
 
 
 def test_config_files_are_checked_and_name_the_problem(tmp_path):

@@ -9,19 +9,27 @@ import uuid
 
 import pytest
 
-from tokenmill.gateway.limits import Budget, MemoryLimiter, Reservation, Scope, budget_period
+from tokenmill.gateway.limits import Budget, Reservation, Scope, budget_period
+from tokenmill.gateway.memory_limits import MemoryLimiter
 
 WINDOW_S = 1.0  # a short window so sliding can be tested in real time
+
+
+STORED = {"k:d2026-12-02": (0, 0.75)}  # spend "in the database" before the limiter started
+
+
+async def load_spend(budget_id: str) -> tuple[int, float]:
+    return STORED.get(budget_id, (0, 0.0))
 
 
 @pytest.fixture(params=["memory", "redis"])
 def limiter(request):
     if request.param == "memory":
-        lim = MemoryLimiter(window_s=WINDOW_S)
+        lim = MemoryLimiter(load_spend, window_s=WINDOW_S)
     else:
         from tokenmill.gateway.redis_limits import RedisLimiter
 
-        lim = RedisLimiter(request.getfixturevalue("clean_redis"), window_s=WINDOW_S)
+        lim = RedisLimiter(request.getfixturevalue("clean_redis"), load_spend, window_s=WINDOW_S)
     return lim  # (a Redis client is bound to the event loop of the test that uses it)
 
 
@@ -106,14 +114,35 @@ def test_token_budget_counts_reservations_then_spend(limiter):
     run(go())
 
 
-def test_dollar_budget_and_seeding_from_stored_spend(limiter):
+def test_dollar_budget_starts_from_stored_spend(limiter):
     async def go():
         budget = Budget("k:d2026-12-02", max_tokens=None, max_usd=1.0, reset_at=time.time() + 3600)
-        await limiter.seed_budget(budget.id, 0, 0.75)  # spent before this gateway started
-        await limiter.seed_budget(budget.id, 0, 0.0)  # a second seed never overwrites live state
-        assert (await limiter.admit(res(usd=0.25, budget=budget))).admitted  # exactly the budget
+        first = res(usd=0.25, budget=budget)
+        assert (await limiter.admit(first)).admitted  # 0.75 stored + 0.25: exactly the budget
         refused = await limiter.admit(res(usd=0.01, budget=budget))
-        assert not refused.admitted and refused.limit == "budget_usd"
+        assert not refused.admitted and refused.limit == "budget_usd" and refused.used == pytest.approx(1.0)
+        assert refused.retry_after_s == 1.0  # the reservation in flight may settle lower
+        await limiter.settle(first, 10, 0.25)
+        spent = await limiter.admit(res(usd=0.01, budget=budget))
+        assert 3590 < spent.retry_after_s <= 3600  # nothing in flight: wait for the period's end
+    run(go())
+
+
+def test_redis_reloads_a_budget_it_lost(clean_redis):
+    """Budgets survive a Redis restart (here: its data flushed): the next admission starts
+    again from the spend stored in the database."""
+    import redis
+
+    from tokenmill.gateway.redis_limits import RedisLimiter
+
+    async def go():
+        lim = RedisLimiter(clean_redis, load_spend)
+        budget = Budget("k:d2026-12-02", max_tokens=None, max_usd=1.0, reset_at=time.time() + 3600)
+        assert (await lim.admit(res(usd=0.2, budget=budget))).admitted
+        redis.Redis.from_url(clean_redis).flushall()
+        assert (await lim.admit(res(usd=0.25, budget=budget))).admitted  # 0.75 stored + 0.25
+        assert not (await lim.admit(res(usd=0.01, budget=budget))).admitted
+        await lim.close()
     run(go())
 
 

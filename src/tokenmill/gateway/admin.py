@@ -8,6 +8,7 @@
     POST /key/delete      {key_ids: [...]}         revoke (the record stays, for audit)
     GET  /key/list
     GET  /key/info?key_id=...                      with its spend
+A key is named by its id or, as in LiteLLM, by the key itself (`key`, `keys`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from tokenmill.gateway.asgi import header, parse_json, read_body, send_json
-from tokenmill.gateway.keys import KeyLimits, KeyRecord, create_record, parse_duration_s, rotated
+from tokenmill.gateway.keys import (
+    KEY_PREFIX,
+    KeyLimits,
+    KeyRecord,
+    create_record,
+    parse_duration_s,
+    rotated,
+    split_key,
+)
 from tokenmill.gateway.limits import budget_period
 from tokenmill.server.errors import APIError
 
@@ -83,11 +92,20 @@ def _expiry_s(value) -> float | None:
         raise APIError(400, str(e), param="duration") from e
 
 
-async def _record(gw: Gateway, key_id) -> KeyRecord:
-    record = await asyncio.to_thread(gw.store.get, str(key_id)) if key_id else None
-    if record is None:
-        raise APIError(404, f"No key with id {key_id!r}.", param="key_id", code="key_not_found")
+async def _record(gw: Gateway, key_or_id) -> KeyRecord:
+    """A key by its id or by the key itself (LiteLLM's routes take the key)."""
+    given = str(key_or_id or "")
+    parts = split_key(given)
+    key_id = parts[0] if parts else given
+    record = await asyncio.to_thread(gw.store.get, key_id) if key_id else None
+    if record is None or (parts and not record.matches(parts[1], time.time())):
+        shown = key_id if not parts else f"{KEY_PREFIX}{key_id}-..."
+        raise APIError(404, f"No key {shown!r}.", param="key", code="key_not_found")
     return record
+
+
+def _which(body: dict) -> str:
+    return body.get("key_id") or body.get("key")
 
 
 async def _save(gw: Gateway, record: KeyRecord) -> None:
@@ -107,8 +125,8 @@ async def handle(gw: Gateway, scope, receive, send) -> None:
         await asyncio.to_thread(gw.store.insert, record)
         return await send_json(send, 200, {"key": key, **record.public()})
     if route == ("POST", "/key/update"):
-        body = _fields(parse_json(body_bytes), _LIMIT_FIELDS | _OTHER_FIELDS | {"key_id"})
-        record = await _record(gw, body.get("key_id"))
+        body = _fields(parse_json(body_bytes), _LIMIT_FIELDS | _OTHER_FIELDS | {"key_id", "key"})
+        record = await _record(gw, _which(body))
         changes = {"limits": _limits(body, record.limits)}
         if "models" in body:
             changes["models"] = _models(body["models"])
@@ -123,25 +141,25 @@ async def handle(gw: Gateway, scope, receive, send) -> None:
         await _save(gw, record)
         return await send_json(send, 200, record.public())
     if route == ("POST", "/key/regenerate"):
-        body = _fields(parse_json(body_bytes), {"key_id", "grace_period"})
-        record, key = rotated(await _record(gw, body.get("key_id")), _expiry_s(body.get("grace_period")) or 0.0)
+        body = _fields(parse_json(body_bytes), {"key_id", "key", "grace_period"})
+        record, key = rotated(await _record(gw, _which(body)), _expiry_s(body.get("grace_period")) or 0.0)
         await _save(gw, record)
         return await send_json(send, 200, {"key": key, **record.public()})
     if route == ("POST", "/key/delete"):
-        body = _fields(parse_json(body_bytes), {"key_ids"})
-        ids = body.get("key_ids")
+        body = _fields(parse_json(body_bytes), {"key_ids", "keys"})
+        ids = body.get("key_ids") or body.get("keys")
         if not isinstance(ids, list) or not ids:
-            raise APIError(400, "'key_ids' must be a non-empty list.", param="key_ids")
+            raise APIError(400, "'key_ids' (or LiteLLM's 'keys') must be a non-empty list.", param="key_ids")
         records = [await _record(gw, k) for k in ids]  # all exist, or nothing is revoked
         for record in records:
             await _save(gw, replace(record, revoked_at=record.revoked_at or time.time()))
-        return await send_json(send, 200, {"revoked": [r.key_id for r in records]})
+        return await send_json(send, 200, {"deleted_keys": [r.key_id for r in records]})
     if route == ("GET", "/key/list"):
         records = await asyncio.to_thread(gw.store.list)
         return await send_json(send, 200, {"keys": [r.public() for r in records]})
     if route == ("GET", "/key/info"):
         query = parse_qs(scope.get("query_string", b"").decode())
-        record = await _record(gw, (query.get("key_id") or [None])[0])
+        record = await _record(gw, (query.get("key_id") or query.get("key") or [None])[0])
         period, _ = budget_period(record.limits.budget_duration, time.time())
         total = await asyncio.to_thread(gw.store.spend, record.key_id, "total")
         current = await asyncio.to_thread(gw.store.spend, record.key_id, period)

@@ -20,9 +20,10 @@ import time
 import uuid
 
 import aiohttp
+from redis.exceptions import RedisError
 
 from tokenmill.gateway import admin
-from tokenmill.gateway.accounting import Estimate, Usage, estimate, routing_text
+from tokenmill.gateway.accounting import Estimate, Usage, estimate, routing_text, upstream_body
 from tokenmill.gateway.asgi import (
     ClientGone,
     header,
@@ -37,13 +38,14 @@ from tokenmill.gateway.config import GatewayConfig
 from tokenmill.gateway.keycache import KeyCache
 from tokenmill.gateway.keys import KeyRecord, split_key
 from tokenmill.gateway.ledger import SpendLedger
-from tokenmill.gateway.limits import MemoryLimiter, Reservation
+from tokenmill.gateway.limits import Reservation
+from tokenmill.gateway.memory_limits import MemoryLimiter
 from tokenmill.gateway.metering import rate_limit_error, rate_limit_headers, reservation_for
 from tokenmill.gateway.metrics import GatewayMetrics
-from tokenmill.gateway.proxy import FORWARDED_HEADERS, Call, Forwarder
+from tokenmill.gateway.proxy import Call, Forwarder, upstream_headers
 from tokenmill.gateway.routing import Router
-from tokenmill.gateway.store import KeyStore
-from tokenmill.server.errors import APIError
+from tokenmill.gateway.store import KeyStore, StoreError, redact
+from tokenmill.server.errors import APIError, unavailable
 
 logger = logging.getLogger("tokenmill.gateway")
 access_logger = logging.getLogger("tokenmill.gateway.access")
@@ -81,13 +83,15 @@ class Gateway:
         if self.config.redis_url:
             from tokenmill.gateway.redis_limits import RedisLimiter
 
-            self.limiter = RedisLimiter(self.config.redis_url, lease_s=self.config.retry.request_timeout_s + 60)
+            # Leases outlive the longest request (the upstream call's total timeout) by a minute.
+            self.limiter = RedisLimiter(self.config.redis_url, self.ledger.load_spend,
+                                        lease_s=self.config.retry.request_timeout_s + 60)
             try:
                 await self.limiter.ping()
             except Exception as e:
-                raise RuntimeError(f"cannot reach Redis at {self.config.redis_url}: {e}") from e
+                raise RuntimeError(f"cannot reach Redis at {redact(self.config.redis_url)}: {e}") from e
         else:
-            self.limiter = MemoryLimiter()
+            self.limiter = MemoryLimiter(self.ledger.load_spend)
         # No connection limit: the replicas' own admission control decides, not a client pool.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
@@ -101,7 +105,7 @@ class Gateway:
         logger.info("gateway: %d backend(s), %d healthy; routing %s; limits %s; keys in %s",
                     len(self.pool.backends), sum(b.healthy for b in self.pool.backends),
                     self.config.routing.policy, "in Redis" if self.config.redis_url else "in process",
-                    self.store.url if not self.store.url.startswith("postgres") else "PostgreSQL")
+                    redact(self.store.url))
 
     async def shutdown(self) -> None:
         await self.pool.stop()
@@ -117,29 +121,49 @@ class Gateway:
             return await self._lifespan(receive, send)
         if scope["type"] != "http":
             return
-        path, method = scope["path"], scope["method"]
+        # A trailing slash changes nothing (and must not slip a completion past the metering).
+        path, method = scope["path"].rstrip("/") or "/", scope["method"]
+        if path != scope["path"]:
+            scope = {**scope, "path": path}
+        request_id = _request_id(scope)
+        started = False
+
+        async def tracked_send(message) -> None:
+            nonlocal started
+            started = True
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
         try:
             if path in COMPLETION_PATHS and method == "POST":
                 chat = COMPLETION_PATHS[path]
                 return await self._until_disconnect(
-                    lambda *a: self._completion(*a, chat=chat), scope, receive, send)
+                    lambda *a: self._completion(*a, chat=chat), scope, receive, send, request_id)
             if path == "/health":
-                healthy = any(b.healthy for b in self.pool.backends)
-                return await send_json(send, 200 if healthy else 503, {"healthy_backends": sum(
-                    b.healthy for b in self.pool.backends), "backends": len(self.pool.backends)})
+                healthy = sum(b.healthy for b in self.pool.backends)
+                return await send_json(tracked_send, 200 if healthy else 503,
+                                       {"healthy_backends": healthy, "backends": len(self.pool.backends)})
             if path == "/metrics":
-                return await send_bytes(send, 200, self.metrics.exposition(), content_type=b"text/plain; version=0.0.4")
-            if path == "/v1/models" and method == "GET":
-                return await self._models(scope, send)
+                return await send_bytes(tracked_send, 200, self.metrics.exposition(),
+                                        content_type=b"text/plain; version=0.0.4")
+            if path.startswith("/v1/models") and method == "GET":
+                return await self._models(scope, tracked_send, path.removeprefix("/v1/models").lstrip("/"))
             if path.startswith("/key/"):
-                return await admin.handle(self, scope, receive, send)
+                return await admin.handle(self, scope, receive, tracked_send)
             if path.startswith("/v1/"):
-                return await self._until_disconnect(self._passthrough, scope, receive, send)
+                return await self._until_disconnect(self._passthrough, scope, receive, send, request_id)
             raise APIError(404, f"No route {method} {path} on this gateway.", code="not_found")
         except APIError as e:
-            await send_error(send, e)
+            if not started:
+                await send_error(tracked_send, e)
         except ClientGone:
             pass
+        except Exception:  # noqa: BLE001 - an OpenAI-shaped 500, the traceback in the log
+            logger.exception("request %s failed", request_id)
+            if not started:
+                await send_error(tracked_send, APIError(
+                    500, f"Internal error in the gateway (request id {request_id}); see its log.", type="server_error"))
 
     async def _lifespan(self, receive, send) -> None:
         while True:
@@ -157,9 +181,11 @@ class Gateway:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _until_disconnect(self, handler, scope, receive, send) -> None:
-        """Run a proxied request; if the client leaves before its response is complete, cancel
-        it at once, which closes the upstream connection so the replica stops generating too."""
+    async def _until_disconnect(self, handler, scope, receive, send, request_id: str) -> None:
+        """Read the body, then run a proxied request; if the client leaves before its response
+        is complete, cancel it at once, which closes the upstream connection so the replica
+        stops generating too. (The body is read first: ASGI lets one reader call receive().)"""
+        body = await read_body(receive, self.config.max_body_bytes)
         finished = False
 
         async def tracked_send(message) -> None:
@@ -167,7 +193,7 @@ class Gateway:
             finished = message["type"] == "http.response.body" and not message.get("more_body")
             await send(message)
 
-        task = asyncio.ensure_future(handler(scope, receive, tracked_send))
+        task = asyncio.ensure_future(handler(scope, body, tracked_send, request_id))
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -184,6 +210,16 @@ class Gateway:
         finally:
             watcher.cancel()
 
+    @staticmethod
+    async def _state(awaitable):
+        """Await a call to the key database or Redis; their failure is a 503, not a crash."""
+        try:
+            return await awaitable
+        except (StoreError, RedisError, OSError) as e:
+            logger.error("gateway state unavailable: %s", e)
+            raise unavailable("The gateway cannot reach its key or limit store right now; retry shortly.",
+                              "state_store_unavailable") from e
+
     async def authenticate(self, scope) -> KeyRecord | None:
         """The caller's key record (None when auth is off), or 401."""
         if not self.config.require_auth:
@@ -194,7 +230,7 @@ class Gateway:
             raise APIError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
         parts = split_key(key)
-        record = await self.keys.get(parts[0]) if parts else None
+        record = await self._state(self.keys.get(parts[0])) if parts else None
         now = time.time()
         if record is None or not record.matches(parts[1], now):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
@@ -203,8 +239,7 @@ class Gateway:
             raise APIError(401, f"This API key {problem}.", code="invalid_api_key")
         return record
 
-    async def _completion(self, scope, receive, send, *, chat: bool) -> None:
-        request_id = _request_id(scope)
+    async def _completion(self, scope, body_bytes: bytes, send, request_id: str, *, chat: bool) -> None:
         t0 = time.perf_counter()
         key: KeyRecord | None = None
         model: str | None = None
@@ -213,7 +248,6 @@ class Gateway:
         est: Estimate | None = None
         status, limited = 0, None
         try:
-            body_bytes = await read_body(receive, self.config.max_body_bytes)
             key = await self.authenticate(scope)
             body = parse_json(body_bytes)
             model = body.get("model")
@@ -228,30 +262,16 @@ class Gateway:
             policy = self.config.policy(model)
             est = estimate(body, chat, policy.default_max_tokens)
             stream = body.get("stream") is True
-            payload, drop_usage = body_bytes, False
-            if not est.max_tokens_given or stream:
-                if not est.max_tokens_given:  # the reservation must bound what the replica may generate
-                    body["max_tokens"] = policy.default_max_tokens
-                if stream and not (body.get("stream_options") or {}).get("include_usage"):
-                    body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-                    drop_usage = True
-                payload = json.dumps(body).encode()
-            if key is not None:
-                await self.ledger.ensure_seeded(self.limiter, key)
+            payload, drop_usage = upstream_body(body, body_bytes, est, stream)
             res = reservation_for(next(self._reservation_ids), key, model, policy, est, time.time())
-            decision = await self.limiter.admit(res) if res.scopes or res.budget else None
+            decision = await self._state(self.limiter.admit(res)) if res.scopes or res.budget else None
             if decision is not None and not decision.admitted:
                 limited = decision.limit
                 res = None
                 raise rate_limit_error(decision, model)
             client_headers = {"x-request-id": request_id, **rate_limit_headers(decision)}
-            upstream = {"content-type": "application/json", "x-request-id": request_id}
-            for name in FORWARDED_HEADERS:
-                value = header(scope, name)
-                if value:
-                    upstream[name.decode()] = value
-            call = Call(request_id, scope["path"], payload, model, stream, routing_text(body, chat), upstream,
-                        client_headers, drop_usage, t0=t0)
+            call = Call(request_id, scope["path"], payload, model, stream, routing_text(body, chat),
+                        upstream_headers(scope, request_id), client_headers, drop_usage, t0=t0)
             affinity = header(scope, self.config.affinity_header.encode()) or body.get("user")
             await self.forwarder.forward(call, send, affinity if isinstance(affinity, str) else None)
             status = call.status
@@ -263,7 +283,9 @@ class Gateway:
             status = STATUS_CLIENT_CLOSED
         finally:
             usage = self._usage_of(call, est, status)
-            self._record(request_id, key, model, call, status, limited, usage, t0)
+            # Metrics label only models a replica serves: made-up names must not grow the series.
+            served = model if model and self.pool.serves(model) else ""
+            self._record(request_id, key, served, call, status, limited, usage, t0)
             if res is not None:
                 # Shielded: a settlement must happen even when the client left mid-request.
                 await asyncio.shield(self._settle(res, key, model, usage))
@@ -283,10 +305,16 @@ class Gateway:
 
     async def _settle(self, res: Reservation, key: KeyRecord | None, model: str, usage: Usage) -> None:
         usd = self.config.policy(model).cost_usd(usage.prompt_tokens, usage.completion_tokens)
-        state = await self.limiter.settle(res, usage.total, usd) if res.scopes or res.budget else None
+        if key is not None:
+            self.ledger.add(key.key_id, usage.total, usd)  # first: spend is never lost
+        state = None
+        if res.scopes or res.budget:
+            try:
+                state = await self.limiter.settle(res, usage.total, usd)
+            except Exception as e:  # noqa: BLE001 - its slot and reservation expire with their lease
+                logger.error("could not settle request %s in the limiter: %s", res.request_id, e)
         if key is None:
             return
-        self.ledger.add(key.key_id, res.budget.id if res.budget else None, usage.total, usd)
         if state is not None:
             if state.remaining_usd is not None:
                 self.metrics.remaining_usd.labels(key.label).set(state.remaining_usd)
@@ -319,28 +347,37 @@ class Gateway:
                 "completion_tokens": usage.completion_tokens, "limited": limited,
                 "error": call.error if call and call.error else None}))
 
-    async def _models(self, scope, send) -> None:
+    async def _models(self, scope, send, model_id: str) -> None:
+        """GET /v1/models (what the replicas serve and the key may use) or /v1/models/{id}."""
         key = await self.authenticate(scope)
         models = [m for m in self.pool.models() if key is None or key.allows_model(m)]
-        await send_json(send, 200, {"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "tokenmill-gateway"} for m in models]})
+        cards = [{"id": m, "object": "model", "created": 0, "owned_by": "tokenmill-gateway"} for m in models]
+        if not model_id:
+            return await send_json(send, 200, {"object": "list", "data": cards})
+        card = next((c for c in cards if c["id"] == model_id), None)
+        if card is None:
+            raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+        await send_json(send, 200, card)
 
-    async def _passthrough(self, scope, receive, send) -> None:
-        """Any other /v1 endpoint: key checked, body forwarded as is to the least-loaded replica."""
-        request_id = _request_id(scope)
-        status = 0
-        key = None
-        call = None
+    async def _passthrough(self, scope, body: bytes, send, request_id: str) -> None:
+        """Any other POST /v1 route (embeddings, tokenize, ...): the key and its allowed models
+        checked, the body forwarded as it came to the least-loaded replica serving its model."""
+        status, key, call, model = 0, None, None, None
         t0 = time.perf_counter()
         try:
-            body = await read_body(receive, self.config.max_body_bytes)
-            key = await self.authenticate(scope)
-            path = scope["path"] + (("?" + scope["query_string"].decode()) if scope.get("query_string") else "")
-            upstream = {"content-type": header(scope, b"content-type") or "application/json",
-                        "x-request-id": request_id}
-            call = Call(request_id, path, body, None, False, "", upstream, {"x-request-id": request_id}, t0=t0)
             if scope["method"] != "POST":
-                raise APIError(405, f"The gateway passes through POST requests only ({scope['method']} {path}).")
+                raise APIError(405, f"The gateway passes through POST requests only ({scope['method']} {scope['path']}).")
+            key = await self.authenticate(scope)
+            try:
+                model = json.loads(body).get("model") if body else None
+            except (ValueError, AttributeError):
+                model = None
+            if key is not None and isinstance(model, str) and not key.allows_model(model):
+                raise APIError(403, f"This API key may not use the model '{model}'.", param="model",
+                               code="model_not_allowed")
+            path = scope["path"] + (("?" + scope["query_string"].decode()) if scope.get("query_string") else "")
+            call = Call(request_id, path, body, model if isinstance(model, str) else None, False, "",
+                        upstream_headers(scope, request_id), {"x-request-id": request_id}, t0=t0)
             await self.forwarder.forward(call, send)
             status = call.status
         except APIError as e:
@@ -349,7 +386,8 @@ class Gateway:
         except asyncio.CancelledError:
             status = STATUS_CLIENT_CLOSED
         finally:
-            self._record(request_id, key, None, call, status, None, Usage(0, 0), t0)
+            served = model if isinstance(model, str) and self.pool.serves(model) else ""
+            self._record(request_id, key, served, call, status, None, Usage(0, 0), t0)
 
 
 def build_gateway(config: GatewayConfig) -> Gateway:

@@ -1,10 +1,12 @@
 """The replicas behind the gateway: their load, health and circuit breakers.
 
 Health has two sources: an active check (GET /v1/models every `interval_s`, which also
-tells which models each replica serves) and the requests themselves (passive: a replica
-that fails `max_fails` requests in a row is ejected). Either way the circuit opens; after
-`cooldown_s` it is half-open and lets one probe request through: success closes it, failure
-opens it again. A successful active check closes it too.
+tells which models each replica serves; a replica failing it gets no traffic until it
+passes again) and the requests themselves (passive: a replica that fails `max_fails`
+requests in a row, by connection errors or 5xx answers other than 503, is ejected: its
+circuit opens). After `cooldown_s` the circuit is half-open and lets one probe request
+through: success closes it, failure opens it again. 503s (overload, draining) and 429s are
+back-pressure, retried elsewhere, never counted as faults.
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ class BackendConfig:
     def parse(text: str) -> BackendConfig:
         """URL or URL=WEIGHT (command line)."""
         url, _, weight = text.partition("=")
-        url = url.rstrip("/").removesuffix("/v1")
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"backend {text!r}: give its URL, e.g. http://10.0.0.5:8000")
         return BackendConfig(url, float(weight) if weight else 1.0)
+
+    def __post_init__(self) -> None:
+        url = self.url.rstrip("/").removesuffix("/v1")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"backend {self.url!r}: give its URL, e.g. http://10.0.0.5:8000")
+        if not self.weight > 0:
+            raise ValueError(f"backend {url}: weight must be > 0, not {self.weight}")
+        object.__setattr__(self, "url", url)
 
 
 @dataclass(frozen=True)
@@ -143,9 +150,7 @@ class BackendPool:
             backend.models = frozenset(m["id"] for m in data.get("data", []))
             if not backend.healthy:
                 logger.info("backend %s: healthy, serving %s", backend.name, ", ".join(sorted(backend.models)))
-            backend.healthy = True
-            if backend.state != CLOSED:
-                backend.on_success()
+            backend.healthy = True  # (an open circuit still waits for its half-open probe)
         except Exception as e:  # noqa: BLE001 - any failure means unhealthy, and is logged
             if backend.healthy:
                 logger.warning("backend %s: health check failed: %s", backend.name, e or type(e).__name__)

@@ -51,11 +51,15 @@ class KeyLimits:
     model_tpm_limit: dict[str, int] = field(default_factory=dict)
     max_budget: float | None = None  # US dollars per budget period
     max_budget_tokens: int | None = None  # tokens per budget period
-    budget_duration: str = "total"  # daily | monthly (calendar, UTC) | total
+    budget_duration: str = "total"  # daily | monthly (calendar, UTC) | total; 1d and 1mo accepted
 
     def __post_init__(self) -> None:
+        # LiteLLM's spellings of a day and a month (here: calendar periods in UTC).
+        alias = {"1d": "daily", "1mo": "monthly"}.get(self.budget_duration)
+        if alias:
+            object.__setattr__(self, "budget_duration", alias)
         if self.budget_duration not in BUDGET_PERIODS:
-            raise ValueError(f"budget_duration must be one of {', '.join(BUDGET_PERIODS)}, "
+            raise ValueError(f"budget_duration must be one of {', '.join(BUDGET_PERIODS)} (or 1d, 1mo), "
                              f"not {self.budget_duration!r}")
         for name in ("rpm_limit", "tpm_limit", "max_parallel_requests", "max_budget_tokens"):
             value = getattr(self, name)

@@ -1,5 +1,6 @@
 """Settled spend, written to the key database in batches (once a second, off the request
-path), and budgets seeded from it when a gateway first meets a key's budget after a start.
+path), and read back when a limiter meets a budget it does not hold (after a start of the
+gateway, or of Redis).
 
 The live budget state belongs to the limiter; the database keeps the durable record of
 what each key spent (all gateways add their own increments), which /key/info reports and
@@ -13,7 +14,6 @@ import logging
 import time
 from collections import defaultdict
 
-from tokenmill.gateway.keys import KeyRecord
 from tokenmill.gateway.limits import budget_period
 from tokenmill.gateway.store import KeyStore
 
@@ -25,7 +25,6 @@ class SpendLedger:
     def __init__(self, store: KeyStore) -> None:
         self._store = store
         self._pending: defaultdict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0])
-        self._seeded: set[str] = set()  # budget ids live in the limiter
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -36,28 +35,22 @@ class SpendLedger:
             self._task.cancel()
         await self.flush()
 
-    def add(self, key_id: str, budget_id: str | None, tokens: int, usd: float) -> None:
-        """Record a settlement: always under 'total', and under the budget's period if it has one."""
-        periods = {"total"}
-        if budget_id:
-            periods.add(budget_id.split(":", 1)[1])
-        for period in periods:
+    def add(self, key_id: str, tokens: int, usd: float) -> None:
+        """Record a settlement under the key's total and under this day and month, so any
+        budget the key gets later (or has now) starts from what it really spent."""
+        now = time.time()
+        for period in ("total", budget_period("daily", now)[0], budget_period("monthly", now)[0]):
             entry = self._pending[(key_id, period)]
             entry[0] += tokens
             entry[1] += usd
 
-    async def ensure_seeded(self, limiter, key: KeyRecord) -> None:
-        """Before a key's budget is first checked in this process, load its stored spend."""
-        lim = key.limits
-        if lim.max_budget is None and lim.max_budget_tokens is None:
-            return
-        period, _ = budget_period(lim.budget_duration, time.time())
-        budget_id = f"{key.key_id}:{period}"
-        if budget_id in self._seeded:
-            return
-        tokens, usd = await asyncio.to_thread(self._store.spend, key.key_id, period)
-        await limiter.seed_budget(budget_id, tokens, usd)
-        self._seeded.add(budget_id)
+    async def load_spend(self, budget_id: str) -> tuple[int, float]:
+        """A budget's spend as stored, plus what this gateway has not written yet (the
+        limiters call it when they meet a budget they do not hold)."""
+        key_id, period = budget_id.split(":", 1)
+        tokens, usd = await asyncio.to_thread(self._store.spend, key_id, period)
+        pending = self._pending.get((key_id, period), (0, 0.0))
+        return tokens + pending[0], usd + pending[1]
 
     async def flush(self) -> None:
         if not self._pending:
@@ -65,7 +58,7 @@ class SpendLedger:
         rows = [(k, p, t, u) for (k, p), (t, u) in self._pending.items()]
         self._pending.clear()
         try:
-            await asyncio.to_thread(self._store.add_spend, rows)
+            await asyncio.to_thread(self._store.add_spend, rows)  # one transaction: all or none
         except Exception as e:  # noqa: BLE001 - keep serving; the limiter still holds the truth
             logger.error("could not write spend to the key database (kept for the next try): %s", e)
             for k, p, t, u in rows:

@@ -13,8 +13,10 @@ so N gateways sharing the state (redis_limits.py) admit exactly what one would.
   what the admitted requests can use, so neither is exceeded by in-flight requests.
 - Budgets: spent + reserved + this request's worst case must fit.
 
-MemoryLimiter here is the one-gateway implementation; RedisLimiter implements the same
-rules as Lua scripts. tests/gateway/test_limiter.py runs one set of cases on both.
+MemoryLimiter (memory_limits.py) is the one-gateway implementation; RedisLimiter
+(redis_limits.py) implements the same rules as Lua scripts. Both start a budget they do not
+hold yet from the spend stored in the database (`LoadSpend`), so budgets survive restarts
+of the gateway and of Redis. tests/gateway/test_limiter.py runs one set of cases on both.
 """
 
 from __future__ import annotations
@@ -22,10 +24,17 @@ from __future__ import annotations
 import calendar
 import math
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 WINDOW_S = 60.0
+
+# budget id -> (tokens, usd) spent in its period as stored in the database.
+LoadSpend = Callable[[str], Awaitable[tuple[int, float]]]
+
+
+async def no_stored_spend(budget_id: str) -> tuple[int, float]:
+    return 0, 0.0
 
 
 @dataclass(frozen=True)
@@ -121,137 +130,13 @@ def headers_view(scopes: tuple[Scope, ...], counts: list[int], oldest_ages: list
     return Decision(True, **fields)
 
 
-@dataclass
-class _ScopeState:
-    requests: deque = field(default_factory=deque)  # (admitted_at, request_id), oldest first
-    tokens: deque = field(default_factory=deque)  # [admitted_at, request_id, tokens]
-    token_entries: dict = field(default_factory=dict)  # request_id -> its entry in `tokens`
-    tokens_used: int = 0
-    in_flight: set = field(default_factory=set)
-
-    def expire(self, now: float, window_s: float) -> None:
-        cutoff = now - window_s
-        while self.requests and self.requests[0][0] <= cutoff:
-            self.requests.popleft()
-        while self.tokens and self.tokens[0][0] <= cutoff:
-            _, rid, n = self.tokens.popleft()
-            self.tokens_used -= n
-            self.token_entries.pop(rid, None)
-
-    def tokens_free_in_s(self, need: int, limit: int, now: float, window_s: float) -> float | None:
-        """Seconds until `need` more tokens fit, as the window's entries leave."""
-        if need > limit:
-            return None
-        used = self.tokens_used
-        for at, _, n in self.tokens:
-            used -= n
-            if used + need <= limit:
-                return max(0.0, at + window_s - now)
-        return 0.0
-
-
-@dataclass
-class _BudgetState:
-    spent_tokens: int = 0
-    spent_usd: float = 0.0
-    reserved: dict = field(default_factory=dict)  # request_id -> (tokens, usd)
-    reserved_tokens: int = 0
-    reserved_usd: float = 0.0
-
-
-def budget_rejection(budget: Budget, spent_tokens: int, spent_usd: float, reserved_tokens: int,
-                     reserved_usd: float, tokens: int, usd: float, now: float) -> Decision | None:
-    """The budget check (shared by both limiters' Python sides)."""
-    # Waiting helps if in-flight reservations may settle lower, or when the period ends.
-    retry = 1.0 if reserved_tokens or reserved_usd else (
-        max(1.0, budget.reset_at - now) if budget.reset_at else None)
-    if budget.max_tokens is not None and spent_tokens + reserved_tokens + tokens > budget.max_tokens:
-        return Decision(False, "budget_tokens", budget.id, budget.max_tokens, spent_tokens + reserved_tokens, retry)
-    # A small tolerance: float sums of prices must not refuse a request that fits exactly.
-    if budget.max_usd is not None and spent_usd + reserved_usd + usd > budget.max_usd + 1e-9:
-        return Decision(False, "budget_usd", budget.id, budget.max_usd, spent_usd + reserved_usd, retry)
-    return None
-
-
-class MemoryLimiter:
-    """The limits of one gateway process, in its memory (the event loop makes each call atomic)."""
-
-    def __init__(self, window_s: float = WINDOW_S, clock=time.time) -> None:
-        self._window_s = window_s  # shorter only in tests
-        self._clock = clock
-        self._scopes: dict[str, _ScopeState] = {}
-        self._budgets: dict[str, _BudgetState] = {}
-
-    async def seed_budget(self, budget_id: str, spent_tokens: int, spent_usd: float) -> None:
-        """Start a budget from the spend stored in the database (no-op if already live)."""
-        self._budgets.setdefault(budget_id, _BudgetState(spent_tokens, spent_usd))
-
-    async def admit(self, res: Reservation) -> Decision:
-        now = self._clock()
-        states = []
-        for scope in res.scopes:
-            st = self._scopes.setdefault(scope.id, _ScopeState())
-            st.expire(now, self._window_s)
-            states.append(st)
-            rejection = self._check(scope, st, res.tokens, now)
-            if rejection:
-                return rejection
-        if res.budget is not None:
-            b = self._budgets.setdefault(res.budget.id, _BudgetState())
-            rejection = budget_rejection(res.budget, b.spent_tokens, b.spent_usd, b.reserved_tokens,
-                                         b.reserved_usd, res.tokens, res.usd, now)
-            if rejection:
-                return rejection
-            b.reserved[res.request_id] = (res.tokens, res.usd)
-            b.reserved_tokens += res.tokens
-            b.reserved_usd += res.usd
-        for st in states:
-            st.requests.append((now, res.request_id))
-            entry = [now, res.request_id, res.tokens]
-            st.tokens.append(entry)
-            st.token_entries[res.request_id] = entry
-            st.tokens_used += res.tokens
-            st.in_flight.add(res.request_id)
-        return headers_view(res.scopes, [len(s.requests) for s in states],
-                            [now - s.requests[0][0] if s.requests else None for s in states],
-                            [s.tokens_used for s in states], self._window_s)
-
-    def _check(self, scope: Scope, st: _ScopeState, tokens: int, now: float) -> Decision | None:
-        if scope.max_parallel is not None and len(st.in_flight) >= scope.max_parallel:
-            return Decision(False, "parallel", scope.id, scope.max_parallel, len(st.in_flight), 1.0)
-        if scope.rpm is not None and len(st.requests) >= scope.rpm:
-            retry = st.requests[0][0] + self._window_s - now if st.requests else None
-            return Decision(False, "requests", scope.id, scope.rpm, len(st.requests), retry)
-        if scope.tpm is not None and st.tokens_used + tokens > scope.tpm:
-            return Decision(False, "tokens", scope.id, scope.tpm, st.tokens_used,
-                            st.tokens_free_in_s(tokens, scope.tpm, now, self._window_s))
-        return None
-
-    async def settle(self, res: Reservation, tokens: int, usd: float) -> BudgetState | None:
-        """The request ended having used `tokens` (and `usd`): correct its records, free its slot."""
-        for scope in res.scopes:
-            st = self._scopes.get(scope.id)
-            if st is None:
-                continue
-            st.in_flight.discard(res.request_id)
-            entry = st.token_entries.pop(res.request_id, None)
-            if entry is not None:  # still in the window: count what it really used
-                st.tokens_used += tokens - entry[2]
-                entry[2] = tokens
-        if res.budget is None:
-            return None
-        b = self._budgets.get(res.budget.id)
-        if b is None:  # never admitted
-            return None
-        r_tokens, r_usd = b.reserved.pop(res.request_id, (0, 0.0))
-        b.reserved_tokens -= r_tokens
-        b.reserved_usd -= r_usd
-        b.spent_tokens += tokens
-        b.spent_usd += usd
-        return budget_state(res.budget, b.spent_tokens, b.spent_usd)
-
-    async def close(self) -> None:
-        pass
+def budget_decision(budget: Budget, which: str, used: float, has_open_reservations: bool,
+                    now: float) -> Decision:
+    """A budget refusal. Waiting helps while reservations in flight may settle lower, or
+    when the period ends; never for a spent total budget."""
+    retry = 1.0 if has_open_reservations else (max(1.0, budget.reset_at - now) if budget.reset_at else None)
+    limit = budget.max_tokens if which == "budget_tokens" else budget.max_usd
+    return Decision(False, which, budget.id, limit, used, retry)
 
 
 def budget_state(budget: Budget, spent_tokens: int, spent_usd: float) -> BudgetState:
@@ -259,6 +144,10 @@ def budget_state(budget: Budget, spent_tokens: int, spent_usd: float) -> BudgetS
         spent_tokens, spent_usd,
         None if budget.max_tokens is None else max(0, budget.max_tokens - spent_tokens),
         None if budget.max_usd is None else max(0.0, budget.max_usd - spent_usd))
+
+
+# Float sums of prices must not refuse a request that fits the dollar budget exactly.
+USD_TOLERANCE = 1e-9
 
 
 def ceil_s(seconds: float) -> int:

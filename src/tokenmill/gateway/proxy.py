@@ -64,9 +64,19 @@ class Call:
 
 @dataclass(frozen=True)
 class _Failure:
+    backend: str
     reason: str  # connect | read | 429 | 503
     detail: str
     response: tuple[int, bytes, dict[str, str]] | None = None  # a 429/503 to relay if nothing better
+
+
+def upstream_headers(scope, request_id: str) -> dict[str, str]:
+    """The headers sent to the replica: the request id, and the client's trace context."""
+    out = {"content-type": "application/json", "x-request-id": request_id}
+    for name, value in scope["headers"]:
+        if name in FORWARDED_HEADERS or name == b"content-type":
+            out[name.decode()] = value.decode("latin-1")
+    return out
 
 
 def _relayed(resp: aiohttp.ClientResponse) -> dict[str, str]:
@@ -82,8 +92,8 @@ class Forwarder:
     def __init__(self, pool: BackendPool, router: Router, retry: RetryConfig, metrics: GatewayMetrics,
                  session: aiohttp.ClientSession) -> None:
         self.pool, self.router, self.retry, self.metrics, self.session = pool, router, retry, metrics, session
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=retry.connect_timeout_s,
-                                              sock_read=retry.request_timeout_s)
+        # The total bounds every request (streams included), so Redis leases outlive them all.
+        self._timeout = aiohttp.ClientTimeout(total=retry.request_timeout_s, sock_connect=retry.connect_timeout_s)
 
     async def forward(self, call: Call, send, affinity: str | None = None) -> None:
         """Relay the response of some replica to the client, or raise an APIError."""
@@ -91,20 +101,22 @@ class Forwarder:
         failure: _Failure | None = None
         text = affinity or call.routing_text
         for attempt in range(self.retry.num_retries + 1):
-            candidates = self.pool.candidates(call.model, exclude=tried)
+            if attempt:
+                await asyncio.sleep(self.retry.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+            # Another replica if there is one; else the same one again, after the backoff.
+            candidates = self.pool.candidates(call.model, exclude=tried) or self.pool.candidates(call.model)
             if not candidates:
                 break
             if attempt:
-                await asyncio.sleep(self.retry.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+                call.retries += 1
+                self.metrics.retries.labels(failure.backend, failure.reason).inc()
             name = self.router.choose(text, self.pool.as_candidates(candidates))
             backend = self.pool.get(name)
             tried.add(name)
             failure = await self._attempt(backend, call, send)
             if failure is None:
                 return
-            call.retries += 1
             call.error = f"{name}: {failure.detail}"
-            self.metrics.retries.labels(name, failure.reason).inc()
         if failure is not None and failure.response is not None:
             status, body, headers = failure.response
             call.status = status
@@ -129,13 +141,14 @@ class Forwarder:
             headers = {**headers, "authorization": f"Bearer {backend.config.api_key}"}
         try:
             try:
+                # No redirects: a replica's redirect must not re-send the request unmetered.
                 resp = await self.session.post(backend.name + call.path, data=call.payload, headers=headers,
-                                               timeout=self._timeout)
+                                               timeout=self._timeout, allow_redirects=False)
                 if resp.status in RETRY_STATUSES:
                     body = await resp.read()
-                    if resp.status == 503:  # overloaded or draining: a health signal; 429 is not
-                        backend.on_failure(time.monotonic(), "503", self.pool.health.max_fails)
-                    return _Failure(str(resp.status), f"answered {resp.status}", (resp.status, body, _relayed(resp)))
+                    # Overloaded or draining: back-pressure, not a fault (it must not open circuits).
+                    return _Failure(backend.name, str(resp.status), f"answered {resp.status}",
+                                    (resp.status, body, _relayed(resp)))
                 if call.stream and resp.status == 200:
                     first = await resp.content.readany()
                     if not first:
@@ -144,7 +157,7 @@ class Forwarder:
                     first = await resp.read()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 backend.on_failure(time.monotonic(), _describe(e), self.pool.health.max_fails)
-                return _Failure("read" if resp is not None else "connect", _describe(e))
+                return _Failure(backend.name, "read" if resp is not None else "connect", _describe(e))
             finally:
                 call.upstream_wait_s += time.perf_counter() - started
             # Committed to this replica: the client gets this answer, whatever comes next.

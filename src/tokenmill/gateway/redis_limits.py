@@ -18,13 +18,16 @@ import time
 import redis.asyncio as aioredis
 
 from tokenmill.gateway.limits import (
+    USD_TOLERANCE,
     WINDOW_S,
     BudgetState,
     Decision,
+    LoadSpend,
     Reservation,
-    budget_rejection,
+    budget_decision,
     budget_state,
     headers_view,
+    no_stored_spend,
 )
 
 _COMMON = """
@@ -44,10 +47,11 @@ end
 """
 
 # ARGV: window, lease, rid, tokens, usd, n, (rpm, tpm, max_parallel) x n, has_budget,
-#       max_tokens, max_usd, expire_at   (-1 = no limit; expire_at 0 = never)
+#       max_tokens, max_usd, expire_at, usd_tolerance   (-1 = no limit; expire_at 0 = never)
 # Returns {"ok", count_i, oldest_age_i, tokens_used_i ...} or
 #         {"no", limit, scope_index, limit_value, used, retry_after (-1 = none)} or
-#         {"budget", spent_tokens, spent_usd, reserved_tokens, reserved_usd}
+#         {"budget", which, used, open_reservations} or
+#         {"seed"}: the budget is not in Redis yet (first use, or Redis lost it)
 _ADMIT = _COMMON + """
 local cutoff = now - window
 local counts, ages, used = {}, {}, {}
@@ -98,6 +102,7 @@ end
 local b = 6 + n * 3
 if tonumber(ARGV[b+1]) == 1 then
   local bh, bl, ba = KEYS[n*5+1], KEYS[n*5+2], KEYS[n*5+3]
+  if redis.call('HEXISTS', bh, 'seeded') == 0 then return {'seed'} end
   local gone = redis.call('ZRANGEBYSCORE', bl, '-inf', now)
   for _, id in ipairs(gone) do
     local amt = redis.call('HGET', ba, id)
@@ -113,8 +118,11 @@ if tonumber(ARGV[b+1]) == 1 then
   local rt = tonumber(redis.call('HGET', bh, 'reserved_tokens') or '0')
   local ru = tonumber(redis.call('HGET', bh, 'reserved_usd') or '0')
   local max_t, max_u = tonumber(ARGV[b+2]), tonumber(ARGV[b+3])
-  if (max_t >= 0 and st + rt + tokens > max_t) or (max_u >= 0 and su + ru + usd > max_u + 1e-9) then
-    return {'budget', st, tostring(su), rt, tostring(ru)}
+  if max_t >= 0 and st + rt + tokens > max_t then
+    return {'budget', 'budget_tokens', tostring(st + rt), redis.call('ZCARD', bl)}
+  end
+  if max_u >= 0 and su + ru + usd > max_u + tonumber(ARGV[b+5]) then
+    return {'budget', 'budget_usd', tostring(su + ru), redis.call('ZCARD', bl)}
   end
   redis.call('HINCRBY', bh, 'reserved_tokens', tokens)
   redis.call('HINCRBYFLOAT', bh, 'reserved_usd', usd)
@@ -140,6 +148,17 @@ for i = 1, n do
   table.insert(out, used[i] + tokens)
 end
 return out
+"""
+
+# KEYS: the budget hash. ARGV: stored tokens, stored usd, expire_at (0 = never). Adds the
+# stored spend once (a hash recreated by a settlement after Redis lost it keeps that too).
+_SEED = """
+if redis.call('HSETNX', KEYS[1], 'seeded', 1) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'spent_tokens', ARGV[1])
+  redis.call('HINCRBYFLOAT', KEYS[1], 'spent_usd', ARGV[2])
+  if tonumber(ARGV[3]) > 0 then redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[3]))) end
+end
+return 1
 """
 
 # ARGV: window, lease, rid, tokens, usd, n, has_budget. Returns {spent_tokens, spent_usd} or {}.
@@ -187,28 +206,27 @@ class RedisLimiter:
 
     Args:
         url: redis://host:port/db
+        load_spend: a budget's stored spend, read when Redis does not hold the budget.
         lease_s: how long an in-flight slot or budget reservation outlives a gateway that
             died holding it (longer than any request may take).
         window_s: the rate window (60 s; shorter only in tests).
     """
 
-    def __init__(self, url: str, lease_s: float = 900.0, window_s: float = WINDOW_S) -> None:
+    def __init__(self, url: str, load_spend: LoadSpend = no_stored_spend, lease_s: float = 900.0,
+                 window_s: float = WINDOW_S) -> None:
         # A bounded pool that waits for a free connection (the default one raises when a burst of
         # concurrent requests wants more); each call holds its connection for one round trip.
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=30)
         self._redis = aioredis.Redis(connection_pool=pool)
-        self._window_s = window_s  # shorter only in tests
+        self._load_spend = load_spend
         self._lease_s = lease_s
+        self._window_s = window_s
         self._admit = self._redis.register_script(_ADMIT)
+        self._seed = self._redis.register_script(_SEED)
         self._settle = self._redis.register_script(_SETTLE)
 
     async def ping(self) -> None:
         await self._redis.ping()
-
-    async def seed_budget(self, budget_id: str, spent_tokens: int, spent_usd: float) -> None:
-        key = f"tm:b:{budget_id}"
-        await self._redis.hsetnx(key, "spent_tokens", spent_tokens)
-        await self._redis.hsetnx(key, "spent_usd", repr(spent_usd))
 
     def _argv(self, res: Reservation, tokens: int, usd: float) -> list[str]:
         return [repr(self._window_s), repr(self._lease_s), res.request_id, str(tokens), repr(usd), str(len(res.scopes))]
@@ -218,19 +236,27 @@ class RedisLimiter:
         for s in res.scopes:
             argv += [_lim(s.rpm), _lim(s.tpm), _lim(s.max_parallel)]
         b = res.budget
-        argv += ["1", _lim(b.max_tokens), _lim(b.max_usd), repr(b.reset_at or 0)] if b else ["0"]
-        out = [x.decode() if isinstance(x, bytes) else x for x in await self._admit(_keys(res), argv)]
+        argv += ["1", _lim(b.max_tokens), _lim(b.max_usd), repr(b.reset_at or 0), repr(USD_TOLERANCE)] if b else ["0"]
+        out = await self._run_admit(res, argv)
+        if out[0] == "seed":  # first use, or Redis lost it: start from the stored spend, then check
+            tokens, usd = await self._load_spend(b.id)
+            await self._seed(keys=[f"tm:b:{b.id}"], args=[tokens, repr(usd), repr(b.reset_at or 0)])
+            out = await self._run_admit(res, argv)
         if out[0] == "ok":
             n = len(res.scopes)
             return headers_view(res.scopes, [int(out[1 + 3 * i]) for i in range(n)],
                                 [float(out[2 + 3 * i]) for i in range(n)],
                                 [int(out[3 + 3 * i]) for i in range(n)], self._window_s)
         if out[0] == "budget":
-            return budget_rejection(b, int(out[1]), float(out[2]), int(out[3]), float(out[4]),
-                                    res.tokens, res.usd, time.time())
+            return budget_decision(b, out[1], float(out[2]), int(out[3]) > 0, time.time())
+        if out[0] == "seed":
+            raise RuntimeError(f"Redis did not keep the budget {b.id} it was just given (is it evicting keys?)")
         _, limit, index, value, used, retry = out
         return Decision(False, limit, res.scopes[int(index) - 1].id, float(value), float(used),
                         None if float(retry) < 0 else max(0.0, float(retry)))
+
+    async def _run_admit(self, res: Reservation, argv: list[str]) -> list:
+        return [x.decode() if isinstance(x, bytes) else x for x in await self._admit(_keys(res), argv)]
 
     async def settle(self, res: Reservation, tokens: int, usd: float) -> BudgetState | None:
         argv = self._argv(res, tokens, usd) + ["1" if res.budget else "0"]

@@ -123,12 +123,6 @@ class Router:
                 return name
         return least_loaded(candidates)  # unreachable: someone is always under the bound
 
-    def forget(self, name: str) -> None:
-        """Drop a replica from the index (it left, or its cache is gone)."""
-        for h in [h for h, owner in self._index.items() if owner == name]:
-            del self._index[h]
-
-
 def least_loaded(candidates: Sequence[Candidate]) -> str:
     """Fewest outstanding per unit of weight; ties broken at random (no herd on the first)."""
     best = min(c.outstanding / c.weight for c in candidates)
@@ -146,4 +140,7 @@ def under_bound(candidates: Sequence[Candidate], load_factor: float) -> list[Can
     """The candidates that may take one more request (never empty: the least loaded always
     can, since the bound is at least its fair share of the load plus this request)."""
     ok = [c for c in candidates if c.outstanding + 1 <= load_bound(c, candidates, load_factor)]
-    return ok or [c for c in candidates if c.name == least_loaded(candidates)]
+    if ok:
+        return ok
+    least = least_loaded(candidates)
+    return [c for c in candidates if c.name == least]

@@ -13,12 +13,12 @@ a budget is first used after a start.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from tokenmill.gateway.keys import KeyLimits, KeyRecord
 
@@ -40,6 +40,11 @@ _COLUMNS = ("key_id", "salt", "secret_hash", "created_at", "key_alias", "expires
 
 class StoreError(RuntimeError):
     pass
+
+
+def redact(url: str) -> str:
+    """A database or Redis URL fit for logs: the password replaced."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
 def _row(record: KeyRecord) -> tuple:
@@ -68,35 +73,61 @@ class KeyStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self._lock = threading.Lock()  # one connection, used from worker threads one at a time
-        if url.startswith(("postgresql://", "postgres://")):
-            try:
-                import psycopg
-            except ImportError as e:  # pragma: no cover - a dependency
-                raise StoreError("PostgreSQL needs the psycopg package: pip install 'psycopg[binary]'") from e
-            try:
-                self._conn: Any = psycopg.connect(url, autocommit=True)
-            except psycopg.Error as e:
-                raise StoreError(f"cannot connect to the key database {url!r}: {e}") from e
-            self._ph = "%s"
-        else:
-            path = url.removeprefix("sqlite:///")
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-                # WAL: readers never wait for the spend writer; NORMAL sync is durable at checkpoints.
-                self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.execute("PRAGMA synchronous=NORMAL")
-            except sqlite3.Error as e:
-                raise StoreError(f"cannot open the key database {path!r}: {e}") from e
-            self._ph = "?"
+        self._postgres = url.startswith(("postgresql://", "postgres://"))
+        self._ph = "%s" if self._postgres else "?"
+        self._connect()
         for stmt in _SCHEMA:
             self._execute(stmt)
 
-    def _execute(self, sql: str, params: Iterable = (), fetch: bool = False) -> list[tuple]:
+    def _connect(self) -> None:
+        if self._postgres:
+            import psycopg
+
+            try:
+                self._conn = psycopg.connect(self.url, autocommit=True)
+            except psycopg.Error as e:
+                raise StoreError(f"cannot connect to the key database {redact(self.url)}: {e}") from e
+            return
+        path = self.url.removeprefix("sqlite:///")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            # WAL: readers never wait for the spend writer; NORMAL sync is durable at checkpoints.
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the key database {path!r}: {e}") from e
+
+    def _execute(self, sql: str, params: Iterable = (), fetch: bool = False, many: list | None = None) -> list[tuple]:
+        """One statement, or one statement per row of `many` in a single transaction."""
         sql = sql.replace("?", self._ph)
         with self._lock:
-            cur = self._conn.execute(sql, tuple(params))
-            return list(cur.fetchall()) if fetch else []
+            for attempt in (1, 2):
+                try:
+                    if many is None:
+                        cur = self._conn.execute(sql, tuple(params))
+                        return list(cur.fetchall()) if fetch else []
+                    self._executemany(sql, many)
+                    return []
+                except Exception as e:
+                    # A PostgreSQL restart breaks the connection: reconnect once and repeat.
+                    if attempt == 2 or not self._postgres or not self._conn.closed:
+                        raise StoreError(f"key database {redact(self.url)}: {e}") from e
+                    self._connect()
+        return []
+
+    def _executemany(self, sql: str, rows: list) -> None:
+        if self._postgres:
+            with self._conn.transaction():
+                self._conn.cursor().executemany(sql, rows)
+            return
+        self._conn.execute("BEGIN")
+        try:
+            self._conn.executemany(sql, rows)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -121,13 +152,12 @@ class KeyStore:
         return [_record(r) for r in rows]
 
     # spend
-    def add_spend(self, rows: Iterable[tuple[str, str, int, float]]) -> None:
-        """Add (key_id, period, tokens, usd) increments."""
-        for key_id, period, tokens, usd in rows:
-            self._execute(
-                "INSERT INTO gateway_spend (key_id, period, tokens, usd) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (key_id, period) DO UPDATE SET tokens = gateway_spend.tokens + excluded.tokens, "
-                "usd = gateway_spend.usd + excluded.usd", (key_id, period, tokens, usd))
+    def add_spend(self, rows: list[tuple[str, str, int, float]]) -> None:
+        """Add (key_id, period, tokens, usd) increments, all in one transaction."""
+        self._execute(
+            "INSERT INTO gateway_spend (key_id, period, tokens, usd) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (key_id, period) DO UPDATE SET tokens = gateway_spend.tokens + excluded.tokens, "
+            "usd = gateway_spend.usd + excluded.usd", many=rows)
 
     def spend(self, key_id: str, period: str) -> tuple[int, float]:
         rows = self._execute("SELECT tokens, usd FROM gateway_spend WHERE key_id = ? AND period = ?",
