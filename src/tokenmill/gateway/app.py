@@ -184,31 +184,35 @@ class Gateway:
     async def _until_disconnect(self, handler, scope, receive, send, request_id: str) -> None:
         """Read the body, then run a proxied request; if the client leaves before its response
         is complete, cancel it at once, which closes the upstream connection so the replica
-        stops generating too. (The body is read first: ASGI lets one reader call receive().)"""
+        stops generating too. (The body is read first: ASGI lets one reader call receive().)
+        The handler runs in this task (a task less per request); the watcher cancels it."""
         body = await read_body(receive, self.config.max_body_bytes)
-        finished = False
+        this = asyncio.current_task()
+        finished = gone = False
 
         async def tracked_send(message) -> None:
             nonlocal finished
             finished = message["type"] == "http.response.body" and not message.get("more_body")
             await send(message)
 
-        task = asyncio.ensure_future(handler(scope, body, tracked_send, request_id))
-
         async def watch() -> None:
+            nonlocal gone
             while (await receive())["type"] != "http.disconnect":
                 pass
             if not finished:
-                task.cancel()
+                gone = True
+                this.cancel()
 
         watcher = asyncio.ensure_future(watch())
         try:
-            await task
+            await handler(scope, body, tracked_send, request_id)
         except asyncio.CancelledError:
-            if not task.cancelled() or not watcher.done():
+            if not gone:
                 raise  # we are being cancelled ourselves (shutdown)
         finally:
             watcher.cancel()
+            if gone and hasattr(this, "uncancel"):
+                this.uncancel()  # that cancellation was ours, and is handled
 
     @staticmethod
     async def _state(awaitable):
