@@ -77,4 +77,7 @@ def test_the_files_pages_do_not_stay_resident_beside_their_copies():
     gc.collect()  # the tokenizer's read of the file's metadata is done and unmapped
     new = {m: b for m, b in _mapped_rss_bytes(resolved).items() if m not in before}
     assert new, "the model's mapping of the file was not found"
-    assert sum(new.values()) < 0.1 * Path(path).stat().st_size
+    # Not 0: the looked-up embedding rows page back in, and a kernel that maps the page
+    # cache's large folios whole (2 MiB each, seen here) brings their neighbours with them.
+    # Without the release all 98 MB stay resident.
+    assert sum(new.values()) < 0.25 * Path(path).stat().st_size

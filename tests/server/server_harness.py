@@ -22,7 +22,7 @@ import httpx
 import uvicorn
 
 from tokenmill.config import create_engine_config
-from tokenmill.server.api_server import ServerState, build_app
+from tokenmill.server.api_server import HTTP_PARSER, ServerState, build_app
 from tokenmill.server.args import ServerSettings
 
 MODEL_NAME = "tiny-llama"
@@ -53,7 +53,7 @@ def running_server(model_dir, settings: ServerSettings | None = None, **engine_k
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, http=HTTP_PARSER))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + CEILING_S
