@@ -26,8 +26,9 @@ from tokenmill.server.errors import APIError, error_body
 
 RETRY_STATUSES = (429, 503)
 # Response headers not passed on: hop-by-hop ones, and those the gateway's server writes itself.
+# (x-request-id: the gateway sets its own, the same id.)
 _NOT_RELAYED = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server",
-                          "proxy-authenticate", "trailer", "upgrade"})
+                          "proxy-authenticate", "trailer", "upgrade", "x-request-id"})
 # Client headers passed upstream (request ids and trace context join logs across hops).
 FORWARDED_HEADERS = (b"traceparent", b"tracestate", b"x-session-id")
 
@@ -43,7 +44,7 @@ class Call:
     stream: bool
     routing_text: str
     upstream_headers: dict[str, str]
-    client_headers: dict[str, str]  # sent to the client with the response (request id, rate limits)
+    client_headers: dict[str, str]  # sent to the client with the response (rate limits)
     drop_usage_chunk: bool = False
     t0: float = field(default_factory=time.perf_counter)
     backend: str = ""
