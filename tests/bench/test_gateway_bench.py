@@ -5,7 +5,6 @@ Markdown and SVG output and the command line. Short runs: seconds, not the real 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import xml.etree.ElementTree as ET
 
@@ -121,7 +120,6 @@ def test_command_line_and_cli(pair, capsys, tmp_path):
     assert cli.main(["gateway", "--gateway-url", gateway.base_url, "--memory-requests", "10"]) == 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tokenmill.gateway") is None, reason="no tokenmill.gateway yet")
 def test_through_real_gateway(tmp_path):
     """The real thing, briefly: fake backend, `tokenmill gateway serve`, an API key, both targets."""
     spec = GatewayBenchSpec(rates=(50.0,), duration_s=0.5, warmup_s=0.1, passes=1, memory_requests=100,

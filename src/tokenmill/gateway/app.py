@@ -43,18 +43,15 @@ from tokenmill.gateway.proxy import Forwarder
 from tokenmill.gateway.routing import Router
 from tokenmill.gateway.store import KeyStore, StoreError, redact
 from tokenmill.server.errors import APIError, unavailable
+from tokenmill.server.middleware import SAFE_REQUEST_ID
 
 logger = logging.getLogger("tokenmill.gateway")
 
 COMPLETION_PATHS = {"/v1/completions": False, "/v1/chat/completions": True}  # path -> is chat
-_SAFE_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
-
-
 def _request_id(scope) -> str:
+    """The client's X-Request-Id if tame (the server's rule), else a new one."""
     given = header(scope, b"x-request-id")
-    if given and len(given) <= 128 and set(given) <= _SAFE_ID_CHARS:
-        return given
-    return uuid.uuid4().hex
+    return given if given and SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 class Gateway:

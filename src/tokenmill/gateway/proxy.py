@@ -85,6 +85,10 @@ def _relayed(resp: aiohttp.ClientResponse) -> dict[str, str]:
     return {k.lower(): v for k, v in resp.headers.items() if k.lower() not in _NOT_RELAYED}
 
 
+def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
+
+
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
@@ -189,18 +193,16 @@ class Forwarder:
                     resp.close()  # drops the connection: the replica sees the client leave
 
     async def _send_whole(self, call: Call, send, status: int, body: bytes, headers: dict[str, str]) -> None:
-        raw = [(k.encode(), v.encode("latin-1")) for k, v in {**headers, **call.client_headers}.items()]
         call.first_sent_at = time.perf_counter()
-        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.start", "status": status, "headers": _raw({**headers, **call.client_headers})})
         await send({"type": "http.response.body", "body": body})
 
     async def _relay_stream(self, backend: Backend, call: Call, resp: aiohttp.ClientResponse, first: bytes,
                             send) -> None:
         relay = SseRelay(call.drop_usage_chunk)
         headers = {"cache-control": "no-cache", **_relayed(resp), **call.client_headers}
-        raw = [(k.encode(), v.encode("latin-1")) for k, v in headers.items()]
         call.first_sent_at = time.perf_counter()
-        await send({"type": "http.response.start", "status": 200, "headers": raw})
+        await send({"type": "http.response.start", "status": 200, "headers": _raw(headers)})
         tail = b""
         try:
             data = relay.feed(first)

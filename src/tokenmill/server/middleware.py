@@ -28,7 +28,7 @@ access_logger = logging.getLogger("uvicorn.access")
 # Paths that need the API key when one is set; probes and scrapes stay open, as in vLLM.
 _PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 # A client-supplied X-Request-Id is echoed into logs and headers only if it is this tame.
-_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 # Called once per HTTP request with (route template or "none", method, status).
 OnResponse = Callable[[str, str, int], None]
@@ -75,7 +75,7 @@ class RequestContextMiddleware:
             return
         headers = Headers(scope=scope)
         given = headers.get("x-request-id", "")
-        request_id = given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = given if SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["authorized"] = self._is_authorized(headers)
