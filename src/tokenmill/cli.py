@@ -159,6 +159,10 @@ def _cmd_kernels(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from tokenmill.ray.driver import run_ray_server
+
+        return run_ray_server(args)
     from tokenmill.server.api_server import run_server
 
     return run_server(args)
@@ -194,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_server_args(serve)
     add_engine_args(serve)
+    from tokenmill.ray.config import add_ray_args
+
+    add_ray_args(serve)
     serve.set_defaults(func=_cmd_serve)
 
     kern = sub.add_parser(

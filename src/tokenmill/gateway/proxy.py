@@ -22,7 +22,7 @@ from tokenmill.gateway.backends import HALF_OPEN, Backend, BackendPool
 from tokenmill.gateway.config import RetryConfig
 from tokenmill.gateway.metrics import GatewayMetrics
 from tokenmill.gateway.routing import Router
-from tokenmill.server.errors import APIError, error_body
+from tokenmill.server.errors import APIError, sse_error_events
 
 RETRY_STATUSES = (429, 503)
 # Response headers not passed on: hop-by-hop ones, and those the gateway's server writes itself.
@@ -218,9 +218,8 @@ class Forwarder:
             backend.on_failure(time.monotonic(), _describe(e), self.pool.health.max_fails)
             call.error = f"{backend.name}: {_describe(e)} after {relay.chunks} chunk(s)"
             call.status = 502
-            err = error_body("The backend failed in the middle of the stream; the output is incomplete.",
-                             "server_error", code="upstream_stream_error")
-            tail = b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n"
+            tail = sse_error_events("The backend failed in the middle of the stream; the output is incomplete.",
+                                    "upstream_stream_error")
         finally:
             call.usage, call.streamed_chunks = relay.usage, relay.chunks
         await send({"type": "http.response.body", "body": tail, "more_body": False})

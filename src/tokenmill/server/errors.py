@@ -6,6 +6,7 @@ invalid_request_error for anything the client can fix, server_error otherwise.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import ValidationError
@@ -44,6 +45,13 @@ class APIError(Exception):
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def sse_error_events(message: str, code: str) -> bytes:
+    """The end of a stream that broke after its first event (a replica or backend died): an
+    OpenAI-style error event, then `[DONE]`, so clients stop instead of waiting."""
+    body = json.dumps(error_body(message, "server_error", code=code))
+    return f"data: {body}\n\ndata: [DONE]\n\n".encode()
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -1,0 +1,186 @@
+"""The HTTP ingress deployment: reads each request, forwards it to an engine replica through
+a Serve handle (routed by request_router.py) and relays the replica's answer.
+
+Failures: a call that fails before the replica's first body byte reached the client (the
+replica died, was unreachable, or was being replaced) is retried on another replica, with
+backoff, `num_retries` times; the client never sees it. Once bytes have gone out the
+response cannot be restarted: a stream then ends with an OpenAI-style error event and
+`data: [DONE]`, so clients stop cleanly instead of hanging. A client that leaves cancels the
+call, which reaches the replica's app as a disconnect (the engine aborts the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from typing import Any
+
+import aiohttp
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
+from ray import exceptions as ray_exceptions
+from ray import serve
+from ray.serve import exceptions as serve_exceptions
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from tokenmill.gateway.accounting import routing_text
+from tokenmill.ray.asgi_call import HTTPCall, Message
+from tokenmill.ray.config import RayAppConfig
+from tokenmill.ray.replica_metrics import directory, federate
+from tokenmill.server.errors import RETRY_AFTER_S, error_body, sse_error_events
+
+logger = logging.getLogger("tokenmill.ray")
+
+# A replica that is gone or going: the request had not run there, or ran without output.
+RETRYABLE = (ray_exceptions.RayActorError, ray_exceptions.WorkerCrashedError, ray_exceptions.NodeDiedError,
+             serve_exceptions.ReplicaUnavailableError)
+NUM_RETRIES = 3
+BACKOFF_S = 0.1
+PROMPT_ROUTES = {"/v1/completions": False, "/v1/chat/completions": True}  # path -> is chat
+
+
+class Ingress:
+    def __init__(self, engine, config: RayAppConfig) -> None:
+        self._engine = engine.options(stream=True, method_name="handle")
+        self._max_body_bytes = config.max_request_body_bytes
+        self._directory = directory(serve.get_replica_context().app_name)
+        self._session: aiohttp.ClientSession | None = None
+        self.registry = CollectorRegistry()
+        self._retries = Counter("tokenmill:ray_ingress_retries", "Calls retried on another replica, by error.",
+                                ["reason"], registry=self.registry)
+        self._stream_errors = Counter("tokenmill:ray_ingress_stream_errors",
+                                      "Responses cut short because their replica failed mid-stream.",
+                                      registry=self.registry)
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        if path == "/metrics" and request.method == "GET":
+            self._session = self._session or aiohttp.ClientSession()
+            return Response(await federate(self._directory, self._session, self.registry),
+                            media_type=CONTENT_TYPE_LATEST)
+        try:
+            body = await _read_body(request, self._max_body_bytes)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        if body is None:
+            return JSONResponse(error_body(f"Request body larger than {self._max_body_bytes} bytes.",
+                                           "invalid_request_error", code="request_too_large"), status_code=413)
+        call = HTTPCall(request.method, path, request.scope.get("query_string", b""),
+                        tuple(request.scope["headers"]), body, request.scope.get("client"),
+                        _routing_text(request.method, path, body))
+        return await self._forward(call)
+
+    async def _forward(self, call: HTTPCall) -> Response:
+        for attempt in range(NUM_RETRIES + 1):
+            stream = self._engine.remote(call)
+            try:
+                head = await _until_first_body(stream)
+            except RETRYABLE as e:
+                stream.cancel()
+                reason = type(e).__name__
+                self._retries.labels(reason).inc()
+                logger.warning("%s %s: replica failed before answering (%s); attempt %d of %d", call.method,
+                               call.path, reason, attempt + 1, NUM_RETRIES + 1)
+                await asyncio.sleep(BACKOFF_S * 2**attempt * random.uniform(0.5, 1.5))
+                continue
+            except serve_exceptions.BackPressureError:
+                stream.cancel()
+                return _unavailable("Every replica's queue is full; retry later.", "backpressure")
+            except BaseException:
+                stream.cancel()
+                raise
+            return RelayResponse(head, stream, self._stream_errors)
+        return _unavailable(f"No engine replica could take the request after {NUM_RETRIES + 1} attempts.",
+                            "no_replica_available")
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None past `limit` bytes (read no further: a hostile body costs nothing)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _routing_text(method: str, path: str, body: bytes) -> str:
+    chat = PROMPT_ROUTES.get(path.rstrip("/"))
+    if method != "POST" or chat is None:
+        return ""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return ""  # the replica answers the 400
+    return routing_text(parsed, chat) if isinstance(parsed, dict) else ""
+
+
+def _unavailable(message: str, code: str) -> Response:
+    return JSONResponse(error_body(message, "server_error", code=code), status_code=503,
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def _until_first_body(stream) -> list[Message]:
+    """The replica's messages up to and including its first body part with bytes (or its
+    last part): nothing has reached the client yet, so a failure here can be retried."""
+    head: list[Message] = []
+    async for message in stream:
+        head.append(message)
+        if message["type"] == "http.response.body" and (message.get("body") or not message.get("more_body")):
+            return head
+    return head
+
+
+class RelayResponse(Response):
+    """The replica's response, relayed message by message as it arrives."""
+
+    def __init__(self, head: list[Message], stream: Any, stream_errors: Counter) -> None:
+        super().__init__()
+        self._head, self._stream, self._stream_errors = head, stream, stream_errors
+        start = head[0] if head and head[0]["type"] == "http.response.start" else {}
+        self._is_sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                           for k, v in start.get("headers", ()))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.ensure_future(_disconnect(receive))
+        relay = asyncio.ensure_future(self._relay(send))
+        try:
+            await asyncio.wait({watcher, relay}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not relay.done():
+                relay.cancel()
+                self._stream.cancel()  # the client left: the replica's app sees a disconnect
+        if relay.done() and not relay.cancelled():
+            relay.result()
+
+    async def _relay(self, send: Send) -> None:
+        ended = False
+        for message in self._head:
+            await send(message)
+            ended = message["type"] == "http.response.body" and not message.get("more_body")
+        if ended:
+            return
+        try:
+            async for message in self._stream:
+                await send(message)
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    return
+        except RETRYABLE as e:
+            self._stream_errors.inc()
+            logger.warning("replica failed mid-response: %s", type(e).__name__)
+        tail = sse_error_events("The replica serving this stream failed; the output is incomplete.",
+                                "replica_stream_error") if self._is_sse else b""
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

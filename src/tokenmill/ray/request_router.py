@@ -1,0 +1,67 @@
+"""Ray Serve's custom request router running tokenmill's routing policy (gateway/routing.py,
+the same `Router` the gateway uses: prefix-cache aware under bounded loads).
+
+Serve asks `choose_replicas` for ranked lists of candidates and probes them in order; a
+replica that is full (at `max_ongoing_requests`) refuses and the next rank is tried. Ranks
+here: [the policy's choice], then two other replicas at random (Serve's power of two
+choices, which picks the shorter queue of the two). Requests without a prompt (GET
+/v1/models, /health) go straight to power of two choices.
+
+The load the policy bounds is this router's own count of requests in flight per replica
+(`on_request_routed` / `on_request_completed`); each ingress replica has its own view, as
+each gateway replica does.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from tokenmill.gateway.routing import Candidate, Router, RoutingConfig
+
+
+def routing_text_of(pending_request: PendingRequest | None) -> str:
+    """The prompt text the ingress attached to the call (HTTPCall.routing_text), else ""."""
+    if pending_request is None or not pending_request.args:
+        return ""
+    return getattr(pending_request.args[0], "routing_text", "") or ""
+
+
+class PrefixAwareRequestRouter(RequestRouter):
+    """`request_router_kwargs` are RoutingConfig's fields (policy, load_factor, block_chars...)."""
+
+    def initialize_state(self, **routing_kwargs) -> None:
+        self._policy = Router(RoutingConfig(**routing_kwargs))
+        self._in_flight: Counter[ReplicaID] = Counter()
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            # Without mixins nothing else sets it: back off between rounds instead of spinning
+            # while every replica is full.
+            pending_request.routing_context.should_backoff = True
+        if not candidate_replicas:
+            return []
+        text = routing_text_of(pending_request)
+        if not text or len(candidate_replicas) == 1:
+            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+        by_name = {r.replica_id.unique_id: r for r in candidate_replicas}
+        name = self._policy.choose(text, [Candidate(n, self._in_flight[r.replica_id]) for n, r in by_name.items()])
+        chosen = by_name[name]
+        others = [r for r in candidate_replicas if r is not chosen]
+        return [[chosen], random.sample(others, min(2, len(others)))]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        self._in_flight[replica_id] += 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        if self._in_flight[replica_id] > 1:
+            self._in_flight[replica_id] -= 1
+        else:
+            del self._in_flight[replica_id]
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._in_flight.pop(replica_id, None)
