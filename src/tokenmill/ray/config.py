@@ -155,6 +155,12 @@ def engine_kwargs_from_namespace(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _json_object(text: str) -> dict:
+    from tokenmill.cli import _parse_json_object
+
+    return _parse_json_object(text)
+
+
 def add_ray_args(p: argparse.ArgumentParser) -> None:
     """`tokenmill serve --ray` options (docs/deploy.md)."""
     g = p.add_argument_group(RAY_GROUP)
@@ -184,6 +190,9 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                    help="prefix: requests sharing a prompt prefix go to the replica that has it cached, under a "
                         "bounded load (as `tokenmill gateway`); least_requests: fewest in flight; power_of_two: "
                         "Serve's own router. (default: prefix)")
+    g.add_argument("--deployment-config", type=_json_object, default=None, metavar="JSON",
+                   help="More Serve options of the engine deployment, as build_app's deployment_config "
+                        "(e.g. '{\"autoscaling_config\": {\"look_back_period_s\": 10}}'); merged over the flags.")
     g.add_argument("--ray-proxy-location", choices=("EveryNode", "HeadOnly"), default="EveryNode",
                    help="Where Serve runs its HTTP proxy. (default: EveryNode)")
     g.add_argument("--ray-app-name", default="tokenmill", help="The Serve application's name. (default: tokenmill)")
@@ -207,5 +216,9 @@ def ray_args(args: argparse.Namespace) -> dict[str, Any]:
         deployment["autoscaling_config"] = autoscaling
     else:
         deployment["num_replicas"] = args.num_replicas or 1
+    for key, value in (args.deployment_config or {}).items():
+        deployment[key] = {**deployment.get(key, {}), **value} if isinstance(value, dict) else value
+    if "autoscaling_config" in deployment:
+        deployment.pop("num_replicas", None)
     return {"engine_kwargs": engine_kwargs_from_namespace(args), "deployment_config": deployment,
             "routing": {"policy": args.routing}}

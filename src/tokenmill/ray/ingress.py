@@ -143,10 +143,15 @@ class RelayResponse(Response):
 
     def __init__(self, head: list[Message], stream: Any, stream_errors: Counter) -> None:
         super().__init__()
-        self._head, self._stream, self._stream_errors = head, stream, stream_errors
+        self._stream, self._stream_errors = stream, stream_errors
         start = head[0] if head and head[0]["type"] == "http.response.start" else {}
-        self._is_sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
-                           for k, v in start.get("headers", ()))
+        headers = start.get("headers", ())
+        self._is_sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+        if start:
+            # Serve's proxy adds x-request-id itself (the same id: it passes the client's on, or
+            # its own, which the replica's app then uses); once is enough.
+            head = [{**start, "headers": [(k, v) for k, v in headers if k.lower() != b"x-request-id"]}, *head[1:]]
+        self._head = head
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.ensure_future(_disconnect(receive))

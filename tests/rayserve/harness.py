@@ -1,0 +1,129 @@
+"""A local two-node Ray cluster (a head and a worker, each `ray start --block` in its own
+process on this machine, one logical CPU each) and `tokenmill serve --ray` on it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.server.server_harness import CEILING_S, free_port, metric
+
+RAY_BIN = Path(sys.executable).with_name("ray")
+# Small object stores: requests and responses are a few KB, and the default takes 30% of RAM.
+STORE_BYTES = str(100 * 2**20)
+
+
+class RayCluster:
+    """Head and worker nodes; `stop()` ends exactly these processes (never `ray stop`, which
+    would end every Ray instance of the machine)."""
+
+    def __init__(self, cpus_per_node: int = 1) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.tmp = tempfile.mkdtemp(prefix="tmray")
+        common = [str(RAY_BIN), "start", "--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats",
+                  f"--object-store-memory={STORE_BYTES}"]
+        self._log = open(Path(self.tmp) / "nodes.log", "w")
+        self.nodes = [subprocess.Popen([*common, "--head", f"--port={self.port}", "--include-dashboard=false",
+                                        f"--temp-dir={self.tmp}"], stdout=self._log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)]
+        self._wait_for_head()
+        self.nodes.append(subprocess.Popen([*common, f"--address={self.address}"], stdout=self._log,
+                                           stderr=subprocess.STDOUT, start_new_session=True))
+
+    def _wait_for_head(self) -> None:
+        import socket
+
+        deadline = time.monotonic() + CEILING_S
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.nodes[0].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the Ray head did not start:\n" + self.log())
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        self._log.flush()
+        return (Path(self.tmp) / "nodes.log").read_text()
+
+    def stop(self) -> None:
+        for proc in reversed(self.nodes):  # SIGTERM: `ray start --block` stops its node's processes
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.nodes:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class RayServe:
+    """`tokenmill serve --ray ARGS` against `cluster`, up once /health answers 200."""
+
+    def __init__(self, cluster: RayCluster, *args: str) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = Path(cluster.tmp) / f"serve-{port}.log"
+        self._log = open(self.log_path, "w")
+        cmd = [sys.executable, "-m", "tokenmill", "serve", "--ray", "--port", str(port),
+               "--ray-proxy-location", "HeadOnly", *args]  # one proxy: both nodes share this host's ports
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 2 * CEILING_S
+        while not self._healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("tokenmill serve --ray did not start:\n" + self.log()[-5000:])
+            time.sleep(0.5)
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=10).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", timeout=CEILING_S).text
+
+    def replicas(self, text: str | None = None) -> set[str]:
+        """The engine replicas the ingress's /metrics reports (those alive and registered)."""
+        text = self.metrics() if text is None else text
+        return {line.split('replica="', 1)[1].split('"', 1)[0] for line in text.splitlines()
+                if line.startswith("tokenmill:num_requests_running{")}
+
+    def per_replica(self, name: str, **labels: str) -> dict[str, float]:
+        """One sample's value on each replica."""
+        text = self.metrics()
+        return {r: metric(text, name, replica=r, **labels) for r in self.replicas(text)}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=CEILING_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def replica_pids() -> list[int]:
+    """PIDs of the engine replicas' worker processes (Ray titles them by deployment)."""
+    out = subprocess.run(["pgrep", "-f", "ServeReplica:tokenmill:TokenmillEngine"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]

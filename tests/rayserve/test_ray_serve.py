@@ -1,0 +1,205 @@
+"""`tokenmill serve --ray` with two engine replicas on a local two-node Ray cluster (the demo
+model): the same API as `tokenmill serve`, load spread over both replicas, same-prefix
+requests kept on one replica (seen in the replicas' own prefix-cache counters), client
+disconnects reaching the engine, and a replica killed under load failing no request that had
+not started streaming. The kill runs last: Serve replaces the replica."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+
+import aiohttp
+import httpx
+import openai
+import pytest
+
+from tests.server.server_harness import CEILING_S, ServedProcess, metric, wait_until
+from tokenmill.config import DEMO_MODEL_DIR
+
+from .harness import RayServe, replica_pids
+
+ENGINE_ARGS = ("--model", DEMO_MODEL_DIR, "--served-model-name", "demo", "--dtype", "float32",
+               "--max-model-len", "1024", "--kv-cache-memory", "64MiB", "--disable-log-requests")
+
+
+@pytest.fixture(scope="module")
+def served(cluster):
+    s = RayServe(cluster, *ENGINE_ARGS, "--num-replicas", "2")
+    try:
+        wait_until(lambda: len(s.replicas()) == 2, timeout=CEILING_S, interval=0.5)
+        yield s
+    finally:
+        s.stop()
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=CEILING_S)
+
+
+def _without_ids(obj: dict) -> dict:
+    return {k: v for k, v in obj.items() if k not in ("id", "created")}
+
+
+def test_same_api_as_tokenmill_serve(served):
+    """Greedy outputs, streams, errors and model lists are the ones `tokenmill serve` gives."""
+    ray_client = _client(served.url)
+    with ServedProcess(DEMO_MODEL_DIR, *ENGINE_ARGS[2:], capture_log=False) as direct:
+        direct_client = _client(direct.url)
+        for c in (ray_client, direct_client):  # warm both: first requests are slower, not different
+            c.completions.create(model="demo", prompt="warm", max_tokens=1)
+        kwargs = dict(model="demo", prompt="The king said unto his lords", max_tokens=12, temperature=0, logprobs=2)
+        a, b = ray_client.completions.create(**kwargs), direct_client.completions.create(**kwargs)
+        assert _without_ids(a.model_dump()) == _without_ids(b.model_dump())
+        chat = dict(model="demo", messages=[{"role": "user", "content": "Who rules?"}], max_tokens=10, temperature=0)
+        a, b = ray_client.chat.completions.create(**chat), direct_client.chat.completions.create(**chat)
+        assert _without_ids(a.model_dump()) == _without_ids(b.model_dump())
+
+        def stream(c):
+            chunks = list(c.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True}))
+            return [_without_ids(ch.model_dump()) for ch in chunks]
+
+        assert stream(ray_client) == stream(direct_client)
+        for path, body in (("/v1/completions", {"model": "demo"}),
+                           ("/v1/completions", {"model": "nope", "prompt": "x"}),
+                           ("/v1/chat/completions", b"{not json"),
+                           ("/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": 10**6})):
+            kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+            ra, rb = httpx.post(served.url + path, **kw), httpx.post(direct.url + path, **kw)
+            assert (ra.status_code, ra.json()) == (rb.status_code, rb.json()), path
+            assert 400 <= ra.status_code < 500
+        models = httpx.get(served.url + "/v1/models").json()
+        assert [m["id"] for m in models["data"]] == [m["id"] for m in httpx.get(direct.url + "/v1/models").json()["data"]]
+    r = httpx.post(served.url + "/v1/completions", headers={"x-request-id": "ray-req-1"},
+                   json={"model": "demo", "prompt": "hi", "max_tokens": 1})
+    assert r.headers.get_list("x-request-id") == ["ray-req-1"]  # once, the client's
+    assert r.headers["x-tokenmill-replica"] in served.replicas()
+
+
+def test_requests_spread_over_both_replicas(served):
+    before = served.per_replica("tokenmill:request_success_total", finished_reason="length")
+
+    async def send_all():
+        async with aiohttp.ClientSession() as session:
+            async def one(i):
+                async with session.post(served.url + "/v1/completions", json={
+                        "model": "demo", "prompt": f"{i} distinct prompt {random.random()}", "max_tokens": 4}) as r:
+                    assert r.status == 200, await r.text()
+                    return r.headers["x-tokenmill-replica"]
+            return await asyncio.gather(*(one(i) for i in range(24)))
+
+    answered_by = asyncio.run(send_all())
+    after = served.per_replica("tokenmill:request_success_total", finished_reason="length")
+    assert set(answered_by) == set(after) and len(after) == 2
+    for replica in after:  # each replica's own counter saw its share
+        assert after[replica] - before.get(replica, 0) == answered_by.count(replica) > 0
+
+
+def test_same_prefix_requests_go_to_one_replica(served):
+    """Groups of requests sharing a long prefix: each group on one replica (its x-tokenmill-replica
+    and the replicas' prefix-cache hit counters), the groups over both replicas."""
+    rng = random.Random(7)
+    words = "the king said unto his lords that the night was long and full of dread".split()
+    prefixes = [" ".join(rng.choice(words) for _ in range(100)) for _ in range(8)]
+    hits0 = served.per_replica("tokenmill:prefix_cache_hits_total")
+    queries0 = served.per_replica("tokenmill:prefix_cache_queries_total")
+    groups: dict[int, list[str]] = {}
+    with httpx.Client(timeout=CEILING_S) as client:
+        for round_ in range(3):
+            for g, prefix in enumerate(prefixes):
+                r = client.post(served.url + "/v1/completions", json={
+                    "model": "demo", "prompt": f"{prefix} question {round_}?", "max_tokens": 2})
+                assert r.status_code == 200, r.text
+                groups.setdefault(g, []).append(r.headers["x-tokenmill-replica"])
+    assert all(len(set(replicas)) == 1 for replicas in groups.values()), groups
+    assert len({replicas[0] for replicas in groups.values()}) == 2, groups  # spread by the hash ring
+    hits = sum(served.per_replica("tokenmill:prefix_cache_hits_total").values()) - sum(hits0.values())
+    queries = sum(served.per_replica("tokenmill:prefix_cache_queries_total").values()) - sum(queries0.values())
+    # Rounds 2 and 3 find their ~300-token prefix cached: 2/3 of all prompt tokens, less the
+    # partial last block; scattered routing would find it about half as often.
+    assert hits / queries > 0.55, (hits, queries)
+
+
+def test_client_disconnect_aborts_the_request_on_its_replica(served):
+    aborted0 = sum(served.per_replica("tokenmill:request_success_total", finished_reason="abort").values())
+    with httpx.Client(timeout=CEILING_S) as client:
+        with client.stream("POST", served.url + "/v1/completions", json={
+                "model": "demo", "prompt": "Once upon a time", "max_tokens": 900, "stream": True,
+                "ignore_eos": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+    wait_until(lambda: sum(served.per_replica("tokenmill:request_success_total",
+                                              finished_reason="abort").values()) == aborted0 + 1,
+               interval=0.2)
+    assert sum(served.per_replica("tokenmill:num_requests_running").values()) == 0
+
+
+async def _load(url: str, num_requests: int, concurrency: int, kill_after_s: float) -> list[dict]:
+    """Mixed load (one request in four streamed); SIGKILL one engine replica after
+    `kill_after_s`. Returns what each request saw."""
+    results: list[dict] = []
+    todo = iter(range(num_requests))
+    timeout = aiohttp.ClientTimeout(total=CEILING_S)
+
+    async def worker(session):
+        for i in todo:
+            streamed = i % 4 == 0
+            body = {"model": "demo", "prompt": f"request {i}: tell a long tale", "max_tokens": 40,
+                    "ignore_eos": True, "stream": streamed}
+            async with session.post(url + "/v1/completions", json=body) as r:
+                if not streamed:
+                    results.append({"stream": False, "status": r.status, "body": await r.text()})
+                    continue
+                events = []
+                async for line in r.content:
+                    if line.startswith(b"data: "):
+                        events.append(line[6:].strip().decode())
+                results.append({"stream": True, "status": r.status, "events": events})
+
+    async def killer():
+        await asyncio.sleep(kill_after_s)
+        os.kill(replica_pids()[0], signal.SIGKILL)
+
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.gather(killer(), *(worker(session) for _ in range(concurrency)))
+    return results
+
+
+def test_killing_a_replica_under_load_fails_no_request_that_had_not_started(served):
+    before = served.replicas()
+    retries0 = metric(served.metrics(), "tokenmill:ray_ingress_retries_total", reason="ActorDiedError") \
+        if "ray_ingress_retries_total{" in served.metrics() else 0.0
+    results = asyncio.run(_load(served.url, num_requests=60, concurrency=8, kill_after_s=2.0))
+    assert len(results) == 60  # nothing hung or vanished
+    cut = 0
+    for res in results:
+        assert res["status"] == 200, res
+        if not res["stream"]:
+            assert json.loads(res["body"])["choices"][0]["finish_reason"] == "length"
+            continue
+        events = res["events"]
+        assert events[-1] == "[DONE]", events  # every stream ends cleanly
+        last = json.loads(events[-2])
+        if "error" in last:  # cut short: only a stream that had already started
+            assert last["error"]["code"] == "replica_stream_error"
+            assert len(events) >= 3 and "choices" in json.loads(events[0])
+            cut += 1
+        else:
+            assert last["choices"][0]["finish_reason"] == "length"
+    text = served.metrics()
+    retried = sum(metric(text, "tokenmill:ray_ingress_retries_total", reason=r)
+                  for r in ("ActorDiedError", "ActorUnavailableError", "RayActorError")
+                  if f'reason="{r}"' in text) - retries0
+    assert retried >= 1, (retried, cut)  # requests in flight on the dead replica were retried
+    # Serve replaces the replica: two again, one of them new.
+    def replaced():
+        now = served.replicas()
+        return now if len(now) == 2 and now != before else None
+
+    after = wait_until(replaced, interval=0.5)
+    assert len(after & before) == 1
+    r = httpx.post(served.url + "/v1/completions", json={"model": "demo", "prompt": "still there?", "max_tokens": 2})
+    assert r.status_code == 200
