@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	@echo "==> Installing the test dependencies (transformers, the reference; openai; hypothesis, ...)"
-	$(PIP) install --disable-pip-version-check -e '.[dev]'
+	@echo "==> Installing the test dependencies (transformers, the reference; openai; hypothesis; Ray Serve, ...)"
+	$(PIP) install --disable-pip-version-check -e '.[dev,ray]'
 	touch $@
 
 install: $(VENV)/.installed

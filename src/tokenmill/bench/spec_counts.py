@@ -46,7 +46,9 @@ class SpecDecodeCounts:
                     prefix, _, name = s.name.partition(":")
                     if prefix in METRIC_PREFIXES and name.startswith("spec_decode_") and name.endswith("_total"):
                         key = (s.labels.get("model_name", ""), s.labels.get("position", ""))
-                        values.setdefault(name[len("spec_decode_"):-len("_total")], {})[key] = s.value
+                        series = values.setdefault(name[len("spec_decode_"):-len("_total")], {})
+                        # Summed over any other label: a Ray Serve endpoint has one series per replica.
+                        series[key] = series.get(key, 0.0) + s.value
         except (ValueError, TypeError):
             return None
         if "num_drafts" not in values:
