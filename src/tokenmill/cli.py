@@ -163,6 +163,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from tokenmill.ray.driver import run_ray_server
 
         return run_ray_server(args)
+    from tokenmill.ray.config import ray_flags_given
+
+    if given := ray_flags_given(args):
+        print(f"tokenmill serve: {', '.join(given)} only apply with --ray", file=sys.stderr)
+        return 2
     from tokenmill.server.api_server import run_server
 
     return run_server(args)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from .services import ServiceUnavailable, postgres_server, redis_server
+from tests.services import ServiceUnavailable, postgres_server, redis_server
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,9 @@ import httpx
 from tests.server.server_harness import CEILING_S, free_port, metric
 
 RAY_BIN = Path(sys.executable).with_name("ray")
+# Hermetic: without this, a token that an earlier local `ray.init()` left in ~/.ray/auth_token
+# turns token authentication on for `ray start`, and the tests' clients are refused.
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 # Small object stores: requests and responses are a few KB, and the default takes 30% of RAM.
 STORE_BYTES = str(100 * 2**20)
 
@@ -34,10 +37,10 @@ class RayCluster:
         self._log = open(Path(self.tmp) / "nodes.log", "w")
         self.nodes = [subprocess.Popen([*common, "--head", f"--port={self.port}", "--include-dashboard=false",
                                         f"--temp-dir={self.tmp}"], stdout=self._log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)]
+                                       start_new_session=True, env=RAY_ENV)]
         self._wait_for_head()
         self.nodes.append(subprocess.Popen([*common, f"--address={self.address}"], stdout=self._log,
-                                           stderr=subprocess.STDOUT, start_new_session=True))
+                                           stderr=subprocess.STDOUT, start_new_session=True, env=RAY_ENV))
 
     def _wait_for_head(self) -> None:
         import socket
@@ -69,17 +72,20 @@ class RayCluster:
 
 
 class RayServe:
-    """`tokenmill serve --ray ARGS` against `cluster`, up once /health answers 200."""
+    """`tokenmill serve --ray ARGS` against `cluster`, up once a replica answers
+    /v1/models. Its application has a name of its own, so `replica_pids` finds exactly its
+    replicas (never another Ray instance's on this machine)."""
 
     def __init__(self, cluster: RayCluster, *args: str) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
+        self.app_name = f"tm-test-{port}"
         self.log_path = Path(cluster.tmp) / f"serve-{port}.log"
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "tokenmill", "serve", "--ray", "--port", str(port),
-               "--ray-proxy-location", "HeadOnly", *args]  # one proxy: both nodes share this host's ports
+        cmd = [sys.executable, "-m", "tokenmill", "serve", "--ray", "--port", str(port), "--ray-app-name",
+               self.app_name, "--ray-proxy-location", "HeadOnly", *args]  # one proxy: the nodes share this host
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"})
+                                     env={**RAY_ENV, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 2 * CEILING_S
         while not self._healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -89,12 +95,13 @@ class RayServe:
 
     def _healthy(self) -> bool:
         try:
-            return httpx.get(self.url + "/health", timeout=10).status_code == 200
+            return httpx.get(self.url + "/v1/models", timeout=10).status_code == 200
         except httpx.TransportError:
             return False
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def metrics(self) -> str:
@@ -122,7 +129,9 @@ class RayServe:
         self._log.close()
 
 
-def replica_pids() -> list[int]:
-    """PIDs of the engine replicas' worker processes (Ray titles them by deployment)."""
-    out = subprocess.run(["pgrep", "-f", "ServeReplica:tokenmill:TokenmillEngine"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    def replica_pids(self) -> list[int]:
+        """PIDs of this application's engine replicas (Ray titles each worker process
+        `ray::ServeReplica:<app>:<deployment>`)."""
+        out = subprocess.run(["pgrep", "-f", f"ServeReplica:{self.app_name}:TokenmillEngine"],
+                             capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]

@@ -23,14 +23,16 @@ def test_autoscaling_goes_1_to_2_under_load_and_back_to_1_when_idle(cluster):
                       "--upscale-delay", "1", "--downscale-delay", "4", "--deployment-config", json.dumps(AUTOSCALING))
     stop = threading.Event()
     answered_by: set[str] = set()
+    statuses: list[int] = []  # asserted after the threads end (an assert in a thread is only a warning)
 
     def load():
         with httpx.Client(timeout=CEILING_S) as client:
             while not stop.is_set():
                 r = client.post(served.url + "/v1/completions", json={
                     "model": "demo", "prompt": "a long tale", "max_tokens": 32, "ignore_eos": True})
-                assert r.status_code == 200
-                answered_by.add(r.headers["x-tokenmill-replica"])
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    answered_by.add(r.headers["x-tokenmill-replica"])
 
     try:
         assert len(served.replicas()) == 1  # min_replicas at start
@@ -44,6 +46,7 @@ def test_autoscaling_goes_1_to_2_under_load_and_back_to_1_when_idle(cluster):
             stop.set()
             for w in workers:
                 w.join()
+        assert len(statuses) >= 8 and set(statuses) == {200}, statuses  # scaling up lost nothing
         wait_until(lambda: len(served.replicas()) == 1, interval=0.5)
         r = httpx.post(served.url + "/v1/completions", json={"model": "demo", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200 and r.headers["x-tokenmill-replica"] in served.replicas()

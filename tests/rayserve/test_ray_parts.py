@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from types import SimpleNamespace
 
 import prometheus_client
 import pytest
@@ -42,9 +43,11 @@ def test_build_app_args_become_the_replicas_serve_options():
     assert args.kv_cache_memory == 64 * 2**20 and args.disable_log_requests
     assert args.speculative_config == {"method": "ngram", "num_speculative_tokens": 3}
     assert config.deployment_config == {"autoscaling_config": {"min_replicas": 0, "max_replicas": 4},
-                                        "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 1}}
+                                        "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 1},
+                                        "graceful_shutdown_timeout_s": 30.0}  # --drain-timeout's default
     assert (config.routing_policy, config.routing.policy, config.routing.load_factor) == (
         "least_requests", "least_requests", 1.5)
+    assert config.stream_batching_interval_ms == 50
     cuda = RayAppConfig.from_args({"engine_kwargs": {"device": "cuda"}})
     assert cuda.deployment_config["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
 
@@ -58,6 +61,7 @@ def test_build_app_args_become_the_replicas_serve_options():
     ({"engine_kwargs": ["--max-model-len"]}, "engine_kwargs must be a mapping"),
     ({"routing": {"policy": "round_robin"}}, "routing.policy must be one of prefix, least_requests, power_of_two"),
     ({"routing": {"load_factor": 0.5}}, "load_factor must be >= 1"),
+    ({"stream_batching_interval_ms": -1}, "stream_batching_interval_ms must be a number >= 0"),
     ({"deployment_config": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}}, "not both"),
 ])
 def test_bad_build_app_args_are_named(args, message):
@@ -72,6 +76,7 @@ def test_serve_ray_flags_take_the_build_app_path():
                                     "--deployment-config", '{"autoscaling_config": {"look_back_period_s": 4}}'])
     args = ray_args(ns)
     assert args["engine_kwargs"] == {"max_model_len": 512, "api_key": "k"}  # no --port, no --ray flags
+    assert args["stream_batching_interval_ms"] == 50
     assert args["deployment_config"] == {
         "max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 2},
         "autoscaling_config": {"min_replicas": 0, "max_replicas": 3, "upscale_delay_s": 5, "look_back_period_s": 4}}
@@ -86,6 +91,13 @@ def test_serve_ray_flags_take_the_build_app_path():
         ray_args(build_parser().parse_args(["serve", "--ray", "--min-replicas", "0"]))
 
 
+def test_ray_flags_without_ray_are_an_error(capsys):
+    from tokenmill.cli import main
+
+    assert main(["serve", "--num-replicas", "2", "--routing", "least_requests"]) == 2
+    assert "--num-replicas, --routing only apply with --ray" in capsys.readouterr().err
+
+
 # --- request router -----------------------------------------------------------------------
 
 DEPLOYMENT = DeploymentID(name="TokenmillEngine", app_name="tokenmill")
@@ -97,9 +109,10 @@ class _Replica:  # what the router reads of Serve's RunningReplica
 
 
 class _Pending:  # what the router reads of Serve's PendingRequest
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, request_id: str = "") -> None:
         self.args = [HTTPCall("POST", "/v1/completions", b"", (), b"", routing_text=text)]
         self.routing_context = RequestRoutingContext()
+        self.metadata = SimpleNamespace(internal_request_id=request_id)
 
 
 def _router(**kwargs) -> PrefixAwareRequestRouter:
@@ -127,13 +140,17 @@ def test_router_bounds_the_load_of_a_hot_prefix():
     router, replicas = _router(load_factor=1.25), [_Replica(n) for n in "ab"]
     prompt = "one hot prefix " * 20
     placed = []
-    for _ in range(6):  # six in flight at once: the bound ceil(1.25 * total * 1/2) spreads them
-        chosen = asyncio.run(router.choose_replicas(replicas, _Pending(prompt)))[0][0]
-        router.on_request_routed(None, chosen.replica_id, None)
-        placed.append(chosen.replica_id.unique_id)
-    assert sorted(placed.count(n) for n in "ab") == [2, 4]
-    for name in placed:
-        router.on_request_completed(ReplicaID(unique_id=name, deployment_id=DEPLOYMENT), "id")
+    for i in range(6):  # six in flight at once: the bound ceil(1.25 * total * 1/2) spreads them
+        pending = _Pending(prompt, f"req-{i}")
+        chosen = asyncio.run(router.choose_replicas(replicas, pending))[0][0]
+        router.on_request_routed(pending, chosen.replica_id, None)
+        placed.append(chosen.replica_id)
+    assert sorted(placed.count(r.replica_id) for r in replicas) == [2, 4]
+    # Serve also reports completions of requests a full replica refused: they were never counted.
+    router.on_request_completed(placed[0], "refused-request")
+    assert sum(router._in_flight.values()) == 6
+    for i, replica_id in enumerate(placed):
+        router.on_request_completed(replica_id, f"req-{i}")
     assert not router._in_flight  # completions bring every count back to zero
 
 
@@ -159,16 +176,44 @@ def test_call_asgi_returns_the_apps_messages_and_delivers_a_disconnect():
 
     async def run():
         call = HTTPCall("POST", "/plain", b"", ((b"content-type", b"application/json"),), b'{"x": 1}')
-        messages = [m async for m in call_asgi(app, call, ((b"x-replica", b"r1"),))]
+        messages = [m async for batch in call_asgi(app, call, ((b"x-replica", b"r1"),)) for m in batch]
         assert messages[0]["status"] == 200 and (b"x-replica", b"r1") in messages[0]["headers"]
         assert b'"body":"{\\"x\\": 1}"' in b"".join(m.get("body", b"") for m in messages[1:])
         stream = call_asgi(app, HTTPCall("POST", "/stream", b"", (), b""))
-        assert (await stream.__anext__())["type"] == "http.response.start"
-        assert (await stream.__anext__())["body"] == b"data: 0\n\n"
+        first = await stream.__anext__()
+        if len(first) == 1:  # the start, then the first event (or both in one batch)
+            first += await stream.__anext__()
+        assert first[0]["type"] == "http.response.start" and first[1]["body"] == b"data: 0\n\n"
         await stream.aclose()  # the ingress cancelled: its client left
         await asyncio.wait_for(aborted.wait(), 5)
 
     asyncio.run(run())
+
+
+def test_call_asgi_batches_a_stream_at_most_once_per_interval_after_the_first_body():
+    async def tokens():
+        for i in range(30):
+            yield f"data: {i}\n\n"
+            await asyncio.sleep(0.005)
+
+    app = Starlette(routes=[Route("/stream", lambda r: StreamingResponse(tokens()), methods=["POST"])])
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        batches, times = [], []
+        async for batch in call_asgi(app, HTTPCall("POST", "/stream", b"", (), b""), batch_s=0.05):
+            batches.append(batch)
+            times.append(loop.time())
+        return batches, times
+
+    batches, times = asyncio.run(run())
+    bodies = [m["body"] for b in batches for m in b if m["type"] == "http.response.body"]
+    assert b"".join(bodies) == b"".join(f"data: {i}\n\n".encode() for i in range(30))  # nothing lost or reordered
+    first_body = next(i for i, b in enumerate(batches) if any(m["type"] == "http.response.body" for m in b))
+    assert len(batches[first_body]) <= 2  # the first event went at once (TTFT), not after a wait
+    gaps = [b - a for a, b in zip(times[first_body:], times[first_body + 1:])]
+    assert all(g >= 0.045 for g in gaps), gaps  # ~150 ms of events in a few batches, not 30 items
+    assert len(batches) < 10
 
 
 # --- metrics federation -------------------------------------------------------------------
@@ -213,3 +258,19 @@ def test_bench_reads_spec_decode_counters_summed_over_replicas():
     merged.register(_Families(families.values()))
     counts = SpecDecodeCounts.from_prometheus(prometheus_client.generate_latest(merged).decode(), "m")
     assert (counts.num_drafts, counts.num_draft_tokens, counts.num_accepted_tokens) == (15, 60, 24)
+
+
+def test_the_serve_config_file_is_valid_for_serve_and_build_app():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from tokenmill.ray.config import DEFAULT_MAX_ONGOING_REQUESTS
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "ray", "serve.yaml")
+    with open(path) as f:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(f))
+    (app,) = config.applications
+    assert app.import_path == "tokenmill.ray:build_app"
+    parsed = RayAppConfig.from_args(app.args)
+    assert parsed.deployment_config["max_ongoing_requests"] != DEFAULT_MAX_ONGOING_REQUESTS  # the file's own
+    assert parse_serve_argv(parsed.serve_argv).max_model_len == 2048

@@ -11,6 +11,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 
 import aiohttp
 import httpx
@@ -18,9 +20,10 @@ import openai
 import pytest
 
 from tests.server.server_harness import CEILING_S, ServedProcess, metric, wait_until
+from tests.services import ServiceUnavailable, prometheus_server
 from tokenmill.config import DEMO_MODEL_DIR
 
-from .harness import RayServe, replica_pids
+from .harness import RayServe
 
 ENGINE_ARGS = ("--model", DEMO_MODEL_DIR, "--served-model-name", "demo", "--dtype", "float32",
                "--max-model-len", "1024", "--kv-cache-memory", "64MiB", "--disable-log-requests")
@@ -76,6 +79,7 @@ def test_same_api_as_tokenmill_serve(served):
     r = httpx.post(served.url + "/v1/completions", headers={"x-request-id": "ray-req-1"},
                    json={"model": "demo", "prompt": "hi", "max_tokens": 1})
     assert r.headers.get_list("x-request-id") == ["ray-req-1"]  # once, the client's
+    assert httpx.get(served.url + "/health").status_code == 200  # the ingress's own: no load on replicas
     assert r.headers["x-tokenmill-replica"] in served.replicas()
 
 
@@ -100,10 +104,11 @@ def test_requests_spread_over_both_replicas(served):
 
 def test_same_prefix_requests_go_to_one_replica(served):
     """Groups of requests sharing a long prefix: each group on one replica (its x-tokenmill-replica
-    and the replicas' prefix-cache hit counters), the groups over both replicas."""
+    and the replicas' prefix-cache hit counters), the groups over both replicas (all 12 on one
+    by the hash ring: odds 1 in 2,048)."""
     rng = random.Random(7)
     words = "the king said unto his lords that the night was long and full of dread".split()
-    prefixes = [" ".join(rng.choice(words) for _ in range(100)) for _ in range(8)]
+    prefixes = [" ".join(rng.choice(words) for _ in range(100)) for _ in range(12)]
     hits0 = served.per_replica("tokenmill:prefix_cache_hits_total")
     queries0 = served.per_replica("tokenmill:prefix_cache_queries_total")
     groups: dict[int, list[str]] = {}
@@ -137,7 +142,45 @@ def test_client_disconnect_aborts_the_request_on_its_replica(served):
     assert sum(served.per_replica("tokenmill:num_requests_running").values()) == 0
 
 
-async def _load(url: str, num_requests: int, concurrency: int, kill_after_s: float) -> list[dict]:
+def test_every_replicas_metrics_reach_prometheus(served):
+    """A real Prometheus scraping the one endpoint sees each replica as its own series."""
+    try:
+        with prometheus_server([served.url.removeprefix("http://")], scrape_interval_s=0.5) as prom:
+            def per_replica():
+                r = httpx.get(prom + "/api/v1/query", params={
+                    "query": "sum by (replica) (tokenmill:request_success_total)"}).json()
+                assert r["status"] == "success", r
+                return {s["metric"]["replica"]: float(s["value"][1]) for s in r["data"]["result"]} or None
+
+            seen = wait_until(per_replica, interval=0.5)
+    except ServiceUnavailable as e:
+        pytest.skip(str(e))
+    assert set(seen) == served.replicas() and len(seen) == 2
+    assert seen == {r: sum(v for k, v in _by_label(served.metrics(), "tokenmill:request_success_total", r))
+                    for r in seen}
+
+
+def _by_label(text: str, name: str, replica: str):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels.get("replica") == replica:
+                yield s.labels.get("finished_reason"), s.value
+
+
+def test_the_bench_lab_runs_against_the_ray_endpoint(served, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tokenmill", "bench", "serve", "--base-url", served.url,
+                          "--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "4", "--ignore-eos",
+                          "--num-prompts", "8", "--max-concurrency", "4", "--disable-tqdm", "--db",
+                          str(tmp_path / "h.db"), "--save-result", "--result-dir", str(tmp_path),
+                          "--result-filename", "r.json"], capture_output=True, text=True, timeout=CEILING_S)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["completed"] == 8 and result["total_output_tokens"] == 32
+
+
+async def _load(served: RayServe, num_requests: int, concurrency: int, kill_after_s: float) -> list[dict]:
     """Mixed load (one request in four streamed); SIGKILL one engine replica after
     `kill_after_s`. Returns what each request saw."""
     results: list[dict] = []
@@ -149,7 +192,7 @@ async def _load(url: str, num_requests: int, concurrency: int, kill_after_s: flo
             streamed = i % 4 == 0
             body = {"model": "demo", "prompt": f"request {i}: tell a long tale", "max_tokens": 40,
                     "ignore_eos": True, "stream": streamed}
-            async with session.post(url + "/v1/completions", json=body) as r:
+            async with session.post(served.url + "/v1/completions", json=body) as r:
                 if not streamed:
                     results.append({"stream": False, "status": r.status, "body": await r.text()})
                     continue
@@ -161,7 +204,7 @@ async def _load(url: str, num_requests: int, concurrency: int, kill_after_s: flo
 
     async def killer():
         await asyncio.sleep(kill_after_s)
-        os.kill(replica_pids()[0], signal.SIGKILL)
+        os.kill(served.replica_pids()[0], signal.SIGKILL)
 
     async with aiohttp.ClientSession(timeout=timeout) as session:
         await asyncio.gather(killer(), *(worker(session) for _ in range(concurrency)))
@@ -172,7 +215,7 @@ def test_killing_a_replica_under_load_fails_no_request_that_had_not_started(serv
     before = served.replicas()
     retries0 = metric(served.metrics(), "tokenmill:ray_ingress_retries_total", reason="ActorDiedError") \
         if "ray_ingress_retries_total{" in served.metrics() else 0.0
-    results = asyncio.run(_load(served.url, num_requests=60, concurrency=8, kill_after_s=2.0))
+    results = asyncio.run(_load(served, num_requests=60, concurrency=8, kill_after_s=2.0))
     assert len(results) == 60  # nothing hung or vanished
     cut = 0
     for res in results:

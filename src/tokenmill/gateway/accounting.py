@@ -125,6 +125,13 @@ def routing_text(body: dict[str, Any], chat: bool) -> str:
     return prompt if isinstance(prompt, str) else ""
 
 
+def routing_key(body: dict[str, Any], chat: bool, session_id: str | None) -> str:
+    """What the routing policy keys on: the session when there is one (the affinity header,
+    else the request's `user`), so a conversation stays on one replica; else the prompt."""
+    affinity = session_id or body.get("user")
+    return affinity if isinstance(affinity, str) and affinity else routing_text(body, chat)
+
+
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int

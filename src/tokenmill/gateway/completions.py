@@ -10,7 +10,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from tokenmill.gateway.accounting import Estimate, Usage, estimate, routing_text, upstream_body
+from tokenmill.gateway.accounting import Estimate, Usage, estimate, routing_key, upstream_body
 from tokenmill.gateway.asgi import header, parse_json, send_error
 from tokenmill.gateway.keys import KeyRecord
 from tokenmill.gateway.limits import Reservation
@@ -59,10 +59,10 @@ async def completion(gw: Gateway, scope, body_bytes: bytes, send, request_id: st
             res = None
             raise rate_limit_error(decision, model)
         client_headers = rate_limit_headers(decision)
-        call = Call(request_id, scope["path"], payload, model, stream, routing_text(body, chat),
+        key = routing_key(body, chat, header(scope, gw.config.affinity_header.encode()))
+        call = Call(request_id, scope["path"], payload, model, stream, key,
                     upstream_headers(scope, request_id), client_headers, drop_usage, t0=t0)
-        affinity = header(scope, gw.config.affinity_header.encode()) or body.get("user")
-        await gw.forwarder.forward(call, send, affinity if isinstance(affinity, str) else None)
+        await gw.forwarder.forward(call, send)
         status = call.status
     except APIError as e:
         status = e.status

@@ -42,7 +42,7 @@ class Call:
     payload: bytes  # the body sent upstream
     model: str | None
     stream: bool
-    routing_text: str
+    routing_text: str  # what the routing policy keys on (accounting.routing_key)
     upstream_headers: dict[str, str]
     client_headers: dict[str, str]  # sent to the client with the response (rate limits)
     drop_usage_chunk: bool = False
@@ -100,11 +100,10 @@ class Forwarder:
         # The total bounds every request (streams included), so Redis leases outlive them all.
         self._timeout = aiohttp.ClientTimeout(total=retry.request_timeout_s, sock_connect=retry.connect_timeout_s)
 
-    async def forward(self, call: Call, send, affinity: str | None = None) -> None:
+    async def forward(self, call: Call, send) -> None:
         """Relay the response of some replica to the client, or raise an APIError."""
         tried: set[str] = set()
         failure: _Failure | None = None
-        text = affinity or call.routing_text
         for attempt in range(self.retry.num_retries + 1):
             if attempt:
                 await asyncio.sleep(self.retry.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
@@ -115,7 +114,7 @@ class Forwarder:
             if attempt:
                 call.retries += 1
                 self.metrics.retries.labels(failure.backend, failure.reason).inc()
-            name = self.router.choose(text, self.pool.as_candidates(candidates))
+            name = self.router.choose(call.routing_text, self.pool.as_candidates(candidates))
             backend = self.pool.get(name)
             tried.add(name)
             failure = await self._attempt(backend, call, send)

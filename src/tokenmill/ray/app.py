@@ -7,6 +7,7 @@ replicas are routed by tokenmill's policy (request_router.py).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ray import serve
@@ -24,13 +25,8 @@ INGRESS_DEPLOYMENT = "TokenmillIngress"
 def build_application(config: RayAppConfig) -> serve.Application:
     options: dict[str, Any] = dict(config.deployment_config)
     if config.routing_policy != POWER_OF_TWO:
-        routing = config.routing
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class=PrefixAwareRequestRouter,
-            request_router_kwargs={"policy": routing.policy, "load_factor": routing.load_factor,
-                                   "block_chars": routing.block_chars, "max_blocks": routing.max_blocks,
-                                   "index_capacity": routing.index_capacity,
-                                   "virtual_nodes": routing.virtual_nodes})
+            request_router_class=PrefixAwareRequestRouter, request_router_kwargs=dataclasses.asdict(config.routing))
     try:
         engine = serve.deployment(EngineReplica, name=ENGINE_DEPLOYMENT).options(**options)
     except (TypeError, ValueError) as e:
@@ -39,11 +35,12 @@ def build_application(config: RayAppConfig) -> serve.Application:
     # for Ray's CPU slots; Serve's own router is fine in front of it.
     ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=10_000)
-    return ingress.bind(engine.bind(config.serve_argv), config)
+    return ingress.bind(engine.bind(config.serve_argv, config.stream_batching_interval_ms / 1000), config)
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """`serve run tokenmill.ray:build_app` / a Serve config file's import_path. `args`:
     model, engine_kwargs (`tokenmill serve` options), deployment_config (Serve options of the
-    engine deployment), routing ({policy: prefix | least_requests | power_of_two, ...})."""
+    engine deployment), routing ({policy: prefix | least_requests | power_of_two, ...}),
+    stream_batching_interval_ms (50)."""
     return build_application(RayAppConfig.from_args(args))

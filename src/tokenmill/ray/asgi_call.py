@@ -43,8 +43,11 @@ def _scope(call: HTTPCall) -> dict[str, Any]:
 
 
 async def call_asgi(app: Any, call: HTTPCall, extra_headers: tuple[tuple[bytes, bytes], ...] = (),
-                    ) -> AsyncIterator[Message]:
-    """The app's ASGI messages for `call`, as it sends them.
+                    batch_s: float = 0.0) -> AsyncIterator[list[Message]]:
+    """The app's ASGI messages for `call`, in order, in batches: each batch is what the app
+    sent since the last one. With `batch_s` > 0, batches after the first body part are at
+    least that far apart (fewer, larger items through Ray per stream: each item costs CPU in
+    the replica, the ingress and the proxy); the first body part always goes at once (TTFT).
 
     Closing the iterator early (the ingress cancelled: its client left, or it gave up) tells
     the app its client disconnected, so it aborts the engine requests as it would for a
@@ -71,9 +74,22 @@ async def call_asgi(app: Any, call: HTTPCall, extra_headers: tuple[tuple[bytes, 
 
     task = asyncio.ensure_future(app(_scope(call), receive, send))
     task.add_done_callback(lambda _: messages.put_nowait(_DONE))
+    loop = asyncio.get_running_loop()
+    body_started, last_batch_at, done = False, 0.0, False
     try:
-        while (message := await messages.get()) is not _DONE:
-            yield message
+        while not done:
+            batch = [await messages.get()]
+            if body_started and batch_s > 0:
+                await asyncio.sleep(last_batch_at + batch_s - loop.time())
+            while not messages.empty():
+                batch.append(messages.get_nowait())
+            if batch[-1] is _DONE:
+                batch.pop()
+                done = True
+            if batch:
+                body_started = body_started or any(m["type"] == "http.response.body" for m in batch)
+                last_batch_at = loop.time()
+                yield batch
         task.result()  # the app answers its own errors; an exception here is a bug, surfaced
     finally:
         if not task.done():

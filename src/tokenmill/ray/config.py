@@ -21,7 +21,11 @@ from tokenmill.gateway.routing import POLICIES, RoutingConfig
 # Serve's own router (power of two choices on queue lengths) instead of tokenmill's policy.
 POWER_OF_TWO = "power_of_two"
 ROUTING_POLICIES = (*POLICIES, POWER_OF_TWO)
-ARGS_KEYS = ("model", "engine_kwargs", "deployment_config", "routing")
+ARGS_KEYS = ("model", "engine_kwargs", "deployment_config", "routing", "stream_batching_interval_ms")
+# A streamed response crosses Ray twice per item (replica -> ingress -> proxy), ~6 ms of CPU
+# each on a 2-core machine (docs/deploy.md): a replica sends what a stream produced every
+# 50 ms as one item instead of one item per token. Ray Serve LLM's default, and name.
+DEFAULT_STREAM_BATCHING_INTERVAL_MS = 50.0
 # Serve's proxy listens for HTTP, not the replicas: these `tokenmill serve` options belong to it.
 HTTP_OPTIONS = ("host", "port")
 # An engine with continuous batching wants many requests at once (Serve's default is 5);
@@ -41,6 +45,7 @@ class RayAppConfig:
     routing_policy: str = "prefix"
     routing: RoutingConfig = field(default_factory=RoutingConfig)  # unused with power_of_two
     max_request_body_bytes: int = DEFAULT_INGRESS_MAX_BODY_BYTES
+    stream_batching_interval_ms: float = DEFAULT_STREAM_BATCHING_INTERVAL_MS  # 0: one item per message
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> RayAppConfig:
@@ -63,6 +68,9 @@ class RayAppConfig:
         if str(parsed.device).startswith("cuda"):
             actor.setdefault("num_gpus", 1)
         deployment["ray_actor_options"] = actor
+        # A replica Serve removes (scale-down, redeploy) lets its requests finish for as long
+        # as `tokenmill serve` would on SIGTERM.
+        deployment.setdefault("graceful_shutdown_timeout_s", parsed.drain_timeout)
         if "num_replicas" in deployment and "autoscaling_config" in deployment:
             raise ValueError("deployment_config: give num_replicas or autoscaling_config, not both")
         routing = _mapping(args, "routing")
@@ -73,8 +81,11 @@ class RayAppConfig:
             routing_config = RoutingConfig(**({"policy": policy} if policy != POWER_OF_TWO else {}), **routing)
         except TypeError as e:
             raise ValueError(f"routing: {e}") from None
+        interval_ms = args.get("stream_batching_interval_ms", DEFAULT_STREAM_BATCHING_INTERVAL_MS)
+        if not isinstance(interval_ms, (int, float)) or interval_ms < 0:
+            raise ValueError(f"stream_batching_interval_ms must be a number >= 0, not {interval_ms!r}")
         return cls(argv, deployment, policy, routing_config,
-                   parsed.max_request_body_bytes or DEFAULT_INGRESS_MAX_BODY_BYTES)
+                   parsed.max_request_body_bytes or DEFAULT_INGRESS_MAX_BODY_BYTES, float(interval_ms))
 
 
 def _mapping(args: dict[str, Any], key: str) -> dict[str, Any]:
@@ -193,9 +204,20 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deployment-config", type=_json_object, default=None, metavar="JSON",
                    help="More Serve options of the engine deployment, as build_app's deployment_config "
                         "(e.g. '{\"autoscaling_config\": {\"look_back_period_s\": 10}}'); merged over the flags.")
+    g.add_argument("--stream-batching-interval-ms", type=float, default=DEFAULT_STREAM_BATCHING_INTERVAL_MS,
+                   metavar="MS", help="A replica sends each stream's new events at most this often, as one Ray "
+                                      "item (the first at once): less CPU per token in Ray, burstier arrival. 0: "
+                                      "every event on its own. (default: %(default)s, as Ray Serve LLM)")
     g.add_argument("--ray-proxy-location", choices=("EveryNode", "HeadOnly"), default="EveryNode",
                    help="Where Serve runs its HTTP proxy. (default: EveryNode)")
     g.add_argument("--ray-app-name", default="tokenmill", help="The Serve application's name. (default: tokenmill)")
+
+
+def ray_flags_given(args: argparse.Namespace) -> list[str]:
+    """The --ray group's flags set on the command line (an error without --ray)."""
+    group = next(g for g in serve_parser()._action_groups if g.title == RAY_GROUP)
+    return [a.option_strings[0] for a in group._group_actions
+            if a.dest != "ray" and getattr(args, a.dest, a.default) != a.default]
 
 
 def ray_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,4 +243,4 @@ def ray_args(args: argparse.Namespace) -> dict[str, Any]:
     if "autoscaling_config" in deployment:
         deployment.pop("num_replicas", None)
     return {"engine_kwargs": engine_kwargs_from_namespace(args), "deployment_config": deployment,
-            "routing": {"policy": args.routing}}
+            "routing": {"policy": args.routing}, "stream_batching_interval_ms": args.stream_batching_interval_ms}

@@ -24,7 +24,7 @@ REPLICA_HEADER = "x-tokenmill-replica"
 
 
 class EngineReplica:
-    async def __init__(self, serve_argv: tuple[str, ...]) -> None:
+    async def __init__(self, serve_argv: tuple[str, ...], stream_batch_s: float = 0.0) -> None:
         from tokenmill.cli import engine_kwargs
         from tokenmill.config import create_engine_config
         from tokenmill.engine.async_llm import AsyncLLM
@@ -42,20 +42,24 @@ class EngineReplica:
         await self._lifespan.__aenter__()  # starts the engine thread, as uvicorn would
         self._state = self._app.state.server
         self._headers = ((REPLICA_HEADER.encode(), self.replica_id.encode()),)
+        self._batch_s = stream_batch_s
         self._directory = directory(context.app_name)
-        url = serve_registry(self._state.metrics.registry, ray.util.get_node_ip_address())
-        await self._directory.register.remote(self.replica_id, url)
+        self._metrics_url = serve_registry(self._state.metrics.registry, ray.util.get_node_ip_address())
+        await self._directory.register.remote(self.replica_id, self._metrics_url)
         logger.info("replica %s: %s loaded in %.1f s; metrics at %s", self.replica_id, config.model_path,
-                    time.monotonic() - start, url)
+                    time.monotonic() - start, self._metrics_url)
 
     async def handle(self, call: HTTPCall):
-        """The app's ASGI messages for one request (a streaming call)."""
-        async for message in call_asgi(self._app, call, self._headers):
-            yield message
+        """The app's ASGI messages for one request, in batches (a streaming call)."""
+        async for batch in call_asgi(self._app, call, self._headers, self._batch_s):
+            yield batch
 
     def check_health(self) -> None:
         if not self._state.engine.is_alive:
             raise RuntimeError(f"replica {self.replica_id}: the engine thread is not running")
+        # Renewed at every check: keeps the entry alive (the directory drops silent ones) and
+        # refills a directory that was restarted.
+        self._directory.register.remote(self.replica_id, self._metrics_url)
 
     async def __del__(self) -> None:
         # Serve's graceful shutdown (scale-down, redeploy; also after a failed constructor):

@@ -3,7 +3,7 @@ a Serve handle (routed by request_router.py) and relays the replica's answer.
 
 Failures: a call that fails before the replica's first body byte reached the client (the
 replica died, was unreachable, or was being replaced) is retried on another replica, with
-backoff, `num_retries` times; the client never sees it. Once bytes have gone out the
+backoff, `NUM_RETRIES` times; the client never sees it. Once bytes have gone out the
 response cannot be restarted: a stream then ends with an OpenAI-style error event and
 `data: [DONE]`, so clients stop cleanly instead of hanging. A client that leaves cancels the
 call, which reaches the replica's app as a disconnect (the engine aborts the request).
@@ -26,11 +26,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from tokenmill.gateway.accounting import routing_text
+from tokenmill.gateway.accounting import routing_key
 from tokenmill.ray.asgi_call import HTTPCall, Message
 from tokenmill.ray.config import RayAppConfig
-from tokenmill.ray.replica_metrics import directory, federate
+from tokenmill.ray.replica_metrics import ReplicaDirectoryClient
 from tokenmill.server.errors import RETRY_AFTER_S, error_body, sse_error_events
+from tokenmill.server.middleware import body_too_large
 
 logger = logging.getLogger("tokenmill.ray")
 
@@ -40,13 +41,15 @@ RETRYABLE = (ray_exceptions.RayActorError, ray_exceptions.WorkerCrashedError, ra
 NUM_RETRIES = 3
 BACKOFF_S = 0.1
 PROMPT_ROUTES = {"/v1/completions": False, "/v1/chat/completions": True}  # path -> is chat
+SESSION_HEADER = "x-session-id"  # as the gateway's default affinity header
 
 
 class Ingress:
     def __init__(self, engine, config: RayAppConfig) -> None:
         self._engine = engine.options(stream=True, method_name="handle")
         self._max_body_bytes = config.max_request_body_bytes
-        self._directory = directory(serve.get_replica_context().app_name)
+        self._max_routing_chars = config.routing.block_chars * config.routing.max_blocks  # all the policy reads
+        self._directory = ReplicaDirectoryClient(serve.get_replica_context().app_name)
         self._session: aiohttp.ClientSession | None = None
         self.registry = CollectorRegistry()
         self._retries = Counter("tokenmill:ray_ingress_retries", "Calls retried on another replica, by error.",
@@ -57,44 +60,51 @@ class Ingress:
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
-        if path == "/metrics" and request.method == "GET":
+        if request.method == "GET" and path == "/metrics":
             self._session = self._session or aiohttp.ClientSession()
-            return Response(await federate(self._directory, self._session, self.registry),
+            return Response(await self._directory.federate(self._session, self.registry),
                             media_type=CONTENT_TYPE_LATEST)
+        if request.method == "GET" and path == "/health":
+            # Answered here: a probe must not count as load (autoscaling) nor wake a replica
+            # scaled to zero. Serve restarts engine replicas whose check_health fails.
+            return Response(status_code=200)
         try:
             body = await _read_body(request, self._max_body_bytes)
         except ClientDisconnect:
             return Response(status_code=499)
         if body is None:
-            return JSONResponse(error_body(f"Request body larger than {self._max_body_bytes} bytes.",
-                                           "invalid_request_error", code="request_too_large"), status_code=413)
+            return body_too_large(self._max_body_bytes).response()
+        key = _routing_key(request, path, body)[: self._max_routing_chars]
         call = HTTPCall(request.method, path, request.scope.get("query_string", b""),
-                        tuple(request.scope["headers"]), body, request.scope.get("client"),
-                        _routing_text(request.method, path, body))
+                        tuple(request.scope["headers"]), body, request.scope.get("client"), key)
         return await self._forward(call)
 
     async def _forward(self, call: HTTPCall) -> Response:
         for attempt in range(NUM_RETRIES + 1):
+            if attempt:
+                await asyncio.sleep(BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
             stream = self._engine.remote(call)
             try:
                 head = await _until_first_body(stream)
             except RETRYABLE as e:
                 stream.cancel()
-                reason = type(e).__name__
-                self._retries.labels(reason).inc()
+                self._retries.labels(type(e).__name__).inc()
                 logger.warning("%s %s: replica failed before answering (%s); attempt %d of %d", call.method,
-                               call.path, reason, attempt + 1, NUM_RETRIES + 1)
-                await asyncio.sleep(BACKOFF_S * 2**attempt * random.uniform(0.5, 1.5))
+                               call.path, type(e).__name__, attempt + 1, NUM_RETRIES + 1)
                 continue
             except serve_exceptions.BackPressureError:
                 stream.cancel()
-                return _unavailable("Every replica's queue is full; retry later.", "backpressure")
-            except BaseException:
+                return _error(503, "Every replica's queue is full; retry later.", "backpressure")
+            except Exception:
+                stream.cancel()
+                logger.exception("%s %s failed", call.method, call.path)
+                return _error(500, "The engine replica failed to answer.", "internal_error")
+            except BaseException:  # cancelled: the client left
                 stream.cancel()
                 raise
             return RelayResponse(head, stream, self._stream_errors)
-        return _unavailable(f"No engine replica could take the request after {NUM_RETRIES + 1} attempts.",
-                            "no_replica_available")
+        return _error(503, f"No engine replica could take the request after {NUM_RETRIES + 1} attempts.",
+                      "no_replica_available")
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
@@ -111,29 +121,33 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(parts)
 
 
-def _routing_text(method: str, path: str, body: bytes) -> str:
+def _routing_key(request: Request, path: str, body: bytes) -> str:
     chat = PROMPT_ROUTES.get(path.rstrip("/"))
-    if method != "POST" or chat is None:
+    if request.method != "POST" or chat is None:
         return ""
     try:
         parsed = json.loads(body)
     except ValueError:
         return ""  # the replica answers the 400
-    return routing_text(parsed, chat) if isinstance(parsed, dict) else ""
+    return routing_key(parsed, chat, request.headers.get(SESSION_HEADER)) if isinstance(parsed, dict) else ""
 
 
-def _unavailable(message: str, code: str) -> Response:
-    return JSONResponse(error_body(message, "server_error", code=code), status_code=503,
-                        headers={"Retry-After": str(RETRY_AFTER_S)})
+def _error(status: int, message: str, code: str) -> Response:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(error_body(message, "server_error", code=code), status_code=status, headers=headers)
+
+
+def _has_body(batch: list[Message]) -> bool:
+    return any(m["type"] == "http.response.body" and (m.get("body") or not m.get("more_body")) for m in batch)
 
 
 async def _until_first_body(stream) -> list[Message]:
-    """The replica's messages up to and including its first body part with bytes (or its
+    """The replica's messages up to and including its first batch with body bytes (or its
     last part): nothing has reached the client yet, so a failure here can be retried."""
     head: list[Message] = []
-    async for message in stream:
-        head.append(message)
-        if message["type"] == "http.response.body" and (message.get("body") or not message.get("more_body")):
+    async for batch in stream:
+        head.extend(batch)
+        if _has_body(batch):
             return head
     return head
 
@@ -162,25 +176,25 @@ class RelayResponse(Response):
             watcher.cancel()
             if not relay.done():
                 relay.cancel()
-                self._stream.cancel()  # the client left: the replica's app sees a disconnect
+            if not relay.done() or relay.cancelled() or relay.exception() is not None:
+                self._stream.cancel()  # the client left, or the relay broke: the replica stops
         if relay.done() and not relay.cancelled():
             relay.result()
 
     async def _relay(self, send: Send) -> None:
-        ended = False
         for message in self._head:
             await send(message)
-            ended = message["type"] == "http.response.body" and not message.get("more_body")
-        if ended:
-            return
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                return
         try:
-            async for message in self._stream:
-                await send(message)
-                if message["type"] == "http.response.body" and not message.get("more_body"):
-                    return
-        except RETRYABLE as e:
+            async for batch in self._stream:
+                for message in batch:
+                    await send(message)
+                    if message["type"] == "http.response.body" and not message.get("more_body"):
+                        return
+        except Exception as e:  # the replica (or the way to it) failed mid-response
             self._stream_errors.inc()
-            logger.warning("replica failed mid-response: %s", type(e).__name__)
+            logger.warning("replica failed mid-response: %r", e)
         tail = sse_error_events("The replica serving this stream failed; the output is incomplete.",
                                 "replica_stream_error") if self._is_sse else b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})

@@ -4,12 +4,13 @@ the same `Router` the gateway uses: prefix-cache aware under bounded loads).
 Serve asks `choose_replicas` for ranked lists of candidates and probes them in order; a
 replica that is full (at `max_ongoing_requests`) refuses and the next rank is tried. Ranks
 here: [the policy's choice], then two other replicas at random (Serve's power of two
-choices, which picks the shorter queue of the two). Requests without a prompt (GET
-/v1/models, /health) go straight to power of two choices.
+choices, which picks the shorter queue of the two). Requests without a routing key (GET
+/v1/models) go straight to power of two choices.
 
-The load the policy bounds is this router's own count of requests in flight per replica
-(`on_request_routed` / `on_request_completed`); each ingress replica has its own view, as
-each gateway replica does.
+The load the policy bounds is this router's own count of requests in flight per replica,
+kept by request id: Serve calls `on_request_completed` also for requests a replica refused
+(never routed), which must not lower anyone's count. Each ingress replica has its own view,
+as each gateway replica does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tokenmill.gateway.routing import Candidate, Router, RoutingConfig
 
 
 def routing_text_of(pending_request: PendingRequest | None) -> str:
-    """The prompt text the ingress attached to the call (HTTPCall.routing_text), else ""."""
+    """The routing key the ingress attached to the call (HTTPCall.routing_text), else ""."""
     if pending_request is None or not pending_request.args:
         return ""
     return getattr(pending_request.args[0], "routing_text", "") or ""
@@ -35,6 +36,7 @@ class PrefixAwareRequestRouter(RequestRouter):
     def initialize_state(self, **routing_kwargs) -> None:
         self._policy = Router(RoutingConfig(**routing_kwargs))
         self._in_flight: Counter[ReplicaID] = Counter()
+        self._routed: dict[str, ReplicaID] = {}  # internal request id -> the replica it went to
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -54,14 +56,19 @@ class PrefixAwareRequestRouter(RequestRouter):
         return [[chosen], random.sample(others, min(2, len(others)))]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        self._routed[pending_request.metadata.internal_request_id] = replica_id
         self._in_flight[replica_id] += 1
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        if self._in_flight[replica_id] > 1:
-            self._in_flight[replica_id] -= 1
+        routed_to = self._routed.pop(internal_request_id, None)
+        if routed_to is None:  # refused by a full replica, or never sent: never counted
+            return
+        if self._in_flight[routed_to] > 1:
+            self._in_flight[routed_to] -= 1
         else:
-            del self._in_flight[replica_id]
+            del self._in_flight[routed_to]
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._in_flight.pop(replica_id, None)
+        self._routed = {rid: r for rid, r in self._routed.items() if r != replica_id}

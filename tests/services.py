@@ -1,4 +1,4 @@
-"""Real Redis and PostgreSQL servers on loopback for the gateway tests.
+"""Real servers on loopback for the tests: Redis and PostgreSQL (the gateway), Prometheus (metrics).
 
 Each server runs from the Debian package's binaries on a free port, with its state in a
 temporary directory, and is stopped and removed when its context manager exits. Fakes would
@@ -172,3 +172,35 @@ def postgres_server() -> Iterator[str]:
             _stop(proc, signal.SIGINT)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def prometheus_server(targets: list[str], scrape_interval_s: float = 1.0) -> Iterator[str]:
+    """A Prometheus server (Debian's `prometheus`) scraping `targets` ("host:port", path
+    /metrics); yields its URL for the HTTP API (`/api/v1/query`)."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise ServiceUnavailable("prometheus is not installed (Debian package prometheus)")
+    import httpx
+
+    with tempfile.TemporaryDirectory(prefix="tm-prometheus-") as tmp:
+        config = Path(tmp, "prometheus.yml")
+        config.write_text(
+            "global:\n"
+            f"  scrape_interval: {round(scrape_interval_s * 1000)}ms\n"
+            "scrape_configs:\n"
+            "  - job_name: tokenmill\n"
+            f"    static_configs:\n      - targets: [{', '.join(repr(t) for t in targets)}]\n")
+        port = free_port()
+        log = Path(tmp, "prometheus.log")
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp}/data",
+                 f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_until_ready(proc, log, lambda: httpx.get(url + "/-/ready", timeout=1).raise_for_status())
+            yield url
+        finally:
+            _stop(proc, signal.SIGTERM)
