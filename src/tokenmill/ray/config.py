@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +23,10 @@ from tokenmill.gateway.routing import POLICIES, RoutingConfig
 POWER_OF_TWO = "power_of_two"
 ROUTING_POLICIES = (*POLICIES, POWER_OF_TWO)
 ARGS_KEYS = ("model", "engine_kwargs", "deployment_config", "routing", "stream_batching_interval_ms")
-# A streamed response crosses Ray twice per item (replica -> ingress -> proxy), ~6 ms of CPU
-# each on a 2-core machine (docs/deploy.md): a replica sends what a stream produced every
-# 50 ms as one item instead of one item per token. Ray Serve LLM's default, and name.
+# A streamed response crosses Ray twice per item (replica -> ingress -> proxy), about 4 ms of
+# CPU per item in the ingress and the proxy together (docs/deploy.md): a replica sends what a
+# stream produced in 50 ms as one item instead of one item per token. Ray Serve LLM's default
+# and name.
 DEFAULT_STREAM_BATCHING_INTERVAL_MS = 50.0
 # Serve's proxy listens for HTTP, not the replicas: these `tokenmill serve` options belong to it.
 HTTP_OPTIONS = ("host", "port")
@@ -146,8 +148,6 @@ def engine_kwargs_to_argv(engine_kwargs: dict[str, Any]) -> list[str]:
         elif isinstance(value, (list, tuple)):
             argv.extend([flag, *map(str, value)])
         elif isinstance(value, dict):  # e.g. speculative_config, a JSON object on the command line
-            import json
-
             argv.extend([flag, json.dumps(value)])
         elif value is not None:
             argv.extend([flag, str(value)])
