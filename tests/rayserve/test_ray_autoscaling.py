@@ -52,3 +52,20 @@ def test_autoscaling_goes_1_to_2_under_load_and_back_to_1_when_idle(cluster):
         assert r.status_code == 200 and r.headers["x-tokenmill-replica"] in served.replicas()
     finally:
         served.stop()
+
+
+def test_scale_to_zero_and_back_on_the_next_request(cluster):
+    served = RayServe(cluster, "--model", DEMO_MODEL_DIR, "--served-model-name", "demo", "--dtype", "float32",
+                      "--max-model-len", "1024", "--kv-cache-memory", "64MiB", "--disable-log-requests",
+                      "--min-replicas", "0", "--max-replicas", "1", "--downscale-delay", "2",
+                      "--deployment-config", json.dumps(AUTOSCALING))
+    try:
+        wait_until(lambda: not served.replicas(), interval=0.5)  # idle: no replica left
+        assert httpx.get(served.url + "/health").status_code == 200  # answered without waking one
+        assert not served.replicas()
+        r = httpx.post(served.url + "/v1/completions", timeout=CEILING_S,  # waits while a replica loads
+                       json={"model": "demo", "prompt": "wake up", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert served.replicas() == {r.headers["x-tokenmill-replica"]}
+    finally:
+        served.stop()

@@ -59,8 +59,8 @@ async def completion(gw: Gateway, scope, body_bytes: bytes, send, request_id: st
             res = None
             raise rate_limit_error(decision, model)
         client_headers = rate_limit_headers(decision)
-        key = routing_key(body, chat, header(scope, gw.config.affinity_header.encode()))
-        call = Call(request_id, scope["path"], payload, model, stream, key,
+        route_key = routing_key(body, chat, header(scope, gw.config.affinity_header.encode()))
+        call = Call(request_id, scope["path"], payload, model, stream, route_key,
                     upstream_headers(scope, request_id), client_headers, drop_usage, t0=t0)
         await gw.forwarder.forward(call, send)
         status = call.status
