@@ -137,6 +137,18 @@ def test_router_ranks_the_policy_choice_then_power_of_two():
     assert len(no_prompt) == 1 and len(no_prompt[0]) == 2  # Serve's power of two choices
 
 
+def test_router_remembers_the_replica_that_took_the_request_not_its_first_choice():
+    router, replicas = _router(), [_Replica(n) for n in "abcd"]
+    prompt = "a document many questions share " * 8
+    first = _Pending(prompt + "q1", "r1")
+    chosen = asyncio.run(router.choose_replicas(replicas, first))[0][0]
+    took = next(r for r in replicas if r is not chosen)  # the choice was full: rank 2 took it
+    router.on_request_routed(first, took.replica_id, None)
+    router.on_request_completed(took.replica_id, "r1")
+    # The prefix's KV blocks are on `took` now: the next request with it goes there.
+    assert asyncio.run(router.choose_replicas(replicas, _Pending(prompt + "q2", "r2")))[0] == [took]
+
+
 def test_router_bounds_the_load_of_a_hot_prefix():
     router, replicas = _router(load_factor=1.25), [_Replica(n) for n in "ab"]
     prompt = "one hot prefix " * 20

@@ -81,8 +81,11 @@ class Router:
         self._ring: list[tuple[int, str]] = []
         self._ring_members: tuple[tuple[str, float], ...] = ()
 
-    def choose(self, text: str, candidates: Sequence[Candidate]) -> str:
-        """The replica for a request whose routing text is `text` (may be empty)."""
+    def choose(self, text: str, candidates: Sequence[Candidate], remember: bool = True) -> str:
+        """The replica for a request whose routing text is `text` (may be empty). With
+        `remember`, the prefix index records it; a caller that may end up elsewhere (Ray
+        Serve's router: the choice can be refused) passes False and calls `remember` with
+        the replica that took the request."""
         if not candidates:
             raise ValueError("no candidates to route to")
         if len(candidates) == 1:
@@ -99,8 +102,14 @@ class Router:
                 break
         if chosen is None:
             chosen = self._ring_choice(blocks[0], candidates, eligible)
-        self._remember(blocks, chosen)
+        if remember:
+            self._remember(blocks, chosen)
         return chosen
+
+    def remember(self, text: str, name: str) -> None:
+        """Record that replica `name` took the request with routing text `text`."""
+        if text and self.config.policy == "prefix":
+            self._remember(prefix_hashes(text, self.config.block_chars, self.config.max_blocks), name)
 
     def _remember(self, blocks: list[bytes], name: str) -> None:
         index = self._index

@@ -50,7 +50,9 @@ class PrefixAwareRequestRouter(RequestRouter):
         if not text or len(candidate_replicas) == 1:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         by_name = {r.replica_id.unique_id: r for r in candidate_replicas}
-        name = self._policy.choose(text, [Candidate(n, self._in_flight[r.replica_id]) for n, r in by_name.items()])
+        # Remembered in on_request_routed, once a replica took it: the choice may be refused.
+        name = self._policy.choose(text, [Candidate(n, self._in_flight[r.replica_id]) for n, r in by_name.items()],
+                                   remember=False)
         chosen = by_name[name]
         others = [r for r in candidate_replicas if r is not chosen]
         return [[chosen], random.sample(others, min(2, len(others)))]
@@ -58,6 +60,7 @@ class PrefixAwareRequestRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         self._routed[pending_request.metadata.internal_request_id] = replica_id
         self._in_flight[replica_id] += 1
+        self._policy.remember(routing_text_of(pending_request), replica_id.unique_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         routed_to = self._routed.pop(internal_request_id, None)
