@@ -4,6 +4,7 @@ replaces, on the real model: the same kernels in the same order, so the same bit
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,14 @@ def test_the_files_pages_do_not_stay_resident_beside_their_copies():
     be mapped in this process)."""
     path = real_model_path()
     resolved = str(Path(path).resolve())
+    # Start from the file out of the page cache: another process that served it for long
+    # (a benchmark) can leave it in large folios, which a kernel maps back whole on the
+    # first touch (36 MB seen), whatever this load releases.
+    fd = os.open(resolved, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
     before = set(_mapped_rss_bytes(resolved))
     llm = LLM(model=path, max_model_len=256)
     llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0.0))
