@@ -33,6 +33,12 @@ def routing_text_of(pending_request: PendingRequest | None) -> str:
 class PrefixAwareRequestRouter(RequestRouter):
     """`request_router_kwargs` are RoutingConfig's fields (policy, load_factor, block_chars...)."""
 
+    # Serve's first queue-length probe waits 0.1 s: a replica busy with a decode step (its
+    # event loop waits on the engine thread's GIL) misses it on a 2-core machine, and the
+    # request, with its cached prefix, goes to the second rank. Power of two choices loses
+    # nothing by moving on; a cache-aware choice loses the cache. Serve's own maximum.
+    queue_len_response_deadline_s = RequestRouter.max_queue_len_response_deadline_s
+
     def initialize_state(self, **routing_kwargs) -> None:
         self._policy = Router(RoutingConfig(**routing_kwargs))
         self._in_flight: Counter[ReplicaID] = Counter()
