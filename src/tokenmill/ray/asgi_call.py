@@ -9,6 +9,7 @@ The replica's answer comes back as the app's ASGI messages (`http.response.start
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,9 @@ async def call_asgi(app: Any, call: HTTPCall, extra_headers: tuple[tuple[bytes, 
     """The app's ASGI messages for `call`, in order, in batches: each batch is what the app
     sent since the last one. With `batch_s` > 0, batches after the first body part are at
     least that far apart (fewer, larger items through Ray per stream: each item costs CPU in
-    the replica, the ingress and the proxy); the first body part always goes at once (TTFT).
+    the replica, the ingress and the proxy); the first body part always goes at once (TTFT),
+    and so does the end of the response: until the call ends, Serve counts the request as
+    running on the replica (the router's load, `max_ongoing_requests`, autoscaling).
 
     Closing the iterator early (the ingress cancelled: its client left, or it gave up) tells
     the app its client disconnected, so it aborts the engine requests as it would for a
@@ -55,6 +58,7 @@ async def call_asgi(app: Any, call: HTTPCall, extra_headers: tuple[tuple[bytes, 
     """
     messages: asyncio.Queue = asyncio.Queue()
     client_gone = asyncio.Event()
+    ended = asyncio.Event()  # the app sent its last body part, or returned
     body_delivered = False
 
     async def receive() -> Message:
@@ -71,16 +75,23 @@ async def call_asgi(app: Any, call: HTTPCall, extra_headers: tuple[tuple[bytes, 
         if message["type"] == "http.response.start" and extra_headers:
             message = {**message, "headers": [*message.get("headers", ()), *extra_headers]}
         messages.put_nowait(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            ended.set()
+
+    def app_returned(_) -> None:
+        messages.put_nowait(_DONE)
+        ended.set()
 
     task = asyncio.ensure_future(app(_scope(call), receive, send))
-    task.add_done_callback(lambda _: messages.put_nowait(_DONE))
+    task.add_done_callback(app_returned)
     loop = asyncio.get_running_loop()
     body_started, last_batch_at, done = False, 0.0, False
     try:
         while not done:
             batch = [await messages.get()]
-            if body_started and batch_s > 0:
-                await asyncio.sleep(last_batch_at + batch_s - loop.time())
+            if body_started and batch_s > 0 and not ended.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(ended.wait(), last_batch_at + batch_s - loop.time())
             while not messages.empty():
                 batch.append(messages.get_nowait())
             if batch[-1] is _DONE:

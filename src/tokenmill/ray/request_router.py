@@ -8,19 +8,26 @@ choices, which picks the shorter queue of the two). Requests without a routing k
 /v1/models) go straight to power of two choices.
 
 The load the policy bounds is this router's own count of requests in flight per replica,
-kept by request id: Serve calls `on_request_completed` also for requests a replica refused
-(never routed), which must not lower anyone's count. Each ingress replica has its own view,
-as each gateway replica does.
+kept by (replica, request id) from Serve's two callbacks, which can come in either order: a
+short request's completion can arrive before `on_request_routed` (the router's coroutine
+resumes after the replica has already answered), and Serve also reports completions of
+requests a replica refused (never routed there). Such completions are remembered (a bounded
+number), so a late `on_request_routed` finds its request already done instead of counting
+it forever. Each ingress replica has its own view, as each gateway replica does.
 """
 
 from __future__ import annotations
 
 import random
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from tokenmill.gateway.routing import Candidate, Router, RoutingConfig
+
+# Completions seen before (or without) their on_request_routed; refused requests' are never
+# claimed, so the oldest are dropped. A request is routed within seconds of completing.
+UNROUTED_COMPLETIONS_KEPT = 10_000
 
 
 def routing_text_of(pending_request: PendingRequest | None) -> str:
@@ -42,7 +49,8 @@ class PrefixAwareRequestRouter(RequestRouter):
     def initialize_state(self, **routing_kwargs) -> None:
         self._policy = Router(RoutingConfig(**routing_kwargs))
         self._in_flight: Counter[ReplicaID] = Counter()
-        self._routed: dict[str, ReplicaID] = {}  # internal request id -> the replica it went to
+        self._routed: set[tuple[ReplicaID, str]] = set()  # (replica, internal request id) counted
+        self._completed_unrouted: OrderedDict[tuple[ReplicaID, str], None] = OrderedDict()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -64,20 +72,28 @@ class PrefixAwareRequestRouter(RequestRouter):
         return [[chosen], random.sample(others, min(2, len(others)))]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
-        self._routed[pending_request.metadata.internal_request_id] = replica_id
-        self._in_flight[replica_id] += 1
         self._policy.remember(routing_text_of(pending_request), replica_id.unique_id)
+        key = (replica_id, pending_request.metadata.internal_request_id)
+        if key in self._completed_unrouted:  # it finished before Serve told us where it went
+            del self._completed_unrouted[key]
+            return
+        self._routed.add(key)
+        self._in_flight[replica_id] += 1
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        routed_to = self._routed.pop(internal_request_id, None)
-        if routed_to is None:  # refused by a full replica, or never sent: never counted
+        key = (replica_id, internal_request_id)
+        if key not in self._routed:  # routed later, or refused by a full replica: never counted
+            self._completed_unrouted[key] = None
+            if len(self._completed_unrouted) > UNROUTED_COMPLETIONS_KEPT:
+                self._completed_unrouted.popitem(last=False)
             return
-        if self._in_flight[routed_to] > 1:
-            self._in_flight[routed_to] -= 1
+        self._routed.remove(key)
+        if self._in_flight[replica_id] > 1:
+            self._in_flight[replica_id] -= 1
         else:
-            del self._in_flight[routed_to]
+            del self._in_flight[replica_id]
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._in_flight.pop(replica_id, None)
-        self._routed = {rid: r for rid, r in self._routed.items() if r != replica_id}
+        self._routed = {key for key in self._routed if key[0] != replica_id}
