@@ -229,9 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_subcommands(bench.add_subparsers(dest="bench_cmd", required=True))
 
-    from tokenmill.gateway.cli import add_gateway_parser
-
-    add_gateway_parser(sub)
+    for add_parser in _light_commands().values():
+        add_parser(sub)
 
     from tokenmill.quant.cli import add_quantize_parser
 
@@ -245,20 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _gateway_parser() -> argparse.ArgumentParser:
-    """`tokenmill gateway ...` alone: the gateway never loads the engine (torch costs 2 s of
-    start-up and ~200 MB resident, which a proxy has no use for)."""
+def _light_commands() -> dict:
+    """Commands that never load the engine (torch costs 2 s of start-up and ~200 MB resident,
+    which a proxy or a watcher has no use for): name -> its parser builder."""
     from tokenmill.gateway.cli import add_gateway_parser
+    from tokenmill.observability.watch.cli import add_watch_parser
 
-    parser = argparse.ArgumentParser(prog="tokenmill")
-    add_gateway_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return {"gateway": add_gateway_parser, "watch": add_watch_parser}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["gateway"]:
-        args = _gateway_parser().parse_args(argv)
+    light = _light_commands().get(argv[0]) if argv else None
+    if light is not None:
+        parser = argparse.ArgumentParser(prog="tokenmill")
+        light(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
         return args.func(args)  # configures its own logging
     args = build_parser().parse_args(argv)
     if args.func is not _cmd_serve:  # serve configures its own logging (--log-level)

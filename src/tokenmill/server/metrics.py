@@ -11,6 +11,7 @@ own collectors. Each app has its own CollectorRegistry: several servers in one p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import prometheus_client
 from prometheus_client import (
@@ -24,8 +25,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from tokenmill.engine.async_llm import AsyncLLM, RequestTimes
 from tokenmill.outputs import RequestOutput
+
+if TYPE_CHECKING:  # annotations only: the bucket constants import without the engine (torch)
+    from tokenmill.engine.async_llm import AsyncLLM, RequestTimes
 
 # vLLM's buckets, so histogram_quantile queries from its dashboards mean the same here.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,

@@ -1,0 +1,2 @@
+"""`tokenmill watch`: incident detection on live metrics (signals -> change detectors ->
+diagnosis -> sinks)."""

@@ -1,0 +1,100 @@
+"""From the signals that moved to an incident: what kind of trouble (the symptom people
+feel), its likely cause (from which signals moved, together and first), and what to do.
+
+The rules are ordered from the most specific evidence to the least: a backend that stopped
+answering explains everything downstream of it; preemptions name the KV cache; longer
+prompts name the traffic; slower steps with the same batch and the same prompts name the
+machine (something else takes the CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenmill.observability.watch.detector import SignalRule
+
+# The signals watched for changes, with the direction that hurts and the smallest change
+# worth an incident. Latency floors are a few ms: below that, scheduling noise on a busy
+# host; the relative sizes are the usual "50% slower" of an on-call page.
+RULES = (
+    SignalRule("ttft_s", +1, 0.5, 0.05),
+    SignalRule("itl_s", +1, 0.3, 0.005),
+    SignalRule("e2e_s", +1, 0.5, 0.1),
+    SignalRule("queue_s", +1, 1.0, 0.05),
+    SignalRule("prompt_tokens_per_request", +1, 0.5, 16),
+    SignalRule("prompt_tokens_per_s", +1, 0.5, 50),
+    SignalRule("tokens_per_s_per_running", -1, 0.3, 1.0),
+    SignalRule("requests_per_s", +1, 0.5, 0.5),  # a surge of traffic
+    SignalRule("aborts_per_s", +1, 1.0, 0.2),
+    SignalRule("running", +1, 0.5, 2),
+    SignalRule("waiting", +1, 1.0, 2),
+    SignalRule("kv_cache_usage", +1, 0.3, 0.15),
+    SignalRule("preemptions_per_s", +1, 1.0, 0.1),
+    SignalRule("prefix_cache_hit_ratio", -1, 0.3, 0.1),
+    SignalRule("errors_per_s", +1, 1.0, 0.1),
+    SignalRule("rejections_per_s", +1, 1.0, 0.1),
+    SignalRule("server_cpu", -1, 0.15, 0.1),
+)
+
+# Symptom signals open incidents; the others are only evidence for a cause. In this order
+# of precedence when several move in the same window (the most specific names the incident).
+SYMPTOMS = {
+    "errors_per_s": "error_burst", "rejections_per_s": "error_burst",
+    "preemptions_per_s": "preemption_storm",
+    "ttft_slo_burn": "slo_burn",
+    "ttft_s": "latency_regression", "itl_s": "latency_regression", "e2e_s": "latency_regression",
+    "waiting": "queue_buildup", "queue_s": "queue_buildup",
+    "tokens_per_s_per_running": "throughput_drop",
+    "prefix_cache_hit_ratio": "cache_thrash", "kv_cache_usage": "cache_thrash",
+}
+PRECEDENCE = {name: i for i, name in enumerate(SYMPTOMS)}
+
+ACTIONS = {
+    "backend_down": "Check the backend's process and host (logs, OOM killer, node events); the gateway "
+                    "routes around it meanwhile. Restore or replace it before the others saturate.",
+    "kv_cache_pressure": "The KV cache is too small for this load: raise --kv-cache-memory, lower "
+                         "--max-num-seqs or --max-model-len, or add a replica.",
+    "long_prompt_flood": "Prompts got much longer: find the client (logs by request id), cap prompt length "
+                         "at the gateway, or give long-context traffic its own replicas.",
+    "slow_clients": "Streams are held open by clients that read slowly or not at all: check the clients "
+                    "and the proxy's buffering; lower the server's stream send timeout.",
+    "cpu_contention": "Each engine step got slower with the same batch and prompts: something else uses "
+                      "this machine's CPU (check top/cgroup throttling, noisy neighbours, thread settings).",
+    "server_errors": "The server answers 5xx: read its error logs for the failing request ids.",
+    "traffic_surge": "More traffic than normal: scale out or rate-limit at the gateway.",
+    "unknown": "No single cause stands out: see the evidence, in the order the signals moved.",
+}
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    kind: str
+    cause: str
+    action: str
+
+
+def diagnose(moved: dict[str, float], new_down: set[str], headline: str | None) -> Diagnosis:
+    """`moved`: signal -> when it moved (every signal in a change now); `new_down`: endpoints or
+    backends that stopped answering; `headline`: the first symptom signal that moved."""
+    kind = SYMPTOMS.get(headline or "", "latency_regression")
+
+    def has(*names: str) -> bool:
+        return any(n in moved for n in names)
+
+    if new_down:
+        cause, kind = "backend_down", "backend_down"
+    elif has("preemptions_per_s"):
+        cause = "kv_cache_pressure"
+    elif has("prompt_tokens_per_request"):
+        cause = "long_prompt_flood"
+    elif has("aborts_per_s") and not has("itl_s"):
+        cause = "slow_clients"
+    elif has("errors_per_s"):
+        cause = "server_errors"
+    elif has("requests_per_s"):
+        cause = "traffic_surge"
+    elif has("itl_s", "tokens_per_s_per_running"):  # slower steps, same traffic and prompts
+        cause = "cpu_contention"
+    else:
+        cause = "unknown"
+    return Diagnosis(kind, cause, ACTIONS[cause])
