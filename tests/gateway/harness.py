@@ -19,28 +19,31 @@ PYTHON_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 class Process:
-    """A child process that answers GET /health with 200 once up."""
+    """A child process, up once GET `ready_path` answers 200; SIGTERM stops it."""
 
-    def __init__(self, cmd: list[str], url: str, log: Path | None = None) -> None:
-        self.url = url
+    def __init__(self, cmd: list[str], url: str, log: Path | None = None, *, ready_path: str = "/health",
+                 env: dict[str, str] = PYTHON_ENV, start_timeout_s: float = CEILING_S,
+                 stop_timeout_s: float = 30.0) -> None:
+        self.url, self._ready_path, self._stop_timeout_s = url, ready_path, stop_timeout_s
         self.log_path = log or Path(tempfile.mkstemp(suffix=".log")[1])
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=PYTHON_ENV)
-        deadline = time.monotonic() + CEILING_S
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + start_timeout_s
         while not self.healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"{' '.join(cmd)} did not start:\n{self.log()}")
+                raise RuntimeError(f"{' '.join(cmd)} did not start:\n{self.log()[-5000:]}")
             time.sleep(0.05)
 
     def healthy(self) -> bool:
         try:
-            return httpx.get(self.url + "/health", timeout=5).status_code == 200
+            return httpx.get(self.url + self._ready_path, timeout=5).status_code == 200
         except httpx.TransportError:
             return False
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def kill(self) -> None:
@@ -52,7 +55,7 @@ class Process:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=self._stop_timeout_s)
             except subprocess.TimeoutExpired:
                 self.kill()
         self._log.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.gateway.harness import Process
 from tests.server.server_harness import CEILING_S, free_port, metric
 
 RAY_BIN = Path(sys.executable).with_name("ray")
@@ -43,8 +45,6 @@ class RayCluster:
                                            stderr=subprocess.STDOUT, start_new_session=True, env=RAY_ENV))
 
     def _wait_for_head(self) -> None:
-        import socket
-
         deadline = time.monotonic() + CEILING_S
         while True:
             with socket.socket() as s:
@@ -71,38 +71,20 @@ class RayCluster:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-class RayServe:
+class RayServe(Process):
     """`tokenmill serve --ray ARGS` against `cluster`, up once a replica answers
     /v1/models. Its application has a name of its own, so `replica_pids` finds exactly its
     replicas (never another Ray instance's on this machine)."""
 
     def __init__(self, cluster: RayCluster, *args: str) -> None:
         port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
         self.app_name = f"tm-test-{port}"
-        self.log_path = Path(cluster.tmp) / f"serve-{port}.log"
-        self._log = open(self.log_path, "w")
         cmd = [sys.executable, "-m", "tokenmill", "serve", "--ray", "--port", str(port), "--ray-app-name",
                self.app_name, "--ray-proxy-location", "HeadOnly", *args]  # one proxy: the nodes share this host
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**RAY_ENV, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 2 * CEILING_S
-        while not self._healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("tokenmill serve --ray did not start:\n" + self.log()[-5000:])
-            time.sleep(0.5)
-
-    def _healthy(self) -> bool:
-        try:
-            return httpx.get(self.url + "/v1/models", timeout=10).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text()
+        # Stopping deletes the application (replicas shut down gracefully): up to a minute.
+        super().__init__(cmd, f"http://127.0.0.1:{port}", Path(cluster.tmp) / f"serve-{port}.log",
+                         ready_path="/v1/models", start_timeout_s=2 * CEILING_S, stop_timeout_s=CEILING_S,
+                         env={**RAY_ENV, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"})
 
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics", timeout=CEILING_S).text
@@ -117,17 +99,6 @@ class RayServe:
         """One sample's value on each replica."""
         text = self.metrics()
         return {r: metric(text, name, replica=r, **labels) for r in self.replicas(text)}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=CEILING_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
 
     def replica_pids(self) -> list[int]:
         """PIDs of this application's engine replicas (Ray titles each worker process

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from types import SimpleNamespace
 
 import prometheus_client
@@ -65,7 +66,7 @@ def test_build_app_args_become_the_replicas_serve_options():
     ({"deployment_config": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}}, "not both"),
 ])
 def test_bad_build_app_args_are_named(args, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         RayAppConfig.from_args(args)
 
 

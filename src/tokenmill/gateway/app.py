@@ -44,6 +44,7 @@ from tokenmill.gateway.routing import Router
 from tokenmill.gateway.store import KeyStore, StoreError, redact
 from tokenmill.server.errors import APIError, unavailable
 from tokenmill.server.middleware import SAFE_REQUEST_ID
+from tokenmill.server.streaming import wait_for_disconnect
 
 logger = logging.getLogger("tokenmill.gateway")
 
@@ -193,8 +194,7 @@ class Gateway:
 
         async def watch() -> None:
             nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            await wait_for_disconnect(receive)
             if not finished:
                 gone = True
                 this.cancel()

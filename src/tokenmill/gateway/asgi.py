@@ -25,7 +25,7 @@ async def read_body(receive, max_bytes: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
-            raise APIError(413, f"The request body is larger than this gateway takes ({max_bytes} bytes).",
+            raise APIError(413, f"The request body is larger than the {max_bytes} bytes this server takes.",
                            code="request_too_large")
         chunks.append(chunk)
         if not message.get("more_body"):

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenmill.cli import _parse_json_object
 from tokenmill.gateway.routing import POLICIES, RoutingConfig
 
 # Serve's own router (power of two choices on queue lengths) instead of tokenmill's policy.
@@ -97,8 +99,10 @@ def _mapping(args: dict[str, Any], key: str) -> dict[str, Any]:
     return dict(value)
 
 
+@functools.cache
 def serve_parser() -> argparse.ArgumentParser:
-    """The `tokenmill serve` subcommand's parser (the one definition of its options)."""
+    """The `tokenmill serve` subcommand's parser (the one definition of its options); built
+    once per process (parsing does not change it)."""
     from tokenmill.cli import build_parser
 
     parser = build_parser()
@@ -166,12 +170,6 @@ def engine_kwargs_from_namespace(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _json_object(text: str) -> dict:
-    from tokenmill.cli import _parse_json_object
-
-    return _parse_json_object(text)
-
-
 def add_ray_args(p: argparse.ArgumentParser) -> None:
     """`tokenmill serve --ray` options (docs/deploy.md)."""
     g = p.add_argument_group(RAY_GROUP)
@@ -201,7 +199,7 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                    help="prefix: requests sharing a prompt prefix go to the replica that has it cached, under a "
                         "bounded load (as `tokenmill gateway`); least_requests: fewest in flight; power_of_two: "
                         "Serve's own router. (default: prefix)")
-    g.add_argument("--deployment-config", type=_json_object, default=None, metavar="JSON",
+    g.add_argument("--deployment-config", type=_parse_json_object, default=None, metavar="JSON",
                    help="More Serve options of the engine deployment, as build_app's deployment_config "
                         "(e.g. '{\"autoscaling_config\": {\"look_back_period_s\": 10}}'); merged over the flags.")
     g.add_argument("--stream-batching-interval-ms", type=float, default=DEFAULT_STREAM_BATCHING_INTERVAL_MS,

@@ -33,8 +33,10 @@ def run_ray_server(args: argparse.Namespace) -> int:
     from tokenmill.ray.app import build_application
 
     address = os.environ.get("RAY_ADDRESS")
-    logger.info("connecting to the Ray cluster at %s", address) if address else logger.info(
-        "RAY_ADDRESS not set: starting a local Ray instance")
+    if address:
+        logger.info("connecting to the Ray cluster at %s", address)
+    else:
+        logger.info("RAY_ADDRESS not set: starting a local Ray instance")
     ray.init(address=address, log_to_driver=True)
     started_serve = False
     try:

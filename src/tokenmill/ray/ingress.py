@@ -22,16 +22,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
 from ray import exceptions as ray_exceptions
 from ray import serve
 from ray.serve import exceptions as serve_exceptions
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from tokenmill.gateway.accounting import routing_key
+from tokenmill.gateway.asgi import ClientGone, read_body
 from tokenmill.ray.asgi_call import HTTPCall, Message
 from tokenmill.ray.config import RayAppConfig
 from tokenmill.ray.replica_metrics import ReplicaDirectoryClient
-from tokenmill.server.errors import RETRY_AFTER_S, error_body, sse_error_events
-from tokenmill.server.middleware import body_too_large
+from tokenmill.server.errors import RETRY_AFTER_S, APIError, error_body, sse_error_events
+from tokenmill.server.streaming import wait_for_disconnect
 
 logger = logging.getLogger("tokenmill.ray")
 
@@ -69,11 +70,11 @@ class Ingress:
             # scaled to zero. Serve restarts engine replicas whose check_health fails.
             return Response(status_code=200)
         try:
-            body = await _read_body(request, self._max_body_bytes)
-        except ClientDisconnect:
+            body = await read_body(request.receive, self._max_body_bytes)
+        except ClientGone:
             return Response(status_code=499)
-        if body is None:
-            return body_too_large(self._max_body_bytes).response()
+        except APIError as e:  # 413
+            return e.response()
         key = _routing_key(request, path, body)[: self._max_routing_chars]
         call = HTTPCall(request.method, path, request.scope.get("query_string", b""),
                         tuple(request.scope["headers"]), body, request.scope.get("client"), key)
@@ -105,20 +106,6 @@ class Ingress:
             return RelayResponse(head, stream, self._stream_errors)
         return _error(503, f"No engine replica could take the request after {NUM_RETRIES + 1} attempts.",
                       "no_replica_available")
-
-
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None past `limit` bytes (read no further: a hostile body costs nothing)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        return None
-    parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def _routing_key(request: Request, path: str, body: bytes) -> str:
@@ -168,7 +155,7 @@ class RelayResponse(Response):
         self._head = head
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watcher = asyncio.ensure_future(_disconnect(receive))
+        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
         relay = asyncio.ensure_future(self._relay(send))
         try:
             await asyncio.wait({watcher, relay}, return_when=asyncio.FIRST_COMPLETED)
@@ -199,7 +186,3 @@ class RelayResponse(Response):
                                 "replica_stream_error") if self._is_sse else b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
-
-async def _disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

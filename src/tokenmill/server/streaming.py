@@ -100,12 +100,11 @@ class SSEResponse(StreamingResponse):
                 self._on_close()
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    # The body has been read already, so the next ASGI message is the disconnect.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Returns when the client disconnects (call once the body has been read: the next ASGI
+    message is then the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def run_until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
@@ -115,7 +114,7 @@ async def run_until_disconnect(request: Request, work: Awaitable[Response]) -> R
     their KV blocks before the next step; no one is left to read a result anyway.
     """
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    watcher = asyncio.ensure_future(wait_for_disconnect(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
