@@ -26,6 +26,7 @@ class FakeServer:
         self.c: dict[str, float] = {}
         self.g: dict[str, float] = {}
         self.t = 1_800_000_000.0
+        self.unsent = 0  # finished by the engine, response not yet ended
 
     def add(self, name: str, value: float, **labels: str) -> None:
         key = series_key(name, {**M, **labels})
@@ -54,7 +55,11 @@ class FakeServer:
             self.add("tokenmill:prompt_tokens_total", prompt)
             self.add("tokenmill:generation_tokens_total", 64)
             self.add("tokenmill:request_success_total", 1, finished_reason="length")
-            self.add("http_requests_total", 1, handler="/v1/completions", method="POST", status="200")
+            self.unsent += 1
+        # Responses end as their clients read them: at once, or a slow reader's tenth a second.
+        sent = self.unsent if fault != "slow_readers" else round(self.unsent * 0.1)
+        self.add("http_requests_total", sent, handler="/v1/completions", method="POST", status="200")
+        self.unsent -= sent
         self.add("tokenmill:num_preemptions_total", rng.randint(1, 3) if fault == "small_kv" else 0)
         self.add("process_cpu_seconds_total", rng.uniform(0.8, 0.95) * (0.6 if fault == "cpu_hog" else 1.0))
         # Little's law: in flight = arrivals x time in the system (~1.3 s, longer when slower).
@@ -84,6 +89,7 @@ def test_a_clean_series_raises_nothing(seed):
     ("cpu_hog", "latency_regression", "cpu_contention"),
     ("long_prompts", "latency_regression", "long_prompt_flood"),
     ("small_kv", "preemption_storm", "kv_cache_pressure"),
+    ("slow_readers", "stalled_streams", "slow_clients"),
     ("backend_killed", "backend_down", "backend_down"),
 ])
 def test_each_fault_is_found_with_its_cause(fault, kind, cause):

@@ -24,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenmill.observability.slo import SLOS
 
 # What the watcher reads: the server's and the gateway's series, HTTP statuses, CPU time.
-KEPT_PREFIXES = ("tokenmill:", "tokenmill_gateway_", "http_requests_total", "process_cpu_seconds_total")
-PROMETHEUS_SELECTOR = '{__name__=~"tokenmill:.+|tokenmill_gateway_.+|http_requests_total|process_cpu_seconds_total|up"}'
+KEPT_PREFIXES = ("tokenmill:", "http_requests_total", "process_cpu_seconds_total")  # the gateway's are tokenmill:gateway_*
+PROMETHEUS_SELECTOR = '{__name__=~"tokenmill:.+|http_requests_total|process_cpu_seconds_total|up"}'
 SLO_BUCKETS = {(slo.histogram, slo.le) for slo in SLOS}
 UP = "up"  # per endpoint: 1 if its last scrape answered, as Prometheus's own `up` series
 

@@ -34,6 +34,7 @@ RULES = (
     SignalRule("errors_per_s", +1, 1.0, 0.1),
     SignalRule("rejections_per_s", +1, 1.0, 0.1),
     SignalRule("server_cpu", -1, 0.15, 0.1),
+    SignalRule("responses_not_yet_sent", +1, 1.0, 3),
 )
 
 # Symptom signals open incidents; the others are only evidence for a cause. In this order
@@ -46,6 +47,7 @@ SYMPTOMS = {
     "waiting": "queue_buildup", "queue_s": "queue_buildup",
     "tokens_per_s_per_running": "throughput_drop",
     "prefix_cache_hit_ratio": "cache_thrash", "kv_cache_usage": "cache_thrash",
+    "responses_not_yet_sent": "stalled_streams",
 }
 PRECEDENCE = {name: i for i, name in enumerate(SYMPTOMS)}
 
@@ -87,7 +89,7 @@ def diagnose(moved: dict[str, float], new_down: set[str], headline: str | None) 
         cause = "kv_cache_pressure"
     elif has("prompt_tokens_per_request"):
         cause = "long_prompt_flood"
-    elif has("aborts_per_s") and not has("itl_s"):
+    elif has("responses_not_yet_sent") or (has("aborts_per_s") and not has("itl_s")):
         cause = "slow_clients"
     elif has("errors_per_s"):
         cause = "server_errors"

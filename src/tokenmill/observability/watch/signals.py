@@ -17,7 +17,7 @@ from tokenmill.observability.metrics_source import UP, Snapshot, split_key
 from tokenmill.observability.slo import TTFT_SLO
 
 P = "tokenmill:"
-GW = "tokenmill_gateway_"
+GW = "tokenmill:gateway_"
 
 
 class _Index:
@@ -49,6 +49,9 @@ class _Index:
 
     def unhealthy_backends(self) -> set[str]:
         return {labels.get("backend", "?") for labels, v in self.by_name.get(GW + "backend_healthy", ()) if v == 0.0}
+
+
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 
 
 def _is_5xx(labels: dict[str, str]) -> bool:
@@ -87,6 +90,7 @@ DESCRIPTIONS = {
     "rejections_per_s": "admission rejections per second",
     "server_cpu": "server CPU use (cores)",
     "ttft_slo_burn": "TTFT error budget burn rate (x budget)",
+    "responses_not_yet_sent": "responses finished by the engine but still being sent",
 }
 
 
@@ -144,6 +148,10 @@ def _derive(then: _Index, now: _Index, span_s: float) -> dict[str, float | None]
     ttft_count = d(TTFT_SLO.histogram + "_count")
     ttft_fast = d(TTFT_SLO.histogram + "_bucket", le=TTFT_SLO.le)
     errors = _delta(then.total_where("http_requests_total", _is_5xx), now.total_where("http_requests_total", _is_5xx))
+    # Responses still being written after the engine finished them: slow-reading clients
+    # hold them open (a count, not a rate: finished minus answered, all time).
+    answered = now.total_where("http_requests_total", lambda labels: labels.get("handler") in GENERATION_ROUTES)
+    finished_all = now.total(P + "request_success_total")
     gw_errors = _delta(then.total_where(GW + "requests_total", _is_5xx), now.total_where(GW + "requests_total", _is_5xx))
     if gw_errors is not None:
         errors = (errors or 0.0) + gw_errors
@@ -166,4 +174,5 @@ def _derive(then: _Index, now: _Index, span_s: float) -> dict[str, float | None]
         "errors_per_s": rate(errors),
         "rejections_per_s": rate(d(P + "admission_rejections_total")),
         "server_cpu": rate(d("process_cpu_seconds_total")),
+        "responses_not_yet_sent": None if answered is None or finished_all is None else finished_all - answered,
     }
