@@ -248,10 +248,12 @@ def _light_commands() -> dict:
     """Commands that never load the engine (torch costs 2 s of start-up and ~200 MB resident,
     which a proxy, a watcher or a file generator has no use for): name -> its parser builder."""
     from tokenmill.gateway.cli import add_gateway_parser
+    from tokenmill.observability.dashboards import add_dashboards_parser
     from tokenmill.observability.rules import add_rules_parser
     from tokenmill.observability.watch.cli import add_watch_parser
 
-    return {"gateway": add_gateway_parser, "watch": add_watch_parser, "rules": add_rules_parser}
+    return {"gateway": add_gateway_parser, "watch": add_watch_parser, "rules": add_rules_parser,
+            "dashboards": add_dashboards_parser}
 
 
 def main(argv: list[str] | None = None) -> int:
