@@ -29,14 +29,17 @@ from tokenmill.server.admission import Admission
 from tokenmill.server.args import ServerSettings, server_settings
 from tokenmill.server.drain import ABORT_GRACE_S, Drain
 from tokenmill.server.errors import APIError, error_body, unavailable
+from tokenmill.server.json_logs import configure_logging, uvicorn_log_config
 from tokenmill.server.limits import RequestLimits
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.middleware import RequestContextMiddleware
 from tokenmill.server.openapi import document_routes
 from tokenmill.server.prompt_encoder import PromptEncoder
+from tokenmill.server.request_tracker import RequestTracker
 from tokenmill.server.serving_chat import ServingChat
 from tokenmill.server.serving_completions import ServingCompletion
 from tokenmill.server.serving_tokenization import ServingTokenization, json_response
+from tokenmill.server.tracing import create_tracer, require_tracing
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -83,7 +86,14 @@ def build_app(
     limits = RequestLimits.for_model(engine.tokenizer, sched.max_model_len, admission.capacity,
                                      settings.max_request_body_bytes)
     encoder = PromptEncoder(engine.tokenizer)
-    parts = (engine, settings, metrics, admission, encoder, limits)
+    tracer = None
+    if settings.otlp_traces_endpoint:
+        tracer = create_tracer(settings.otlp_traces_endpoint, settings.model_name)
+    # Follows each request to its end for its log record and its span; neither wanted: no cost.
+    tracker = RequestTracker(tracer) if settings.log_requests or tracer is not None else None
+    if tracker is not None:
+        engine.on_output.append(tracker.on_output)
+    parts = (engine, settings, metrics, admission, encoder, limits, tracker)
     state = ServerState(engine, settings, metrics, admission, drain, limits, encoder, ServingCompletion(*parts),
                         ServingChat(*parts), ServingTokenization(*parts), int(time.time()))
 
@@ -93,12 +103,16 @@ def build_app(
         engine.start()
         where = f" at {url}/v1" if url else ""
         logger.info("serving model %r%s", settings.model_name, where)
+        if tracer is not None:
+            logger.info("exporting traces to %s", settings.otlp_traces_endpoint)
         try:
             yield
         finally:
             drain.is_draining = True
             engine.shutdown()
             encoder.shutdown()
+            if tracer is not None:
+                tracer.shutdown()  # sends the spans still batched
             logger.info("engine stopped")
 
     app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
@@ -202,10 +216,11 @@ def run_server(args: argparse.Namespace) -> int:
     from tokenmill.cli import engine_kwargs
     from tokenmill.config import create_engine_config
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tokenmill").setLevel(args.log_level.upper())
+    configure_logging(args.log_format, args.log_level)
     try:
         settings = server_settings(args)
+        if settings.otlp_traces_endpoint:
+            require_tracing()  # before the model loads: a missing package is a quick, clear error
         start = time.monotonic()
         config = create_engine_config(args.model, **engine_kwargs(args))
         engine = AsyncLLM(config)
@@ -224,6 +239,7 @@ def run_server(args: argparse.Namespace) -> int:
     # The drain has ended every request by the time uvicorn shuts down; its own timeout only
     # catches a connection stuck on a client that does not read.
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                               log_config=uvicorn_log_config(args.log_format),
                                timeout_graceful_shutdown=ABORT_GRACE_S, http=HTTP_PARSER)
     server = _DrainingServer(uv_config, app.state.server.drain)
     server.run()

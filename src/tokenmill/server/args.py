@@ -25,6 +25,7 @@ class ServerSettings:
     max_logprobs: int = 20  # most top alternatives per position a request may ask for
     log_requests: bool = True
     max_request_body_bytes: int | None = None  # None: sized from max_model_len (limits.py)
+    otlp_traces_endpoint: str | None = None  # None: no traces (tracing.py)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -86,6 +87,15 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="uvicorn's log level; info includes one access-log line per request. (default: info)")
     g.add_argument("--disable-log-requests", action="store_true",
                    help="Do not log one summary line per finished request.")
+    g.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text: human-readable lines; json: one JSON object per line (uvicorn's too), each "
+                        "request's record with its request id, trace id, status, tokens and timings. "
+                        "(default: text)")
+    g.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="Export one OpenTelemetry span per request (vLLM's `llm_request`, with queue, prefill "
+                        "and decode child spans) to this OTLP receiver, e.g. http://localhost:4317; "
+                        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=grpc (default) or http/protobuf. Follows the "
+                        "caller's W3C traceparent. Needs `pip install 'tokenmill[otel]'`. (default: off)")
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:
@@ -98,4 +108,5 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         max_logprobs=args.max_logprobs,
         log_requests=not args.disable_log_requests,
         max_request_body_bytes=args.max_request_body_bytes,
+        otlp_traces_endpoint=args.otlp_traces_endpoint or None,
     )

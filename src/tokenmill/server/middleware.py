@@ -18,6 +18,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.server.drain import Drain
 from tokenmill.server.errors import APIError, error_body, unavailable
+from tokenmill.server.request_context import (
+    RequestContext,
+    bind_request,
+    trace_headers_of,
+    unbind_request,
+)
 from tokenmill.server.streaming import STATUS_CLIENT_CLOSED
 
 logger = logging.getLogger("tokenmill.server")
@@ -49,6 +55,8 @@ class RequestContextMiddleware:
 
     - a request id (the client's X-Request-Id if tame, else a new one), in
       `request.state.request_id`, in the X-Request-Id response header and in error logs;
+      and, with the caller's trace headers, in the RequestContext that logs and traces read
+      (request_context.py);
     - 401 when an API key is set and `Authorization: Bearer <key>` does not match, on the
       protected paths; `request.state.authorized` tells the others whether the key was sent;
     - 503 for new POSTs once the server is draining; the others are counted for the drain;
@@ -79,6 +87,7 @@ class RequestContextMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["authorized"] = self._is_authorized(headers)
+        context_token = bind_request(RequestContext(request_id, trace_headers_of(headers)))
         status: int | None = None
 
         async def send_with_id(message: Message) -> None:
@@ -110,6 +119,7 @@ class RequestContextMiddleware:
             if status == STATUS_CLIENT_CLOSED:
                 self._log_client_closed(scope)
             self._on_response(self._route_of(scope), scope["method"], status)
+            unbind_request(context_token)
 
     def _is_authorized(self, headers: Headers) -> bool:
         if self._key_digest is None:

@@ -18,7 +18,14 @@ from tokenmill.server.admission import Reservation
 from tokenmill.server.args import ServerSettings
 from tokenmill.server.errors import APIError, error_body
 from tokenmill.server.protocol import ResponseBase, SamplingFields, UsageInfo
-from tokenmill.server.streaming import SSE_DONE, ChunkWriter, SSEResponse, sse_event
+from tokenmill.server.request_context import current_request
+from tokenmill.server.streaming import (
+    SSE_DONE,
+    STATUS_CLIENT_CLOSED,
+    ChunkWriter,
+    SSEResponse,
+    sse_event,
+)
 
 logger = logging.getLogger("tokenmill.server")
 
@@ -110,9 +117,34 @@ class ResponseWriter:
             logger.info("%s (x-request-id %s): %d prompt + %d completion tokens, finish=%s, %.3f s",
                         request_id, getattr(raw_request.state, "request_id", "-"), usage.prompt_tokens,
                         usage.completion_tokens, ",".join(str(r) for r in finish_reasons),
-                        time.monotonic() - start)
+                        time.monotonic() - start,
+                        extra=_finished_fields(raw_request, request_id, 200, start, usage, finish_reasons))
 
     def log_unfinished(self, raw_request: Request, request_id: str, start: float) -> None:
         if self.settings.log_requests:
             logger.info("%s (x-request-id %s): client disconnected, aborted after %.3f s", request_id,
-                        getattr(raw_request.state, "request_id", "-"), time.monotonic() - start)
+                        getattr(raw_request.state, "request_id", "-"), time.monotonic() - start,
+                        extra=_finished_fields(raw_request, request_id, STATUS_CLIENT_CLOSED, start))
+
+
+def _finished_fields(raw_request: Request, response_id: str, status: int, start: float,
+                     usage: UsageInfo | None = None, finish_reasons: list[str | None] | None = None) -> dict:
+    """The fields of a request's "finished" record, which --log-format json writes out: the ids
+    that join it to the client (X-Request-Id, response id) and to its trace, its status and
+    tokens, and the engine's timings (seconds; queue/ttft/e2e as the metrics define them, over
+    its prompts) next to `duration_s`, the handler's own time from the body read to the end."""
+    ctx = current_request()
+    fields = {
+        "request_id": getattr(raw_request.state, "request_id", None),
+        "response_id": response_id,
+        "trace_id": ctx.trace_id if ctx is not None else None,
+        "method": raw_request.method,
+        "path": raw_request.scope["path"],
+        "status": status,
+        "duration_s": round(time.monotonic() - start, 6),
+        **(ctx.timings() if ctx is not None else {}),
+        "prompt_tokens": usage.prompt_tokens if usage is not None else None,
+        "completion_tokens": usage.completion_tokens if usage is not None else None,
+        "finish_reasons": finish_reasons,
+    }
+    return {name: value for name, value in fields.items() if value is not None}

@@ -30,6 +30,7 @@ from tokenmill.server.limits import RequestLimits
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.prompt_encoder import PromptEncoder
 from tokenmill.server.protocol import OpenAIBaseModel, SamplingFields
+from tokenmill.server.request_tracker import RequestTracker
 from tokenmill.server.responses import ResponseWriter
 from tokenmill.server.streaming import STATUS_CLIENT_CLOSED, run_until_disconnect
 from tokenmill.server.structured import STRUCTURED_FIELDS, structured_outputs_from
@@ -45,7 +46,8 @@ MAX_WARNED_FIELDS = 100
 
 class OpenAIServing(ResponseWriter):
     def __init__(self, engine: AsyncLLM, settings: ServerSettings, metrics: ServerMetrics,
-                 admission: Admission, encoder: PromptEncoder, limits: RequestLimits) -> None:
+                 admission: Admission, encoder: PromptEncoder, limits: RequestLimits,
+                 tracker: RequestTracker | None = None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.settings = settings
@@ -53,6 +55,7 @@ class OpenAIServing(ResponseWriter):
         self.admission = admission
         self._encoder = encoder
         self.limits = limits
+        self.tracker = tracker  # None: neither request logs nor traces
         self.max_model_len = engine.config.scheduler.max_model_len
         # The checkpoint's generation_config.json defaults apply when a field is not sent.
         self.defaults = default_sampling_params(engine.config.model_path)
@@ -218,6 +221,8 @@ class OpenAIServing(ResponseWriter):
     ) -> AsyncIterator[RequestOutput]:
         """The engine's delta outputs for one prompt, with admission and abort bookkeeping."""
         finished = False
+        if self.tracker is not None:
+            self.tracker.register(engine_request_id, len(prompt_token_ids), params)
         try:
             stream = self.engine.generate(prompt_token_ids, params, engine_request_id, prompt)
             async with aclosing(stream):
@@ -235,3 +240,5 @@ class OpenAIServing(ResponseWriter):
             reservation.release(params.n)
             if not finished:
                 self.metrics.record_abort(engine_request_id, params.n)
+                if self.tracker is not None:
+                    self.tracker.on_abort(engine_request_id)
