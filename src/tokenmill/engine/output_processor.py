@@ -22,8 +22,52 @@ def child_request_id(request_id: str, index: int, n: int) -> str:
     return request_id if n == 1 else f"{index}_{request_id}"
 
 
+def span_s(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else max(0.0, end - start)
+
+
+class PhaseTimes:
+    """A request's phases from its milestones, as the metrics, logs and traces all define
+    them (after vLLM): queue = waiting, prefill up to the first token, decode after it;
+    inference = prefill + decode. None: a milestone the request never reached."""
+
+    arrival: float
+    first_scheduled: float | None
+    first_token: float | None
+    last_token: float | None
+    finished: float | None
+
+    @property
+    def end(self) -> float:
+        return self.finished or self.last_token or self.arrival
+
+    @property
+    def queue_s(self) -> float | None:
+        return span_s(self.arrival, self.first_scheduled)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return span_s(self.arrival, self.first_token)
+
+    @property
+    def prefill_s(self) -> float | None:
+        return span_s(self.first_scheduled, self.first_token)
+
+    @property
+    def decode_s(self) -> float | None:
+        return span_s(self.first_token, self.last_token)
+
+    @property
+    def inference_s(self) -> float | None:
+        return span_s(self.first_scheduled, self.end)
+
+    @property
+    def e2e_s(self) -> float:
+        return max(0.0, self.end - self.arrival)
+
+
 @dataclass
-class RequestTimes:
+class RequestTimes(PhaseTimes):
     """Wall-clock milestones of one request (time.monotonic seconds), for metrics."""
 
     arrival: float

@@ -252,17 +252,15 @@ class ServerMetrics:
         del self._live[request_id]
         for reason in st.finish_reasons.values():
             self.request_success[reason].inc()
-        end = times.finished or times.last_token or times.arrival
-        self.e2e.observe(end - times.arrival)
+        self.e2e.observe(times.e2e_s)
         self.request_prompt_tokens.observe(st.num_prompt_tokens)
         self.request_generation_tokens.observe(sum(st.tokens_per_sample.values()))
-        if times.first_scheduled is not None:
-            self.queue_time.observe(max(0.0, times.first_scheduled - times.arrival))
-            self.inference_time.observe(max(0.0, end - times.first_scheduled))
-            if times.first_token is not None:
-                self.prefill_time.observe(max(0.0, times.first_token - times.first_scheduled))
-        if times.first_token is not None and times.last_token is not None:
-            decode_s = times.last_token - times.first_token
+        for histogram, value_s in ((self.queue_time, times.queue_s), (self.inference_time, times.inference_s),
+                                   (self.prefill_time, times.prefill_s)):
+            if value_s is not None:
+                histogram.observe(value_s)
+        decode_s = times.decode_s
+        if decode_s is not None:
             self.decode_time.observe(decode_s)
             longest = max(st.tokens_per_sample.values(), default=0)
             if longest > 1:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tokenmill.engine.async_llm import RequestTimes
+from tokenmill.engine.output_processor import PhaseTimes
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.request_context import RequestContext, current_request
@@ -22,7 +23,7 @@ logger = logging.getLogger("tokenmill.server")
 
 
 @dataclass(frozen=True)
-class FinishedRequest:
+class FinishedRequest(PhaseTimes):
     """One engine request (one prompt, all its n samples) once it has ended.
 
     Times are time.monotonic() seconds, as in RequestTimes; None for a milestone the request
@@ -40,36 +41,6 @@ class FinishedRequest:
     first_token: float | None
     last_token: float | None
     finished: float
-
-    # The phases as the metrics define them (metrics.py, after vLLM): queue = waiting,
-    # prefill up to the first token, decode after it; inference = prefill + decode.
-    @property
-    def queue_s(self) -> float | None:
-        return _span(self.arrival, self.first_scheduled)
-
-    @property
-    def ttft_s(self) -> float | None:
-        return _span(self.arrival, self.first_token)
-
-    @property
-    def prefill_s(self) -> float | None:
-        return _span(self.first_scheduled, self.first_token)
-
-    @property
-    def decode_s(self) -> float | None:
-        return _span(self.first_token, self.last_token)
-
-    @property
-    def inference_s(self) -> float | None:
-        return _span(self.first_scheduled, self.finished)
-
-    @property
-    def e2e_s(self) -> float:
-        return max(0.0, self.finished - self.arrival)
-
-
-def _span(start: float | None, end: float | None) -> float | None:
-    return None if start is None or end is None else max(0.0, end - start)
 
 
 class RequestExporter(Protocol):
