@@ -181,6 +181,12 @@ class ServerMetrics:
                              labels + ["reason"], registry=reg)
         self.admission_rejections = {r: rejections.labels(model_name, r) for r in ADMISSION_REJECTION_REASONS}
         # vLLM's instrumentator names; the status is the exact code (499: the client left first).
+        # Flow control: a stream's write waits while its client reads slower than the server
+        # writes (the socket and transport buffers are full). Near 0 with healthy clients.
+        self.streams_waiting_on_client = Gauge(
+            "tokenmill:num_streams_waiting_on_client",
+            "Streaming responses whose next write waits for the client to read.", labels, registry=reg,
+        ).labels(model_name)
         self.http_requests = Counter("http_requests", "Total number of requests by method, status and handler.",
                                      ["handler", "method", "status"], registry=reg)
         cache = engine.config.cache

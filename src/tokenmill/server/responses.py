@@ -76,7 +76,8 @@ class ResponseWriter:
                         reservation: Reservation) -> SSEResponse:
         """A streaming response: the handler's `events`, the usage event if asked, [DONE]."""
         body = self._sse_body(raw_request, req, writer, events, num_prompt, start)
-        return SSEResponse(body, on_close=reservation.release_all)
+        return SSEResponse(body, on_close=reservation.release_all,
+                           waiting_on_client=self.metrics.streams_waiting_on_client)
 
     def chunk_writer(self, req: SamplingFields, envelope: ResponseBase, prompt_tokens: list[int]) -> ChunkWriter:
         """The writer of a stream's events; `prompt_tokens[i]`: choice i's prompt length,

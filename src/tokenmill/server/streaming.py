@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from tokenmill.outputs import CompletionOutput
 from tokenmill.server.protocol import ChatChunkChoice, CompletionChoice, ResponseBase, UsageInfo
@@ -84,13 +84,26 @@ class SSEResponse(StreamingResponse):
     `on_close`, even when the client left before the first byte: the generator's
     `finally` (which aborts engine requests) and the admission release both run."""
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], waiting_on_client=None) -> None:
+        """`waiting_on_client`: a gauge (inc/dec) counting this stream while a write of it
+        waits for the client to read (the server's flow control holds it)."""
         # X-Accel-Buffering: tell nginx-style proxies not to buffer the stream.
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
+        self._waiting_on_client = waiting_on_client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gauge = self._waiting_on_client
+        if gauge is not None:
+            plain_send = send
+
+            async def send(message: Message) -> None:
+                gauge.inc()
+                try:
+                    await plain_send(message)
+                finally:
+                    gauge.dec()
         try:
             await super().__call__(scope, receive, send)
         finally:

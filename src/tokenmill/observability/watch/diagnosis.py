@@ -24,7 +24,7 @@ RULES = (
     SignalRule("prompt_tokens_per_request", +1, 0.5, 16),
     SignalRule("prompt_tokens_per_s", +1, 0.5, 50),
     SignalRule("tokens_per_s_per_running", -1, 0.3, 1.0),
-    SignalRule("requests_per_s", +1, 0.5, 0.5),  # a surge of traffic
+    SignalRule("arrivals_per_s", +1, 0.5, 0.5),  # a surge of traffic
     SignalRule("aborts_per_s", +1, 1.0, 0.2),
     SignalRule("running", +1, 0.5, 2),
     SignalRule("waiting", +1, 1.0, 2),
@@ -33,8 +33,9 @@ RULES = (
     SignalRule("prefix_cache_hit_ratio", -1, 0.3, 0.1),
     SignalRule("errors_per_s", +1, 1.0, 0.1),
     SignalRule("rejections_per_s", +1, 1.0, 0.1),
-    SignalRule("server_cpu", -1, 0.15, 0.1),
+    SignalRule("server_cpu", +1, 0.3, 0.2),  # more work; a CPU hog beside it does not raise it
     SignalRule("responses_not_yet_sent", +1, 1.0, 3),
+    SignalRule("streams_waiting_on_client", +1, 1.0, 2),
 )
 
 # Symptom signals open incidents; the others are only evidence for a cause. In this order
@@ -47,7 +48,7 @@ SYMPTOMS = {
     "waiting": "queue_buildup", "queue_s": "queue_buildup",
     "tokens_per_s_per_running": "throughput_drop",
     "prefix_cache_hit_ratio": "cache_thrash", "kv_cache_usage": "cache_thrash",
-    "responses_not_yet_sent": "stalled_streams",
+    "responses_not_yet_sent": "stalled_streams", "streams_waiting_on_client": "stalled_streams",
 }
 PRECEDENCE = {name: i for i, name in enumerate(SYMPTOMS)}
 
@@ -63,9 +64,13 @@ ACTIONS = {
     "cpu_contention": "Each engine step got slower with the same batch and prompts: something else uses "
                       "this machine's CPU (check top/cgroup throttling, noisy neighbours, thread settings).",
     "server_errors": "The server answers 5xx: read its error logs for the failing request ids.",
-    "traffic_surge": "More traffic than normal: scale out or rate-limit at the gateway.",
+    "traffic_surge": "More work than normal (requests, or longer ones): scale out or rate-limit at the gateway.",
     "unknown": "No single cause stands out: see the evidence, in the order the signals moved.",
 }
+
+
+# Evidence that settles a cause: an open incident first diagnosed otherwise takes it on.
+DECISIVE_CAUSES = ("backend_down", "kv_cache_pressure", "long_prompt_flood", "slow_clients")
 
 
 @dataclass(frozen=True)
@@ -89,13 +94,13 @@ def diagnose(moved: dict[str, float], new_down: set[str], headline: str | None) 
         cause = "kv_cache_pressure"
     elif has("prompt_tokens_per_request"):
         cause = "long_prompt_flood"
-    elif has("responses_not_yet_sent") or (has("aborts_per_s") and not has("itl_s")):
+    elif has("streams_waiting_on_client", "responses_not_yet_sent"):
         cause = "slow_clients"
     elif has("errors_per_s"):
         cause = "server_errors"
-    elif has("requests_per_s"):
+    elif has("arrivals_per_s", "server_cpu"):  # more requests, or more work per request
         cause = "traffic_surge"
-    elif has("itl_s", "tokens_per_s_per_running"):  # slower steps, same traffic and prompts
+    elif has("itl_s", "tokens_per_s_per_running"):  # slower steps, same traffic, same CPU used
         cause = "cpu_contention"
     else:
         cause = "unknown"

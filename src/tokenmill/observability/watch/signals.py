@@ -91,6 +91,8 @@ DESCRIPTIONS = {
     "server_cpu": "server CPU use (cores)",
     "ttft_slo_burn": "TTFT error budget burn rate (x budget)",
     "responses_not_yet_sent": "responses finished by the engine but still being sent",
+    "streams_waiting_on_client": "streams whose writes wait for the client to read",
+    "arrivals_per_s": "requests arriving per second",
 }
 
 
@@ -174,5 +176,8 @@ def _derive(then: _Index, now: _Index, span_s: float) -> dict[str, float | None]
         "errors_per_s": rate(errors),
         "rejections_per_s": rate(d(P + "admission_rejections_total")),
         "server_cpu": rate(d("process_cpu_seconds_total")),
+        "streams_waiting_on_client": now.total(P + "num_streams_waiting_on_client"),
+        # Arrivals: every request's parameters are observed when it arrives.
+        "arrivals_per_s": rate(d(P + "request_params_n_count")),
         "responses_not_yet_sent": None if answered is None or finished_all is None else finished_all - answered,
     }

@@ -21,9 +21,11 @@ SEVERITY = {"backend_down": "page", "slo_burn": "page", "error_burst": "page"}  
 
 def terminal_lines(event: Event) -> list[str]:
     i = event.incident
-    stamp = dt.datetime.fromtimestamp(i.reported_at_s if event.opened else i.resolved_at_s).strftime("%H:%M:%S")
-    if not event.opened:
+    stamp = dt.datetime.fromtimestamp(i.resolved_at_s or i.reported_at_s).strftime("%H:%M:%S")
+    if event.what == "resolved":
         return [f"{stamp} RESOLVED {i.id} {i.kind} (lasted {i.resolved_at_s - i.started_at_s:.0f} s)"]
+    if event.what == "updated":
+        return [f"{stamp} UPDATED {i.id} {i.summary}", f"    action: {i.action}"]
     lines = [f"{stamp} INCIDENT {i.id} {i.summary}",
              f"    started {i.reported_at_s - i.started_at_s:.0f} s before this report"
              + (f"; TTFT error budget burning at {i.slo_burn_rate:g}x" if i.slo_burn_rate else "")]
@@ -33,7 +35,7 @@ def terminal_lines(event: Event) -> list[str]:
 
 
 def write_json(fh: IO[str], event: Event) -> None:
-    fh.write(json.dumps({"event": "opened" if event.opened else "resolved", **event.incident.to_json()}) + "\n")
+    fh.write(json.dumps({"event": event.what, **event.incident.to_json()}) + "\n")
     fh.flush()
 
 
@@ -44,7 +46,7 @@ def _rfc3339(time_s: float) -> str:
 def alertmanager_payload(event: Event, receiver: str = "tokenmill-watch") -> dict:
     """One incident as Alertmanager's webhook message (version 4) with one alert."""
     i: Incident = event.incident
-    status = "firing" if event.opened else "resolved"
+    status = "resolved" if event.what == "resolved" else "firing"
     labels = {"alertname": "Tokenmill" + "".join(w.title() for w in i.kind.split("_")), "kind": i.kind,
               "cause": i.cause, "severity": SEVERITY.get(i.kind, "ticket"), "incident": i.id}
     annotations = {"summary": i.summary, "description": "; ".join(e.line() for e in i.evidence), "action": i.action}

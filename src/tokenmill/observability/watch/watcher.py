@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from tokenmill.observability.metrics_source import Snapshot
 from tokenmill.observability.slo import TTFT_SLO
 from tokenmill.observability.watch.detector import Change, ChangeDetector, DetectorConfig
-from tokenmill.observability.watch.diagnosis import PRECEDENCE, RULES, SYMPTOMS, diagnose
+from tokenmill.observability.watch.diagnosis import (
+    DECISIVE_CAUSES,
+    PRECEDENCE,
+    RULES,
+    SYMPTOMS,
+    diagnose,
+)
 from tokenmill.observability.watch.signals import DESCRIPTIONS, SignalDeriver, Signals
 
 # SLO burn: the window's miss ratio against the error budget, as the fast-burn page of the
@@ -74,7 +80,11 @@ class WatchConfig:
 @dataclass(frozen=True)
 class Event:
     incident: Incident
-    opened: bool  # True: reported now; False: resolved now
+    what: str  # "opened" | "updated" (a decisive cause replaced the first one) | "resolved"
+
+    @property
+    def opened(self) -> bool:
+        return self.what == "opened"
 
 
 class Watcher:
@@ -127,13 +137,16 @@ class Watcher:
                 self._pending_since_s = None
         else:
             self._extend(self._open)
+            revised = self._revise(self._open, new_down)
+            if revised is not None:
+                events.append(revised)
             if self._changes or down:
                 self._calm_since_s = None
             elif self._calm_since_s is None:
                 self._calm_since_s = t
             elif t - self._calm_since_s >= self.config.resolve_s:
                 self._open.resolved_at_s = t
-                events.append(Event(self._open, opened=False))
+                events.append(Event(self._open, "resolved"))
                 self._open, self._pending_since_s, self._calm_since_s = None, None, None
         return events
 
@@ -148,7 +161,20 @@ class Watcher:
             incident.evidence.append(Evidence("up", f"{name} stopped answering", 1.0, 0.0, t))
         self._extend(incident)
         self._open, self._pending_since_s, self._calm_since_s = incident, None, None
-        return Event(incident, opened=True)
+        return Event(incident, "opened")
+
+    def _revise(self, incident: Incident, new_down: set[str]) -> Event | None:
+        """Decisive evidence that arrives after the report (a backend going down, preemptions,
+        longer prompts, clients not reading) replaces a first guess such as a traffic surge."""
+        if incident.cause in DECISIVE_CAUSES:
+            return None
+        d = diagnose({c.signal: c.moved_at_s for c in self._changes.values()}, new_down, None)
+        if d.cause not in DECISIVE_CAUSES:
+            return None
+        incident.cause, incident.action = d.cause, d.action
+        if d.kind == "backend_down":
+            incident.kind = d.kind
+        return Event(incident, "updated")
 
     def _extend(self, incident: Incident) -> None:
         """Add signals that moved since the incident began, keeping the order they moved in."""
@@ -160,7 +186,7 @@ class Watcher:
     def _follow_slo_burn(self, t: float) -> None:
         """A burn of the TTFT budget at the fast-burn rate for `BURN_SAMPLES` windows in a row
         is a symptom of its own: latency can be bad from the start, with nothing to learn."""
-        burning = self._burn_rate() is not None
+        burning = self.learned and self._burn_rate() is not None  # a start-up's first requests are slow
         self._burn_streak = self._burn_streak + 1 if burning else 0
         if self._burn_streak >= BURN_SAMPLES and "ttft_slo_burn" not in self._changes:
             self._changes["ttft_slo_burn"] = Change("ttft_slo_burn", True, t, FAST_BURN, self._burn_rate())
