@@ -49,6 +49,7 @@ SYMPTOMS = {
     "tokens_per_s_per_running": "throughput_drop",
     "prefix_cache_hit_ratio": "cache_thrash", "kv_cache_usage": "cache_thrash",
     "responses_not_yet_sent": "stalled_streams", "streams_waiting_on_client": "stalled_streams",
+    "aborts_per_s": "client_disconnects",
 }
 PRECEDENCE = {name: i for i, name in enumerate(SYMPTOMS)}
 
@@ -59,8 +60,8 @@ ACTIONS = {
                          "--max-num-seqs or --max-model-len, or add a replica.",
     "long_prompt_flood": "Prompts got much longer: find the client (logs by request id), cap prompt length "
                          "at the gateway, or give long-context traffic its own replicas.",
-    "slow_clients": "Streams are held open by clients that read slowly or not at all: check the clients "
-                    "and the proxy's buffering; lower the server's stream send timeout.",
+    "slow_clients": "Clients read slowly, stall or hang up while the server is not slow: check the "
+                    "clients, their timeouts and the proxy's buffering (logs: status 499 by request id).",
     "cpu_contention": "Each engine step got slower with the same batch and prompts: something else uses "
                       "this machine's CPU (check top/cgroup throttling, noisy neighbours, thread settings).",
     "server_errors": "The server answers 5xx: read its error logs for the failing request ids.",
@@ -94,7 +95,8 @@ def diagnose(moved: dict[str, float], new_down: set[str], headline: str | None) 
         cause = "kv_cache_pressure"
     elif has("prompt_tokens_per_request"):
         cause = "long_prompt_flood"
-    elif has("streams_waiting_on_client", "responses_not_yet_sent"):
+    elif has("streams_waiting_on_client", "responses_not_yet_sent") or (
+            has("aborts_per_s") and not has("ttft_s", "itl_s", "e2e_s")):  # they leave a server that is not slow
         cause = "slow_clients"
     elif has("errors_per_s"):
         cause = "server_errors"
