@@ -31,7 +31,9 @@ class DetectorConfig:
     warmup_samples: int = 30  # no alarm before this many samples have taught normal
     learn_rate: float = 0.02  # EW weight of a new sample in normal (~50 samples' memory)
     slack: float = 1.5  # CUSUM k: deviations under this many MADs do not accumulate
-    threshold: float = 8.0  # CUSUM h
+    # CUSUM h: 5 reads at full strength. At 8, a clean recording's single stall of a few
+    # hundred ms (it lifts a 10 s window's means for 10 reads) opened an incident.
+    threshold: float = 12.0
     clear_samples: int = 10  # samples back within half the practical size that end a change
     accept_after_samples: int = 600  # a change this long is the new normal (re-learned)
 

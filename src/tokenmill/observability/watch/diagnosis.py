@@ -44,7 +44,8 @@ SYMPTOMS = {
     "errors_per_s": "error_burst", "rejections_per_s": "error_burst",
     "preemptions_per_s": "preemption_storm",
     "ttft_slo_burn": "slo_burn",
-    "ttft_s": "latency_regression", "itl_s": "latency_regression", "e2e_s": "latency_regression",
+    # Not e2e: it follows the output lengths clients ask for (evidence, not a symptom).
+    "ttft_s": "latency_regression", "itl_s": "latency_regression",
     "waiting": "queue_buildup", "queue_s": "queue_buildup",
     "tokens_per_s_per_running": "throughput_drop",
     "prefix_cache_hit_ratio": "cache_thrash", "kv_cache_usage": "cache_thrash",
