@@ -11,6 +11,7 @@ endpoint or gateway backend that stops answering is reported at once, with no le
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from tokenmill.observability.metrics_source import Snapshot
@@ -40,7 +41,8 @@ class Evidence:
     moved_at_s: float
 
     def line(self) -> str:
-        return f"{self.description}: {self.normal:.4g} -> {self.value:.4g} (moved at {self.moved_at_s:.0f})"
+        at = time.strftime("%H:%M:%S", time.localtime(self.moved_at_s))
+        return f"{self.description}: {self.normal:.4g} -> {self.value:.4g} (moved at {at})"
 
 
 @dataclass
