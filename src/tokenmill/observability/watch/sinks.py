@@ -21,7 +21,8 @@ SEVERITY = {"backend_down": "page", "slo_burn": "page", "error_burst": "page"}  
 
 def terminal_lines(event: Event) -> list[str]:
     i = event.incident
-    stamp = dt.datetime.fromtimestamp(i.resolved_at_s or i.reported_at_s).strftime("%H:%M:%S")
+    at_s = {"opened": i.reported_at_s, "updated": i.updated_at_s, "resolved": i.resolved_at_s}[event.what]
+    stamp = dt.datetime.fromtimestamp(at_s).strftime("%H:%M:%S")
     if event.what == "resolved":
         return [f"{stamp} RESOLVED {i.id} {i.kind} (lasted {i.resolved_at_s - i.started_at_s:.0f} s)"]
     if event.what == "updated":

@@ -55,6 +55,7 @@ class Incident:
     action: str
     evidence: list[Evidence] = field(default_factory=list)
     slo_burn_rate: float | None = None  # the TTFT budget's burn rate when reported, if burning
+    updated_at_s: float | None = None  # when decisive evidence last changed its cause
     resolved_at_s: float | None = None
 
     @property
@@ -68,6 +69,7 @@ class Incident:
                 "slo_burn_rate": self.slo_burn_rate,
                 "evidence": [{"signal": e.signal, "description": e.description, "normal": e.normal,
                               "value": e.value, "moved_at_s": round(e.moved_at_s, 3)} for e in self.evidence],
+                "updated_at_s": None if self.updated_at_s is None else round(self.updated_at_s, 3),
                 "resolved_at_s": None if self.resolved_at_s is None else round(self.resolved_at_s, 3)}
 
 
@@ -173,7 +175,7 @@ class Watcher:
         d = diagnose({c.signal: c.moved_at_s for c in self._changes.values()}, new_down, None)
         if d.cause not in DECISIVE_CAUSES:
             return None
-        incident.cause, incident.action = d.cause, d.action
+        incident.cause, incident.action, incident.updated_at_s = d.cause, d.action, self.last_signals.time_s
         if d.kind == "backend_down":
             incident.kind = d.kind
         return Event(incident, "updated")
