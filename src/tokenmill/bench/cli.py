@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenmill.bench import commands, fake_server
+from tokenmill.bench import commands, fake_server, faults_cli
 from tokenmill.bench.model_configs import MODEL_CONFIGS
 from tokenmill.bench.reference import DEFAULT_CONCURRENCIES as REFERENCE_MODELS
 from tokenmill.bench.workloads import DATASET_NAMES
@@ -160,8 +160,8 @@ def _add_run_filters(p: argparse.ArgumentParser, with_kind: bool, limit: int, li
 
 
 def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Register serve, sweep, capacity, throughput, reference, spec, gateway, fake-server, history,
-    compare and report.
+    """Register serve, sweep, capacity, throughput, reference, spec, gateway, faults, fake-server,
+    history, compare and report.
 
     Args:
         sub: the subparsers object of the `bench` parser; each command sets `func`, which
@@ -342,6 +342,18 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--gateway-pid", type=int, default=None, help="Process id of --gateway-url (memory mode needs it).")
     p.add_argument("--output", "-o", default=None, metavar="FILE", help="Also write the Markdown report to FILE.")
     p.set_defaults(func=commands.cmd_gateway)
+
+    p = sub.add_parser("faults", help="Inject known faults into a live tokenmill; time `tokenmill watch`'s reports.",
+                       description="Per fault: start tokenmill serve (two behind tokenmill gateway for "
+                                   "backend_killed), a steady Poisson load (the bench load generator), a metrics "
+                                   "recorder and tokenmill watch; inject the fault after --warmup-s, remove it after "
+                                   "--fault-s, keep going for --after-s. Reports per fault the seconds from injection "
+                                   "to the watcher's first incident, the cause it named, false alarms, the signals "
+                                   "that moved and what the clients saw. A Markdown report goes to stdout, progress to "
+                                   "stderr; exit code 1 if the watcher missed a fault, named a wrong cause or raised a "
+                                   "false alarm.")
+    faults_cli.add_arguments(p)
+    p.set_defaults(func=faults_cli.cmd_faults)
 
     p = sub.add_parser("fake-server", help="Run the fast fake OpenAI-compatible server (overhead measurements).",
                        description="A raw ASGI app on uvicorn (uvloop, httptools): /health, /v1/models, /metrics, "
