@@ -159,7 +159,8 @@ class Watcher:
         headline = next((c.signal for c in ordered if c.signal in SYMPTOMS), None)
         d = diagnose({c.signal: c.moved_at_s for c in ordered}, new_down, headline)
         incident = Incident(id=f"tm-{next(self._ids)}", kind=d.kind, cause=d.cause,
-                            started_at_s=ordered[0].moved_at_s if ordered else t, reported_at_s=t,
+                            # a backend going down dates its own incident, whatever moved before
+                            started_at_s=t if new_down or not ordered else ordered[0].moved_at_s, reported_at_s=t,
                             action=d.action, slo_burn_rate=self._burn_rate())
         for name in sorted(new_down):
             incident.evidence.append(Evidence("up", f"{name} stopped answering", 1.0, 0.0, t))
