@@ -47,3 +47,41 @@ def test_each_recorded_fault_is_found_with_its_cause(fault):
     causes = [cause for at, what, incident, cause in events
               if incident == first_id and what in ("opened", "updated") and at - injected_at_s <= MAX_DELAY_S]
     assert causes[-1] == truth["expected_cause"], events
+
+
+def test_the_command_logs_incidents_and_posts_them_to_a_webhook(tmp_path):
+    """`tokenmill watch --replay ... --incident-log ... --webhook URL` against a real HTTP
+    receiver on loopback: the incident arrives in Alertmanager's webhook format."""
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the stdlib's name)
+            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    log = tmp_path / "incidents.jsonl"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tokenmill", "watch", "--replay", str(DATA / "small_kv.jsonl.gz"),
+                               "--incident-log", str(log), "--webhook", f"http://127.0.0.1:{server.server_port}/hook"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr
+    assert "INCIDENT" in proc.stdout and "kv cache pressure" in proc.stdout
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert logged[0]["event"] == "opened" and logged[0]["cause"] == "kv_cache_pressure"
+    assert received and received[0]["version"] == "4" and received[0]["status"] == "firing"
+    alert = received[0]["alerts"][0]
+    assert alert["labels"]["cause"] == "kv_cache_pressure" and alert["annotations"]["action"]
+    assert {p["groupLabels"]["incident"] for p in received} == {logged[0]["id"]}  # one incident, not one per signal

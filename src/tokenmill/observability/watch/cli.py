@@ -83,13 +83,28 @@ def _emit(events: list[Event], log) -> None:
 
 
 def _replay(args: argparse.Namespace, watcher: Watcher, log) -> int:
-    num = 0
-    for snapshot in iter_recording(args.replay):
-        _emit(watcher.observe(snapshot), log)
-        num += 1
+    """A recording read as fast as it goes: the same incidents, logs and webhooks as live."""
+
+    async def replay() -> int:
+        num = 0
+        async with aiohttp.ClientSession() as session:
+            for snapshot in iter_recording(args.replay):
+                events = watcher.observe(snapshot)
+                _emit(events, log)
+                await _post(session, args.webhook, events)
+                num += 1
+        return num
+
+    num = asyncio.run(replay())
     if not args.quiet:
         print(f"replayed {num} snapshots from {args.replay}", file=sys.stderr)
     return 0
+
+
+async def _post(session: aiohttp.ClientSession, urls: list[str], events: list[Event]) -> None:
+    for event in events:
+        for url in urls:
+            await post_webhook(session, url, event)
 
 
 async def _live(args: argparse.Namespace, watcher: Watcher, log) -> int:
@@ -119,9 +134,7 @@ async def _live(args: argparse.Namespace, watcher: Watcher, log) -> int:
                         write_snapshot(record, snapshot)
                     events = watcher.observe(snapshot)
                     _emit(events, log)
-                    for event in events:
-                        for url in args.webhook:
-                            await post_webhook(session, url, event)
+                    await _post(session, args.webhook, events)
                     if not learned and watcher.learned and not args.quiet:
                         learned = True
                         print("normal behaviour learned; watching for incidents", file=sys.stderr, flush=True)
