@@ -4,8 +4,8 @@ Each signal is computed over a sliding window (`window_s`, default 10 s) by diff
 newest snapshot with the one a window earlier: rates of counters, means of histograms
 (sum / count of the observations made in the window: steadier than quantiles when a window
 holds few requests), and gauges as read. Series are added up over every instance and label
-set (one server or several behind a gateway look alike); a counter that went backwards (a
-restarted server) counts from zero.
+set (one server or several behind a gateway look alike): counters series by series, as
+PromQL's sum(increase(...)) (`_Index.increase`).
 """
 
 from __future__ import annotations
@@ -21,34 +21,50 @@ GW = "tokenmill:gateway_"
 
 
 class _Index:
-    """One snapshot's series grouped by name: name -> [(labels, value)]."""
+    """One snapshot's series grouped by name."""
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.time_s = snapshot.time_s
-        self.by_name: dict[str, list[tuple[dict[str, str], float]]] = {}
+        self.values = snapshot.values
+        self.by_name: dict[str, list[tuple[str, dict[str, str], float]]] = {}  # name -> (key, labels, value)
         for key, value in snapshot.values.items():
             name, labels = split_key(key)
-            self.by_name.setdefault(name, []).append((labels, value))
+            self.by_name.setdefault(name, []).append((key, labels, value))
+
+    def increase(self, since: _Index, name: str, predicate=lambda labels: True) -> float | None:
+        """A counter's increase since `since`, series by series, then summed (PromQL's
+        sum(increase(...))): a series that vanished (a dead backend) or just appeared adds
+        nothing; one that went backwards (a restarted process) counts from zero. Summing
+        first would read a vanished backend as every survivor resetting."""
+        rows = self.by_name.get(name)
+        if rows is None:
+            return None
+        total = 0.0
+        for key, labels, value in rows:
+            before = since.values.get(key)
+            if before is not None and predicate(labels):
+                total += value - before if value >= before else value
+        return total
 
     def total(self, name: str, **match: str) -> float | None:
         rows = self.by_name.get(name)
         if rows is None:
             return None
-        return sum(v for labels, v in rows if all(labels.get(k) == want for k, want in match.items()))
+        return sum(v for _, labels, v in rows if all(labels.get(k) == want for k, want in match.items()))
 
     def maximum(self, name: str) -> float | None:
         rows = self.by_name.get(name)
-        return max(v for _, v in rows) if rows else None
+        return max(v for _, _, v in rows) if rows else None
 
     def total_where(self, name: str, predicate) -> float | None:
         rows = self.by_name.get(name)
-        return None if rows is None else sum(v for labels, v in rows if predicate(labels))
+        return None if rows is None else sum(v for _, labels, v in rows if predicate(labels))
 
     def down_instances(self) -> set[str]:
-        return {labels.get("instance", "?") for labels, v in self.by_name.get(UP, ()) if v == 0.0}
+        return {labels.get("instance", "?") for _, labels, v in self.by_name.get(UP, ()) if v == 0.0}
 
     def unhealthy_backends(self) -> set[str]:
-        return {labels.get("backend", "?") for labels, v in self.by_name.get(GW + "backend_healthy", ()) if v == 0.0}
+        return {labels.get("backend", "?") for _, labels, v in self.by_name.get(GW + "backend_healthy", ()) if v == 0.0}
 
 
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
@@ -123,21 +139,13 @@ class SignalDeriver:
         return Signals(now.time_s, values, frozenset(now.down_instances()), frozenset(now.unhealthy_backends()))
 
 
-def _delta(then: float | None, now: float | None) -> float | None:
-    if now is None:
-        return None
-    if then is None or now < then:  # new series, or a restarted process: counts from zero
-        return now
-    return now - then
-
-
 def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or not den else num / den
 
 
 def _derive(then: _Index, now: _Index, span_s: float) -> dict[str, float | None]:
     def d(name: str, **match: str) -> float | None:
-        return _delta(then.total(name, **match), now.total(name, **match))
+        return now.increase(then, name, lambda labels: all(labels.get(k) == v for k, v in match.items()))
 
     def mean(hist: str) -> float | None:
         return _ratio(d(P + hist + "_sum"), d(P + hist + "_count"))
@@ -149,12 +157,12 @@ def _derive(then: _Index, now: _Index, span_s: float) -> dict[str, float | None]
     aborted = d(P + "request_success_total", finished_reason="abort")
     ttft_count = d(TTFT_SLO.histogram + "_count")
     ttft_fast = d(TTFT_SLO.histogram + "_bucket", le=TTFT_SLO.le)
-    errors = _delta(then.total_where("http_requests_total", _is_5xx), now.total_where("http_requests_total", _is_5xx))
+    errors = now.increase(then, "http_requests_total", _is_5xx)
     # Responses still being written after the engine finished them: slow-reading clients
     # hold them open (a count, not a rate: finished minus answered, all time).
     answered = now.total_where("http_requests_total", lambda labels: labels.get("handler") in GENERATION_ROUTES)
     finished_all = now.total(P + "request_success_total")
-    gw_errors = _delta(then.total_where(GW + "requests_total", _is_5xx), now.total_where(GW + "requests_total", _is_5xx))
+    gw_errors = now.increase(then, GW + "requests_total", _is_5xx)
     if gw_errors is not None:
         errors = (errors or 0.0) + gw_errors
     return {
