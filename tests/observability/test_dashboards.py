@@ -108,8 +108,16 @@ def prometheus(tmp_path_factory):
         paid = create_key(gw.url, key_alias="paid", max_budget=100.0, budget_duration="daily")
         limited = create_key(gw.url, key_alias="limited", rpm_limit=1)
         # The counters' values before the load must be scraped too, or rate() over the load
-        # would start from its first scrape and miss what came before.
-        wait_until(lambda: _up(prom) == 2, timeout=60, interval=0.2)
+        # would start from its first scrape and miss what came before. The gateway's series
+        # are labelled by model, so they exist only after a first request through it: one
+        # request, scraped, before the load (else a load shorter than a scrape interval left
+        # them one constant sample: rate 0, NaN quantiles).
+        with httpx.Client(timeout=CEILING_S) as c:
+            r = c.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "warm", "max_tokens": 2},
+                       headers={"Authorization": f"Bearer {paid}"})
+            assert r.status_code == 200, r.text
+        wait_until(lambda: _up(prom) == 2 and _instant(prom, "tokenmill:gateway_request_latency_seconds_count")["result"],
+                   timeout=60, interval=0.2)
         started = time.time()
         _load(server.url, gw.url, paid, limited)
         yield prom, started
