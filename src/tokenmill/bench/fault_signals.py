@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from tokenmill.observability.metrics_source import Snapshot, split_key
+from tokenmill.observability.metrics_source import Snapshot, counter_increase, split_key
 
 # A rate or mean over this many seconds: one scrape per second is too noisy at the request
 # rates of a 2-core machine (a few requests per second), a minute too slow to show onset.
@@ -125,17 +125,6 @@ def _window_starts(times: Sequence[float], window_s: float) -> list[int | None]:
     return out
 
 
-def increase(older: dict[str, float], newer: dict[str, float]) -> float | None:
-    """Summed counter increase between two scrapes, series by series as PromQL's sum(rate()):
-    a series that went down restarted at 0; one present in only one scrape adds nothing (a
-    dead backend's series vanish: summing first would read that as every survivor resetting).
-    None when no series is in both."""
-    common = older.keys() & newer.keys()
-    if not common:
-        return None
-    return sum(newer[k] - older[k] if newer[k] >= older[k] else newer[k] for k in common)
-
-
 def derive(snapshots: Sequence[Snapshot], signal: SignalDef, window_s: float = DEFAULT_WINDOW_S) -> Series:
     """One signal over a recording: points only where it is defined (a rate needs two scrapes,
     a mean needs observations in its window)."""
@@ -154,7 +143,7 @@ def derive(snapshots: Sequence[Snapshot], signal: SignalDef, window_s: float = D
     starts = _window_starts(times, window_s)
     if signal.kind == "rate":
         series = [matching(s, signal.metric, signal.labels) for s in snapshots]
-        rates = [(times[i], increase(series[j], series[i]), times[i] - times[j])
+        rates = [(times[i], counter_increase(series[j], series[i]), times[i] - times[j])
                  for i, j in enumerate(starts) if j is not None]
         return [(t, inc / span_s) for t, inc, span_s in rates if inc is not None and span_s > 0]
     sums = [matching(s, signal.metric + "_sum", signal.labels) for s in snapshots]
@@ -163,7 +152,7 @@ def derive(snapshots: Sequence[Snapshot], signal: SignalDef, window_s: float = D
     for i, j in enumerate(starts):
         if j is None:
             continue
-        num, total = increase(counts[j], counts[i]), increase(sums[j], sums[i])
+        num, total = counter_increase(counts[j], counts[i]), counter_increase(sums[j], sums[i])
         if num and total is not None:
             out.append((times[i], total / num))
     return out

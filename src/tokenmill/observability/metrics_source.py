@@ -63,6 +63,17 @@ def _kept(name: str, labels: dict[str, str]) -> bool:
     return not name.endswith("_bucket") or (name.removesuffix("_bucket"), labels.get("le")) in SLO_BUCKETS
 
 
+def counter_increase(older: dict[str, float], newer: dict[str, float]) -> float | None:
+    """Summed counter increase between two scrapes, series by series as PromQL's sum(rate()):
+    a series that went down restarted at 0; one present in only one scrape adds nothing (a
+    dead backend's series vanish: summing first would read that as every survivor resetting).
+    None when no series is in both."""
+    common = older.keys() & newer.keys()
+    if not common:
+        return None
+    return sum(newer[k] - older[k] if newer[k] >= older[k] else newer[k] for k in common)
+
+
 def parse_exposition(text: str, extra_labels: dict[str, str] | None = None) -> dict[str, float]:
     """The kept series of one Prometheus text exposition."""
     values = {}

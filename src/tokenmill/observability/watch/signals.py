@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from tokenmill.observability.metrics_source import UP, Snapshot, split_key
+from tokenmill.observability.metrics_source import UP, Snapshot, counter_increase, split_key
 from tokenmill.observability.slo import TTFT_SLO
 
 P = "tokenmill:"
@@ -32,19 +32,10 @@ class _Index:
             self.by_name.setdefault(name, []).append((key, labels, value))
 
     def increase(self, since: _Index, name: str, predicate=lambda labels: True) -> float | None:
-        """A counter's increase since `since`, series by series, then summed (PromQL's
-        sum(increase(...))): a series that vanished (a dead backend) or just appeared adds
-        nothing; one that went backwards (a restarted process) counts from zero. Summing
-        first would read a vanished backend as every survivor resetting."""
-        rows = self.by_name.get(name)
-        if rows is None:
-            return None
-        total = 0.0
-        for key, labels, value in rows:
-            before = since.values.get(key)
-            if before is not None and predicate(labels):
-                total += value - before if value >= before else value
-        return total
+        """The increase since `since` of the matching series of a counter (counter_increase:
+        series by series, so a vanished backend is not read as every survivor resetting)."""
+        newer = {key: v for key, labels, v in self.by_name.get(name, ()) if predicate(labels)}
+        return counter_increase({k: since.values[k] for k in newer if k in since.values}, newer)
 
     def total(self, name: str, **match: str) -> float | None:
         rows = self.by_name.get(name)
