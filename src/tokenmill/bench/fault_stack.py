@@ -207,16 +207,6 @@ class Recorder:
             await source.close()
 
 
-def watch_available() -> bool:
-    """Whether this installation has `tokenmill watch` (it answers --help)."""
-    try:
-        done = subprocess.run([sys.executable, "-m", "tokenmill", "watch", "--help"], capture_output=True,
-                              timeout=120, env=_CHILD_ENV)
-    except subprocess.TimeoutExpired:
-        return False
-    return done.returncode == 0
-
-
 class Watcher:
     """`tokenmill watch` against the deployment's /metrics, writing incidents to a JSON-lines log."""
 

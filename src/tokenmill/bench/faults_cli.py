@@ -92,7 +92,6 @@ def cmd_faults(args: argparse.Namespace) -> int:
     # Here, not at the top: every `tokenmill bench` command builds this parser.
     from tokenmill.bench.fault_injectors import PRESETS
     from tokenmill.bench.fault_report import markdown
-    from tokenmill.bench.fault_stack import watch_available
     from tokenmill.bench.faults import FaultsSpec, run_faults, stderr_say, with_rate
 
     try:
@@ -105,10 +104,6 @@ def cmd_faults(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    use_watch = args.watch
-    if use_watch and not watch_available():
-        stderr_say("tokenmill watch is not available here: recording only")
-        use_watch = False
     loads = with_rate(PRESETS[preset], args.request_rate)
     if args.slow_readers_hold:
         loads = replace(loads, slow_readers=replace(loads.slow_readers, give_up_after_s=None))
@@ -117,7 +112,7 @@ def cmd_faults(args: argparse.Namespace) -> int:
                       clean_s=args.clean_minutes * 60, interval_s=args.interval_s,
                       record_dir=Path(args.record_dir) if args.record_dir else None,
                       keep_disturbed=args.keep_disturbed,
-                      plot_dir=Path(args.plot) if args.plot else None, use_watch=use_watch,
+                      plot_dir=Path(args.plot) if args.plot else None, use_watch=args.watch,
                       watch_args=tuple(shlex.split(args.watch_args)),
                       **({"workdir": Path(args.workdir)} if args.workdir else {}))
     spec.workdir.mkdir(parents=True, exist_ok=True)
