@@ -89,8 +89,10 @@ def build_app(
     tracer = None
     if settings.otlp_traces_endpoint:
         tracer = create_tracer(settings.otlp_traces_endpoint, settings.model_name)
-    # Follows each request to its end for its log record and its span; neither wanted: no cost.
-    tracker = RequestTracker(tracer) if settings.log_requests or tracer is not None else None
+    # Follows each request to its end (an observer of every engine output) for its JSON log
+    # record and its span; a text log line has no fields to fill: no cost then.
+    wants_timings = settings.log_requests and settings.log_format == "json"
+    tracker = RequestTracker(tracer) if wants_timings or tracer is not None else None
     if tracker is not None:
         engine.on_output.append(tracker.on_output)
     parts = (engine, settings, metrics, admission, encoder, limits, tracker)

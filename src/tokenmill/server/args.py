@@ -24,6 +24,7 @@ class ServerSettings:
     drain_timeout_s: float = 30.0  # SIGTERM: how long running requests may take to finish
     max_logprobs: int = 20  # most top alternatives per position a request may ask for
     log_requests: bool = True
+    log_format: str = "text"  # "json": request records carry their timings (json_logs.py)
     max_request_body_bytes: int | None = None  # None: sized from max_model_len (limits.py)
     otlp_traces_endpoint: str | None = None  # None: no traces (tracing.py)
 
@@ -107,6 +108,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         drain_timeout_s=args.drain_timeout,
         max_logprobs=args.max_logprobs,
         log_requests=not args.disable_log_requests,
+        log_format=args.log_format,
         max_request_body_bytes=args.max_request_body_bytes,
         otlp_traces_endpoint=args.otlp_traces_endpoint or None,
     )
