@@ -7,10 +7,17 @@ test never imports it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # No GPU to compile the Triton kernels for: every kernel this process defines runs in
+    # Triton's interpreter on the CPU (read when a kernel is defined, so before any test
+    # module imports one). Nothing else reads it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TOKENIZER_CORPUS = [
     "ROMEO: But soft, what light through yonder window breaks?",
@@ -140,6 +147,25 @@ def kernel_path(request, monkeypatch):
     else:
         monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
     return request.param
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run the engine's GPU path on the CPU: every layer that has a Triton kernel calls it,
+    in Triton's interpreter (TOKENMILL_GPU_KERNELS=interpret). Where a CUDA GPU is present
+    the kernels are compiled for it instead and tests/model/test_cuda_gpu.py runs them."""
+    import torch
+
+    pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: the Triton kernels run compiled (test_cuda_gpu.py), not interpreted")
+    from tokenmill.model import gpu_kernels
+
+    monkeypatch.setenv(gpu_kernels.ENV_SWITCH, "interpret")
+    gpu_kernels.mode.cache_clear()
+    assert gpu_kernels.triton_ops() is not None
+    yield
+    gpu_kernels.mode.cache_clear()  # re-read once monkeypatch restores the environment
 
 
 # ---- CPU kernel instruction-set paths ----------------------------------------------------------

@@ -43,6 +43,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         '"model": "draft.gguf", "num_speculative_tokens": 4}\' (a smaller model with the same '
                         "vocabulary, or a quantized copy of the target). Outputs follow the model's distribution "
                         "exactly; see docs/speculative_decoding.md. (default: off)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every step eagerly; by default decode steps replay CUDA graphs captured at "
+                        "start-up for batch sizes 1, 2, 4, 8, 16, ... (a few seconds; faster small batches).")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="Do not load a tokenizer (for checkpoints without one): prompts must be token ids and "
                         "outputs are token ids; text prompts, chat and stop strings are refused.")
@@ -63,6 +66,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         skip_tokenizer_init=args.skip_tokenizer_init,
         quantization=args.quantization,
         speculative_config=args.speculative_config,
+        enforce_eager=args.enforce_eager,
     )
 
 

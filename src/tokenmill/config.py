@@ -215,6 +215,8 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
     # The draft model's architecture (speculative method draft_model), checked against the target's.
     draft_model: ModelConfig | None = None
+    # CUDA: run every step eagerly instead of replaying CUDA graphs for decode steps (vLLM's name).
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_CHOICES:
@@ -259,6 +261,7 @@ def create_engine_config(
     skip_tokenizer_init: bool = False,
     quantization: str = "auto",
     speculative_config: dict | SpeculativeConfig | None = None,
+    enforce_eager: bool = False,
 ) -> EngineConfig:
     """Build a validated EngineConfig from user-facing arguments (vLLM's names).
 
@@ -315,4 +318,5 @@ def create_engine_config(
         quantization=quantization,
         speculative=speculative,
         draft_model=draft_cfg,
+        enforce_eager=enforce_eager,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from paged_cases import float64_attention, paged_case
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.model import kernels
@@ -31,32 +32,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 DTYPES = list(TOLERANCE)
 
 
-def _paged_case(num_reqs, num_heads, num_kv_heads, head_dim, dtype, block_size=16, num_blocks=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cache = torch.randn(2, num_kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
-    seq_lens = torch.randint(1, 5 * block_size, (num_reqs,), generator=g).to(torch.int32)
-    max_blocks = int(-(-seq_lens.max() // block_size))
-    # Blocks scattered across the cache, every request its own.
-    perm = torch.randperm(num_blocks, generator=g)[: num_reqs * max_blocks]
-    tables = perm.view(num_reqs, max_blocks).to(torch.int32)
-    # q as the engine passes it: a view into rows that also hold the keys.
-    qk = torch.randn(num_reqs, num_heads + num_kv_heads, head_dim, generator=g).to(dtype)
-    q = qk[:, :num_heads]
-    return q, cache, tables, seq_lens
-
-
-def _float64_attention(q, cache, tables, seq_lens, scale):
-    num_reqs, num_heads, _ = q.shape
-    group = num_heads // cache.shape[1]
-    out = []
-    for b in range(num_reqs):
-        kv = cache[:, :, tables[b].long()].flatten(2, 3)[:, :, : int(seq_lens[b])].double()
-        k, v = kv[0].repeat_interleave(group, 0), kv[1].repeat_interleave(group, 0)  # [Hq, L, D]
-        probs = torch.softmax((k @ q[b].double().unsqueeze(-1)).squeeze(-1) * scale, dim=-1)  # [Hq, L]
-        out.append((probs.unsqueeze(1) @ v).squeeze(1))
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "head_dim"),
@@ -64,11 +39,11 @@ def _float64_attention(q, cache, tables, seq_lens, scale):
     [(9, 3, 64), (14, 2, 64), (4, 4, 128), (8, 1, 32), (6, 2, 48), (2, 1, 36)],
 )
 def test_paged_decode_attention_matches_reference(dtype, num_heads, num_kv_heads, head_dim, isa):
-    q, cache, tables, seq_lens = _paged_case(5, num_heads, num_kv_heads, head_dim, dtype)
+    q, cache, tables, seq_lens = paged_case(5, num_heads, num_kv_heads, head_dim, dtype)
     scale = head_dim**-0.5
     out = torch.empty(q.shape, dtype=dtype)
     ops.paged_decode_attention(out, q, cache, tables, seq_lens, scale)
-    exact = _float64_attention(q, cache, tables, seq_lens, scale)
+    exact = float64_attention(q, cache, tables, seq_lens, scale)
     torch.testing.assert_close(out.double(), exact, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
     # And the batched-matmul fallback the engine uses without the kernel.
     meta = AttentionMetadata(
@@ -85,7 +60,7 @@ def test_paged_decode_attention_matches_reference(dtype, num_heads, num_kv_heads
 
 def test_paged_decode_attention_ignores_blocks_past_the_end(isa):
     """Table padding and the tail of the last block must not leak into the result."""
-    q, cache, tables, seq_lens = _paged_case(3, 9, 3, 64, torch.float32)
+    q, cache, tables, seq_lens = paged_case(3, 9, 3, 64, torch.float32)
     out = torch.empty(q.shape)
     ops.paged_decode_attention(out, q, cache, tables, seq_lens, 0.125)
     poisoned = cache.clone()
@@ -100,7 +75,7 @@ def test_paged_decode_attention_ignores_blocks_past_the_end(isa):
 
 
 def test_paged_decode_attention_rejects_bad_input():
-    q, cache, tables, seq_lens = _paged_case(2, 9, 3, 64, torch.float32)
+    q, cache, tables, seq_lens = paged_case(2, 9, 3, 64, torch.float32)
     out = torch.empty(q.shape)
     with pytest.raises(RuntimeError, match="int32"):
         ops.paged_decode_attention(out, q, cache, tables.long(), seq_lens, 0.125)
@@ -155,7 +130,7 @@ def test_silu_and_mul_matches_fallback(dtype, isa):
 
 
 def test_paged_decode_attention_rejects_a_bad_table():
-    q, cache, tables, seq_lens = _paged_case(2, 9, 3, 64, torch.float32, num_blocks=64)
+    q, cache, tables, seq_lens = paged_case(2, 9, 3, 64, torch.float32, num_blocks=64)
     out = torch.empty(q.shape)
     bad = tables.clone()
     bad[1, 0] = 64  # one past the last block

@@ -10,6 +10,8 @@ import argparse
 import sys
 
 from tokenmill.bench import commands, fake_server, faults_cli
+from tokenmill.bench.gpu import BATCHES as GPU_BATCHES
+from tokenmill.bench.gpu import MODELS as GPU_MODELS
 from tokenmill.bench.model_configs import MODEL_CONFIGS
 from tokenmill.bench.reference import DEFAULT_CONCURRENCIES as REFERENCE_MODELS
 from tokenmill.bench.workloads import DATASET_NAMES
@@ -160,7 +162,7 @@ def _add_run_filters(p: argparse.ArgumentParser, with_kind: bool, limit: int, li
 
 
 def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Register serve, sweep, capacity, throughput, reference, spec, gateway, faults, fake-server,
+    """Register serve, sweep, capacity, throughput, reference, gpu, spec, gateway, faults, fake-server,
     history, compare and report.
 
     Args:
@@ -231,6 +233,7 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="tokenmill: context length to configure (default: the workload's longest sequence).")
     p.add_argument("--kv-cache-memory", type=_parse_bytes, default=None, metavar="BYTES",
                    help="tokenmill: KV cache budget, e.g. 2GiB or 512MiB (default: the engine's).")
+    p.add_argument("--device", default="cpu", help="cpu or cuda, for both backends (default %(default)s).")
     _add_context(p)
     p.set_defaults(func=commands.cmd_throughput)
 
@@ -265,6 +268,26 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="Prompt tokens of the prefill rows (default %(default)s).")
     _add_db(p)
     p.set_defaults(func=commands.cmd_reference)
+
+    p = sub.add_parser("gpu", help="GPU decode throughput vs transformers, the bandwidth roofline, a step's profile.",
+                       description="On a GPU: decode output tok/s at each batch size for tokenmill and transformers "
+                                   "generate side by side (random-weight checkpoints with real models' configs and "
+                                   "the real default model; bf16, greedy, ignore_eos), batch-1 decode as a fraction "
+                                   "of the memory-bandwidth roofline, and a torch profiler breakdown of one decode "
+                                   "step. Progress goes to stderr. See docs/performance.md (GPU).")
+    p.add_argument("--output", "-o", default=None, metavar="FILE",
+                   help="Markdown file to update between <!-- gpu:begin --> and <!-- gpu:end --> (appended when "
+                        "absent). Default: print the Markdown on stdout.")
+    p.add_argument("--models", default=",".join(GPU_MODELS), metavar="M1,M2",
+                   help=f"Model configs, or 'default' for the real default model (default {','.join(GPU_MODELS)}).")
+    p.add_argument("--batches", default=",".join(map(str, GPU_BATCHES)), metavar="B1,B2",
+                   help="Batch sizes (requests at once) (default %(default)s).")
+    p.add_argument("--input-len", type=int, default=128, help="Prompt tokens per request (default %(default)s).")
+    p.add_argument("--output-len", type=int, default=128,
+                   help="Generated tokens per request (ignore_eos) (default %(default)s).")
+    p.add_argument("--no-hf", dest="hf", action="store_false", help="Skip the transformers baseline.")
+    p.add_argument("--device", default="cuda", help="Device (default %(default)s; cpu runs it small, for tests).")
+    p.set_defaults(func=commands.cmd_gpu)
 
     p = sub.add_parser("spec", help="Speculative decoding off vs on, offline, side by side (tok/s, acceptance).",
                        description="Measure tokenmill's offline engine with speculation off and with each "

@@ -178,7 +178,8 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         for backend in [b.strip() for b in args.backend.split(",") if b.strip()]:
             spec = ThroughputSpec(model_dir, backend, args.num_prompts, args.input_len, args.output_len,
                                   args.random_range_ratio, args.seed, args.dtype, args.max_num_seqs,
-                                  args.max_num_batched_tokens, args.kv_cache_memory, args.max_model_len)
+                                  args.max_num_batched_tokens, args.kv_cache_memory, args.max_model_len,
+                                  args.device)
             display.err_console.print(f"running {backend} on {model_name}...")
             result = run_throughput(spec)
             record = throughput_record(spec, result, model_name, args.hardware_sku, args.instance_type, args.label)
@@ -218,6 +219,28 @@ def cmd_reference(args: argparse.Namespace) -> int:
         print(markdown, end="")
     served = [r.served for r in result.decode_rows if r.served]
     return 1 if any(s.num_completed == 0 for s in served) else 0
+
+
+@_handles_errors
+def cmd_gpu(args: argparse.Namespace) -> int:
+    from tokenmill.bench.gpu import (
+        GpuBenchSpec,
+        command_line,
+        render_markdown,
+        run_gpu_bench,
+        write_result,
+    )
+
+    spec = GpuBenchSpec(models=_csv(args.models, str.strip), batches=_csv(args.batches, int),
+                        input_len=args.input_len, output_len=args.output_len, device=args.device, with_hf=args.hf)
+    result = run_gpu_bench(spec, log=lambda line: display.err_console.print(line))
+    markdown = render_markdown(spec, result, command_line(spec, args.output))
+    if args.output:
+        write_result(Path(args.output), markdown)
+        display.err_console.print(f"wrote {args.output}")
+    else:
+        print(markdown, end="")
+    return 0
 
 
 @_handles_errors

@@ -45,7 +45,7 @@ def _ratio(v: float | None) -> str | None:
     return None if v is None else f"{v:.2f}x"
 
 
-def _table(headers: list[str], rows: list[list[str | None]]) -> str:
+def markdown_table(headers: list[str], rows: list[list[str | None]]) -> str:
     """A Markdown table; columns empty in every row are left out; numbers right-aligned."""
     keep = [i for i in range(len(headers)) if i < 2 or any(r[i] is not None for r in rows)]
     lines = ["| " + " | ".join(headers[i] for i in keep) + " |",
@@ -67,7 +67,7 @@ def _machine_lines(hw: dict[str, Any], sw: dict[str, Any]) -> list[str]:
 
 
 def _decode_table(result: ReferenceResult) -> str:
-    return _table(["model", "concurrency", "tokenmill offline", "HF generate", "tokenmill / HF",
+    return markdown_table(["model", "concurrency", "tokenmill offline", "HF generate", "tokenmill / HF",
                    "tokenmill served", "served / offline", "TTFT p50 (ms)", "TTFT p99 (ms)"],
                   [[r.model, str(r.concurrency), _num(r.tokenmill.output_tokens_per_s),
                     _num(r.hf.output_tokens_per_s if r.hf else None), _ratio(r.hf_ratio),
@@ -77,7 +77,7 @@ def _decode_table(result: ReferenceResult) -> str:
 
 
 def _prefill_table(result: ReferenceResult) -> str:
-    return _table(["model", "prompt tokens", "tokenmill", "HF forward", "tokenmill / HF"],
+    return markdown_table(["model", "prompt tokens", "tokenmill", "HF forward", "tokenmill / HF"],
                   [[r.model, str(r.prompt_len), _num(r.tokenmill.input_tokens_per_s),
                     _num(r.hf.input_tokens_per_s if r.hf else None), _ratio(r.hf_ratio)]
                    for r in result.prefill_rows])
@@ -113,16 +113,17 @@ def render_markdown(result: ReferenceResult, command: str) -> str:
     return "\n".join([*lines, "", MARK_END]) + "\n"
 
 
-def write_marked(path: Path, block: str) -> None:
-    """Put block into path between the markers, keeping the text around them.
+def write_marked(path: Path, block: str, mark_begin: str = MARK_BEGIN, mark_end: str = MARK_END) -> None:
+    """Put block (which starts and ends with the markers) into path between the markers,
+    keeping the text around them.
 
     A missing file is created; a file without both markers gets the block appended.
     """
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    begin = text.find(MARK_BEGIN)
-    end = text.find(MARK_END, begin + 1) if begin >= 0 else -1
+    begin = text.find(mark_begin)
+    end = text.find(mark_end, begin + 1) if begin >= 0 else -1
     if begin >= 0 and end >= 0:
-        text = text[:begin] + block.rstrip("\n") + text[end + len(MARK_END):]
+        text = text[:begin] + block.rstrip("\n") + text[end + len(mark_end):]
     else:
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
     path.parent.mkdir(parents=True, exist_ok=True)

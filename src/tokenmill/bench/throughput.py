@@ -39,6 +39,7 @@ class ThroughputSpec:
     max_num_batched_tokens: int | None = None
     kv_cache_memory_bytes: int | None = None  # tokenmill: KV budget (None: the engine's default)
     max_model_len: int | None = None  # tokenmill: None = the workload's longest sequence
+    device: str = "cpu"  # cpu | cuda (both backends)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -135,7 +136,7 @@ def _run_tokenmill(spec: ThroughputSpec, prompts: list[tuple[list[int], int]], c
     # Llama-3.2) would make the engine demand a KV cache far larger than the run needs.
     longest = max(len(p) + n for p, n in prompts)
     kwargs: dict[str, Any] = {"model": spec.model_dir, "dtype": spec.dtype, "max_num_seqs": spec.max_num_seqs,
-                              "max_model_len": spec.max_model_len or longest}
+                              "max_model_len": spec.max_model_len or longest, "device": spec.device}
     if spec.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.kv_cache_memory_bytes is not None:
@@ -176,17 +177,19 @@ def _run_hf(spec: ThroughputSpec, prompts: list[tuple[list[int], int]], cfg: dic
         model = load_transformers_model(spec.model_dir, spec.dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=_torch_dtype(spec.dtype)).eval()
+    model = model.to(spec.device)
     pad_id = cfg.get("pad_token_id") or 0
 
     def generate(batch: list[tuple[list[int], int]]) -> None:
         width = max(len(p) for p, _ in batch)
         # Left padding keeps every sequence's last prompt token in the last column.
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in batch], device=spec.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=spec.device)
         n = max(o for _, o in batch)
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, do_sample=False, min_new_tokens=n,
-                           max_new_tokens=n, pad_token_id=pad_id)
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, min_new_tokens=n,
+                                 max_new_tokens=n, pad_token_id=pad_id)
+        out.cpu()  # wait for the device: the clock stops after the last token
 
     generate([(prompts[0][0][:16], 4)])  # warm-up
     t0 = time.perf_counter()

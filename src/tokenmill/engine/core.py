@@ -74,7 +74,7 @@ class EngineCore:
         """
         room = self.config.scheduler.max_model_len - len(req.prompt_token_ids)
         max_tokens = room if req.params.max_tokens is None else min(req.params.max_tokens, room)
-        self.scheduler.add_request(Request(req, max_tokens, self.config.cache.block_size, self.config.device))
+        self.scheduler.add_request(Request(req, max_tokens, self.config.cache.block_size))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)

@@ -9,8 +9,6 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from tokenmill.model.layers.sampler import make_generator
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.policy import AcceptanceEstimate
@@ -49,9 +47,7 @@ class EngineCoreRequest:
 class Request:
     """Mutable per-request state. Owned by the scheduler; read by the KV cache manager."""
 
-    def __init__(
-        self, req: EngineCoreRequest, max_tokens: int, block_size: int, device: torch.device | str = "cpu"
-    ) -> None:
+    def __init__(self, req: EngineCoreRequest, max_tokens: int, block_size: int) -> None:
         self.request_id = req.request_id
         self.params = req.params
         self.prompt_token_ids = req.prompt_token_ids
@@ -74,8 +70,7 @@ class Request:
         self.block_hashes: list[bytes] = []
         self._update_block_hashes()
         # Per-request RNG so a seeded request samples the same whatever the batch.
-        # On the sampling device: the sampler draws this request's noise with it.
-        self.generator = make_generator(req.params.seed, device) if req.params.seed is not None else None
+        self.generator = make_generator(req.params.seed) if req.params.seed is not None else None
         self.arrival_time = req.arrival_time or time.monotonic()
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0

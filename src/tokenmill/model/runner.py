@@ -11,9 +11,16 @@ import torch
 from tokenmill.config import EngineConfig
 from tokenmill.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenmill.model import kernels
-from tokenmill.model.layers.attention import AttentionMetadata, decode_mask, kv_cache_shape
+from tokenmill.model.cuda_graphs import DecodeGraphs
+from tokenmill.model.layers.attention import (
+    AttentionMetadata,
+    decode_mask,
+    kv_cache_shape,
+)
 from tokenmill.model.layers.sampler import Sampler, SamplingState, gather_logprobs
 from tokenmill.model.loader import load_model
+from tokenmill.model.step_inputs import StepInputs
+from tokenmill.model.transfer import to_device
 from tokenmill.spec_decode.rejection import SpecGroup, verify
 from tokenmill.structured.mask import TokenMasks, TokenMaskWorker, apply_token_masks
 
@@ -71,15 +78,23 @@ class ModelRunner:
         # token first_position + i + 1. The quality lab (bench/quality) measures KL
         # divergence on them, through the real engine path.
         self.prompt_logprobs_sink: Callable[[str, int, torch.Tensor], None] | None = None
-        # Decode attention runs the compiled kernel when it is there (built now, on CPU,
-        # rather than inside the first step). The kernel reads exactly each request's
-        # tokens; the batched-matmul fallback reads whole blocks, so it needs a mask and
-        # zeroed block tails.
-        self.decode_kernel = self.device.type == "cpu" and kernels.decode_attention_kernel(
-            m.num_heads, m.num_kv_heads, m.head_dim
-        )
+        # Decode attention runs a kernel when there is one for this device (the CPU one is
+        # built now rather than inside the first step; Triton on a GPU). It reads exactly
+        # each request's tokens; the batched-matmul fallback reads whole blocks, so it needs
+        # a mask and zeroed block tails.
+        self.decode_kernel = kernels.decode_attention_kernel(self.device, m.num_heads, m.num_kv_heads, m.head_dim)
         if not self.decode_kernel:
             self._clear_blocks([0])  # padding entries of decode block tables point at block 0
+        # The GPU path (Triton kernels; on CPU only through their interpreter, in tests):
+        # step inputs in persistent buffers, and CUDA graphs of decode steps.
+        self.inputs: StepInputs | None = None
+        self.graphs: DecodeGraphs | None = None
+        if self.decode_kernel and kernels.paged_prefill_kernel(self.device):
+            self.inputs = _step_inputs(config)
+            if self.device.type == "cuda" and not config.enforce_eager:
+                self.graphs = DecodeGraphs(self.model, self.kv_caches, self.inputs, self.block_size,
+                                           config.scheduler.max_num_seqs)
+                self.graphs.capture()
 
     def _clear_blocks(self, block_ids: list[int]) -> None:
         # The fallback decode attention reads whole blocks and masks the unused tail;
@@ -96,8 +111,14 @@ class ModelRunner:
         if not self.decode_kernel and block_ids:
             self._clear_blocks(block_ids)
 
+    def forget_requests(self, request_ids: list[str]) -> None:
+        """Preempted requests: their block tables start over (the persistent ones too)."""
+        if self.inputs is not None and request_ids:
+            self.inputs.forget(request_ids)
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.forget_requests(sched.preempted_req_ids)
         reqs = _decodes_first(sched.scheduled)
         for r in reqs:
             if r.draft_token_ids and r.matcher is not None:
@@ -134,7 +155,7 @@ class ModelRunner:
         order = _decodes_first(reqs)
         hidden, starts = self._forward(order)
         rows = {id(r): s + r.num_query_tokens - 1 for r, s in zip(order, starts)}
-        index = torch.tensor([rows[id(r)] for r in reqs], device=self.device)
+        index = to_device([rows[id(r)] for r in reqs], self.device)
         return self.model.compute_logits(hidden[index])
 
     def _forward(self, reqs: list[ScheduledRequest]) -> tuple[torch.Tensor, list[int]]:
@@ -143,6 +164,8 @@ class ModelRunner:
         Returns:
             Final hidden states [T, hidden] and each request's first row in them.
         """
+        if self.inputs is not None:
+            return self._forward_persistent(reqs)
         input_ids, positions, slots = [], [], []
         starts: list[int] = []
         for r in reqs:
@@ -153,14 +176,41 @@ class ModelRunner:
             positions.extend(range(start, start + r.num_query_tokens))
             slots.extend(self._slots(r.block_ids, start, start + r.num_query_tokens))
         dev = self.device
-        meta = self._attention_metadata(reqs, starts, torch.tensor(slots, dtype=torch.long, device=dev))
+        meta = self._attention_metadata(reqs, starts, to_device(slots, dev, torch.long))
         hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
+            to_device(input_ids, dev, torch.long),
+            to_device(positions, dev, torch.long),
             self.kv_caches,
             meta,
         )  # [T, hidden]
         return hidden, starts
+
+    def _forward_persistent(self, reqs: list[ScheduledRequest]) -> tuple[torch.Tensor, list[int]]:
+        """`_forward` on the GPU path: inputs through the persistent buffers, a pure decode
+        step through its CUDA graph when there is one."""
+        starts, total = [], 0
+        for r in reqs:
+            starts.append(total)
+            total += r.num_query_tokens
+        size = None
+        if self.graphs is not None and total == len(reqs) and all(r.is_decode for r in reqs):
+            size = self.graphs.bucket(total)
+        step = self.inputs.prepare(reqs, starts, self.block_size, pad_decodes_to=size or 0)
+        if size is not None:
+            return self.graphs.replay(size, total), starts
+        seq_lens = step.decode_seq_lens
+        num_decodes = len([r for r in reqs if r.is_decode])
+        meta = AttentionMetadata(
+            slot_mapping=step.slot_mapping,
+            num_decodes=0 if seq_lens is None else seq_lens.shape[0],
+            decode_block_tables=step.decode_block_tables,
+            decode_seq_lens=seq_lens,
+            decode_mask=None,  # the decode kernel runs (the persistent path requires it)
+            prefills=[(s, len(r.token_ids), r.num_computed_tokens, None)
+                      for r, s in zip(reqs[num_decodes:], starts[num_decodes:])],
+            paged_prefills=step.paged_prefills,
+        )
+        return self.model(step.input_ids, step.positions, self.kv_caches, meta), starts
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
         """Flat cache slots of positions start..end-1, built a block run at a time."""
@@ -196,7 +246,7 @@ class ModelRunner:
         prefills = []
         for r, start in zip(reqs[len(decodes) :], starts[len(decodes) :]):
             num_blocks = -(-(r.num_computed_tokens + len(r.token_ids)) // self.block_size)
-            ids = torch.tensor(r.block_ids[:num_blocks], dtype=torch.long, device=dev)
+            ids = to_device(r.block_ids[:num_blocks], dev, torch.long)
             prefills.append((start, len(r.token_ids), r.num_computed_tokens, ids))
         return AttentionMetadata(
             slot_mapping=slot_mapping,
@@ -224,7 +274,7 @@ class ModelRunner:
         out = ModelRunnerOutput({}, {}, {})
         if not rows:
             return out
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])  # [R, V]
+        logits = self.model.compute_logits(hidden[to_device(rows, self.device)])  # [R, V]
         if sample_reqs:
             sample_logits = logits[:num_sample_rows]
             if masks is not None:
@@ -242,7 +292,7 @@ class ModelRunner:
                 self._verify(sample_logits, [r for r, _ in sample_reqs], out)
         for r, first, count in prompt_rows:
             p0 = r.first_prompt_logprob_position
-            targets = torch.tensor(r.prompt_token_ids[p0 + 1 : p0 + 1 + count], device=self.device)
+            targets = to_device(r.prompt_token_ids[p0 + 1 : p0 + 1 + count], self.device)
             lps = torch.log_softmax(logits[first : first + count], dim=-1)  # [count, vocab]
             if self.prompt_logprobs_sink is not None:
                 self.prompt_logprobs_sink(r.request_id, p0, lps)
@@ -263,6 +313,18 @@ class ModelRunner:
             out.sampled[r.request_id] = verified.token_ids
             if verified.logprobs is not None:
                 out.logprobs[r.request_id] = verified.logprobs
+
+
+def _step_inputs(config: EngineConfig) -> StepInputs:
+    """Buffers for the largest step the scheduler can form: decodes with every proposal
+    slot (one row per token), or a full token budget."""
+    sched, bs = config.scheduler, config.cache.block_size
+    num_spec = config.speculative.num_speculative_tokens if config.speculative else 0
+    max_rows = sched.max_num_seqs * (1 + num_spec)
+    tail_blocks = 2 + -(-num_spec // bs)  # room for proposals may be given back and reallocated
+    return StepInputs(max_tokens=max(sched.max_num_batched_tokens, max_rows), max_rows=max_rows,
+                      max_blocks=-(-sched.max_model_len // bs) + tail_blocks, tail_blocks=tail_blocks,
+                      device=config.device)
 
 
 def _decodes_first(reqs: list[ScheduledRequest]) -> list[ScheduledRequest]:

@@ -65,6 +65,7 @@ class DraftModelProposer:
         self.last_step_s = None
         for rid in sched.preempted_req_ids:  # its blocks were freed; it starts over
             self._written.pop(rid, None)
+        self.runner.forget_requests(sched.preempted_req_ids)
         # Every block handed out, whether the draft writes it now or later.
         self.runner.clear_blocks([b for r in sched.scheduled for b in r.new_block_ids])
         reqs = [r for r in sched.scheduled if r.num_draft_slots]
@@ -146,6 +147,6 @@ def _draw(logits: torch.Tensor, reqs: list[ScheduledRequest],
     row_probs: list[torch.Tensor | None] = [None] * len(reqs)
     for i in random_rows:
         p = torch.softmax(logits[i], dim=-1)
-        tokens[i] = int(torch.multinomial(p, 1, generator=states[i].generator))
+        tokens[i] = int(torch.multinomial(p.cpu(), 1, generator=states[i].generator))  # a host generator
         row_probs[i] = p
     return tokens, row_probs

@@ -106,7 +106,7 @@ def _verify_sampled(rows: torch.Tensor, states: list[SamplingState], g: SpecGrou
         draft_ids = torch.tensor(drafts, device=device)
         p = probs[positions, draft_ids]  # [k]
         q = g.draft_probs[positions, draft_ids] if g.draft_probs is not None else torch.ones(k, device=device)
-        u = torch.rand(k, generator=states[0].generator, device=device)
+        u = torch.rand(k, generator=states[0].generator).to(device)  # the request's generator is on the host
         # u < p / q, without dividing by a q that may be 0 for a token the draft never picks.
         kept = (u * q < p).tolist()
         num_accepted = kept.index(False) if False in kept else k

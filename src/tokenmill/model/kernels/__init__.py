@@ -13,6 +13,9 @@ TOKENMILL_CPU_KERNELS selects what happens without them:
   0               do not use them.
 The PyTorch ops compute the same math, so the engine's output does not depend on it
 (sampling draws the same tokens for the same seed; see layers/sampler.py).
+
+`for_tensor` is the one place a layer asks for kernels: these for CPU tensors, their Triton
+twins (model/gpu_kernels, the same operator names and arguments) for CUDA tensors.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tokenmill.model import gpu_kernels
 from tokenmill.model.kernels.build import KernelBuildError, ensure_built, library_path
 
 logger = logging.getLogger(__name__)
@@ -37,7 +41,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 __all__ = [
     "ENV_SWITCH", "ISA_ENV", "KernelBuildError", "available_isas", "cpu_kernels", "decode_attention_kernel",
-    "for_tensor", "library_path", "mode", "selected_isa", "use_isa",
+    "for_tensor", "library_path", "mode", "paged_prefill_kernel", "selected_isa", "use_isa",
 ]
 
 
@@ -75,18 +79,34 @@ def cpu_kernels() -> Any | None:
 
 
 def for_tensor(t: torch.Tensor) -> Any | None:
-    """The kernel operators if `t` is a CPU tensor of a dtype they take and they are
-    built, else None (the caller runs its PyTorch ops)."""
-    return cpu_kernels() if t.is_cpu and t.dtype in _KERNEL_DTYPES else None
+    """The kernel operators for `t`'s device, or None (the caller runs its PyTorch ops):
+    the compiled CPU kernels for a CPU tensor, the Triton kernels for a CUDA tensor (and
+    for a CPU tensor under TOKENMILL_GPU_KERNELS=interpret), if `t`'s dtype is one they take."""
+    if t.dtype not in _KERNEL_DTYPES:
+        return None
+    if gpu_kernels.applies(t.device):
+        return gpu_kernels.triton_ops()
+    return cpu_kernels() if t.is_cpu else None
 
 
-def decode_attention_kernel(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-    """Whether decode attention of this shape can run the compiled kernel."""
-    ops = cpu_kernels()
+def _ops_for(device: torch.device) -> Any | None:
+    return gpu_kernels.triton_ops() if gpu_kernels.applies(device) else cpu_kernels() if device.type == "cpu" else None
+
+
+def decode_attention_kernel(device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether decode attention of this shape runs a kernel that reads exactly each row's
+    tokens in place (else batched matmuls over whole gathered blocks)."""
+    ops = _ops_for(device)
     if ops is None:
         return False
     max_group, max_head_dim = ops.kernel_limits()
     return num_heads // num_kv_heads <= max_group and head_dim <= max_head_dim
+
+
+def paged_prefill_kernel(device: torch.device) -> bool:
+    """Whether prefill chunks on `device` run one Triton launch over the paged cache (else
+    SDPA per chunk over its gathered blocks)."""
+    return gpu_kernels.applies(device) and gpu_kernels.triton_ops() is not None
 
 
 def available_isas() -> list[str]:

@@ -6,10 +6,11 @@ yields [2, Hkv, B, L, D], where every (head, request) pair is a contiguous [L, D
 matrix: batched matmuls consume it with no further copy.
 
 The runner orders a step's requests decodes first (one query token each), then
-prefill chunks. On CPU, decodes run one compiled kernel that reads each request's blocks
-in place (tokenmill/model/kernels); elsewhere, or without the kernels, they share one
-gather and two batched matmuls. Each prefill chunk attends causally to its cached
-context plus its own tokens.
+prefill chunks. Decodes run one kernel that reads each request's blocks in place (the
+compiled CPU kernel, or Triton on a GPU: `kernels.for_tensor`); without kernels they share
+one gather and two batched matmuls. Each prefill chunk attends causally to its cached
+context plus its own tokens: on a GPU all chunks in one Triton launch over the paged cache
+(`AttentionMetadata.paged_prefills`), else SDPA per chunk over its gathered blocks.
 """
 
 from __future__ import annotations
@@ -20,6 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.model import kernels
+
+
+@dataclass
+class PagedPrefills:
+    """A step's prefill chunks as tensors for one kernel launch (the Triton path)."""
+
+    query_starts: torch.Tensor  # [P] int32 first row of each chunk in the flat batch
+    query_lens: torch.Tensor  # [P] int32 query tokens of each chunk
+    context_lens: torch.Tensor  # [P] int32 tokens cached before each chunk
+    block_tables: torch.Tensor  # [P, max_blocks] int32, padded with block 0
+    max_query_len: int  # sizes the launch grid
 
 
 @dataclass
@@ -38,8 +50,11 @@ class AttentionMetadata:
     # reads exactly decode_seq_lens tokens per request (the runner decides, once).
     decode_mask: torch.Tensor | None
     # Prefill chunks, one entry each: (first token index in the batch, number of query
-    # tokens, number of tokens already in the cache before this chunk, block ids tensor)
-    prefills: list[tuple[int, int, int, torch.Tensor]]
+    # tokens, number of tokens already in the cache before this chunk, block ids tensor;
+    # None when paged_prefills carries the tables)
+    prefills: list[tuple[int, int, int, torch.Tensor | None]]
+    # The same chunks for the Triton prefill kernel; set by the runner when it runs.
+    paged_prefills: PagedPrefills | None = None
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -71,11 +86,16 @@ def paged_attention(
     nd = meta.num_decodes
     if nd:
         if meta.decode_mask is None:
-            kernels.cpu_kernels().paged_decode_attention(
+            kernels.for_tensor(q).paged_decode_attention(
                 out[:nd], q[:nd], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
             )
         else:
             out[:nd] = _decode_attention(q[:nd], kv_cache, meta, scale)
+    if meta.paged_prefills is not None:
+        p = meta.paged_prefills
+        kernels.for_tensor(q).paged_prefill_attention(out, q, kv_cache, p.query_starts, p.query_lens,
+                                                      p.context_lens, p.block_tables, p.max_query_len, scale)
+        return out
     group = q.shape[1] // num_kv_heads
     for start, q_len, ctx_len, block_ids in meta.prefills:
         qp = q[start : start + q_len].transpose(0, 1)  # [Hq, q_len, D]

@@ -16,6 +16,7 @@ import torch
 
 from tokenmill.model import kernels
 from tokenmill.model.layers.keyed_race import exponential_race
+from tokenmill.model.transfer import to_device
 from tokenmill.sampling_params import SamplingParams
 
 # Top-p first looks for its cut among this many most likely tokens (see _apply_top_p).
@@ -47,9 +48,11 @@ class SamplerOutput:
     logprobs: list[SampledLogprobs | None]  # per row; None where params.logprobs is None
 
 
-def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The private generator a seeded request keeps for its whole life."""
-    generator = torch.Generator(device=device)
+def make_generator(seed: int) -> torch.Generator:
+    """The private generator a seeded request keeps for its whole life. On the host
+    whatever the model's device: it draws one key per row per step (`_row_keys`), and the
+    keys cross to the device with the step's other inputs."""
+    generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
 
@@ -87,7 +90,7 @@ class Sampler:
             sampled = race(logits, states)
         else:
             sampled = logits.argmax(dim=-1)
-            index = torch.tensor(random_rows, device=logits.device)
+            index = to_device(random_rows, logits.device)
             sampled[index] = race(logits[random_rows], [states[i] for i in random_rows])
 
         if raw_logprobs is None:
@@ -137,7 +140,7 @@ def _apply_min_tokens(logits: torch.Tensor, states: list[SamplingState]) -> None
             cols.extend(stop_ids)
     if rows:
         device = logits.device
-        logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = float("-inf")
+        logits[to_device(rows, device), to_device(cols, device)] = float("-inf")
 
 
 def _uses_penalties(p: SamplingParams) -> bool:
@@ -148,7 +151,7 @@ def _padded_ids(id_lists: list[list[int]], pad_id: int, device: torch.device) ->
     """[len(id_lists), max_len >= 1] token ids, padded with pad_id (a dummy column)."""
     width = max(1, max(len(ids) for ids in id_lists))
     rows = [ids + [pad_id] * (width - len(ids)) for ids in id_lists]
-    return torch.tensor(rows, dtype=torch.long, device=device)
+    return to_device(rows, device, torch.long)
 
 
 def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
@@ -173,15 +176,15 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
         seen = torch.zeros(len(rows), vocab_size + 1, dtype=torch.bool, device=device)
         seen.scatter_(1, prompt_ids, True)
         seen = seen[:, :vocab_size] | in_output  # [num_rows, vocab]
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        penalty = to_device([p.repetition_penalty for p in params], device)[:, None]
         # Dividing a positive logit and multiplying a negative one both make the token less likely.
         penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
         sub = torch.where(seen, penalised, sub)
     if any(p.frequency_penalty != 0.0 for p in params):
-        freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        freq = to_device([p.frequency_penalty for p in params], device)[:, None]
         sub = sub - freq * counts
     if any(p.presence_penalty != 0.0 for p in params):
-        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        presence = to_device([p.presence_penalty for p in params], device)[:, None]
         sub = sub - presence * in_output
 
     if len(rows) == num_reqs:
@@ -221,11 +224,11 @@ def _warp(logits: torch.Tensor, states: list[SamplingState]) -> None:
 
     temperatures = [p.temperature for p in params]
     if any(t != 1.0 for t in temperatures):
-        logits.div_(torch.tensor(temperatures, device=device)[:, None])
+        logits.div_(to_device(temperatures, device)[:, None])
 
     if any(p.min_p > 0.0 for p in params):
         probs = logits.softmax(dim=-1)  # [num_rows, vocab]
-        min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+        min_p = to_device([p.min_p for p in params], device)[:, None]
         logits.masked_fill_(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
     top_k = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]  # 0: off
@@ -254,8 +257,8 @@ def race(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     ops = kernels.for_tensor(logits)
     if ops is not None:
         # One pass instead of a dozen ops over [rows, vocab]: 64 x 49,152 15.2 -> 4.6 ms
-        # (`microbench.py sampler`).
-        sampled = torch.empty(logits.shape[0], dtype=torch.long)
+        # on CPU (`microbench.py sampler`); on a GPU the Triton twin.
+        sampled = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         ops.sample_exponential_race(sampled, logits.contiguous(), keys)
         return sampled
     return exponential_race(logits, keys.to(logits.device))
@@ -273,7 +276,7 @@ def _row_keys(states: list[SamplingState]) -> torch.Tensor:
 
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
     """Keep each row's k largest logits (ties with the k-th kept too); k=0 keeps all."""
-    k = torch.tensor(top_k, device=logits.device)
+    k = to_device(top_k, logits.device)
     top_values = logits.topk(max(top_k), dim=-1).values  # [num_rows, max_k], descending
     kth = top_values.gather(1, (k.clamp(min=1) - 1)[:, None])  # [num_rows, 1]
     kth = torch.where(k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
@@ -290,7 +293,7 @@ def _apply_top_p(logits: torch.Tensor, top_p: list[float]) -> None:
     first and the full sort is only the fallback; both give the same answer.
     """
     vocab_size = logits.shape[1]
-    p = torch.tensor(top_p, device=logits.device)[:, None]  # [num_rows, 1]
+    p = to_device(top_p, logits.device)[:, None]  # [num_rows, 1]
     # Normalise over the whole row (after top-k), not over the candidates only.
     log_total = logits.logsumexp(dim=-1, keepdim=True)  # [num_rows, 1]
 
