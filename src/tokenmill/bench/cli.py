@@ -279,7 +279,8 @@ def add_bench_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="Markdown file to update between <!-- gpu:begin --> and <!-- gpu:end --> (appended when "
                         "absent). Default: print the Markdown on stdout.")
     p.add_argument("--models", default=",".join(GPU_MODELS), metavar="M1,M2",
-                   help=f"Model configs, or 'default' for the real default model (default {','.join(GPU_MODELS)}).")
+                   help=f"Model configs, 'default' (the real default model) or checkpoint paths "
+                        f"(default {','.join(GPU_MODELS)}).")
     p.add_argument("--batches", default=",".join(map(str, GPU_BATCHES)), metavar="B1,B2",
                    help="Batch sizes (requests at once) (default %(default)s).")
     p.add_argument("--input-len", type=int, default=128, help="Prompt tokens per request (default %(default)s).")

@@ -82,10 +82,13 @@ class GpuBenchResult:
 
 
 def model_path(name: str) -> str:
+    """A model config's random-weight checkpoint, the default model, or a path as given."""
     from tokenmill.bench.model_configs import cached_checkpoint
     from tokenmill.model.default_model import default_model_path
 
-    return str(default_model_path()) if name == DEFAULT_MODEL else str(cached_checkpoint(name))
+    if name == DEFAULT_MODEL:
+        return str(default_model_path())
+    return name if Path(name).exists() else str(cached_checkpoint(name))
 
 
 def run_gpu_bench(spec: GpuBenchSpec, log: Log = print) -> GpuBenchResult:

@@ -12,9 +12,10 @@ input lives at a fixed address (what a CUDA graph replays against):
   (row, column, block id) triples, one more copy; the decode rows' and the prefill chunks'
   tables are then gathered from the rows on the device.
 
-Host buffers are pinned (CUDA) so the copies are asynchronous. They are rewritten only
-at the next step's `prepare`, after the previous step's one device-to-host sync (its
-sampled ids), which waited for these copies too.
+Host buffers are pinned (CUDA) so the copies are asynchronous. The next `prepare` waits
+for the previous step's copies before it rewrites them (an event; already passed whenever
+that step synced for its sampled ids, so it costs a wait only after a step that sampled
+nothing, such as a lone prefill chunk).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class StepInputs:
         self._updates = torch.zeros(3, 1024, dtype=torch.int32, device=device)
         self._rows: OrderedDict[str, tuple[int, _Row]] = OrderedDict()  # request id -> (row, state), LRU order
         self._free_rows = list(range(self._table_rows - 1, -1, -1))
+        self._copied: torch.cuda.Event | None = None  # the last step's copies (CUDA)
 
     def static_decode_views(self, num_rows: int) -> StepTensors:
         """The decode-only step of `num_rows` rows at the buffers' fixed addresses: what a
@@ -99,6 +101,8 @@ class StepInputs:
             pad_decodes_to: a decode-only step's rows are padded to this many (a CUDA graph's
                 batch size): padding rows write no K/V (slot -1) and attend to one token.
         """
+        if self._copied is not None:
+            self._copied.synchronize()  # the host buffers are free to rewrite
         tokens = self._tokens_host.numpy()
         cols = self._cols_host.numpy()
         decodes = [r for r in reqs if r.is_decode]
@@ -136,12 +140,15 @@ class StepInputs:
             cols[_PREFILL_STARTS, i], cols[_PREFILL_LENS, i] = start, len(r.token_ids)
             cols[_PREFILL_CTX, i], cols[_PREFILL_ROWS, i] = r.num_computed_tokens, self._rows[r.request_id][0]
 
-        # The copies: tokens, columns and table entries, each one asynchronous transfer.
-        self._tokens[:, :num_tokens].copy_(self._tokens_host[:, :num_tokens], non_blocking=True)
-        num_cols = max(num_decode_rows, len(chunks))
-        self._cols[:, :num_cols].copy_(self._cols_host[:, :num_cols], non_blocking=True)
+        # The copies: tokens, columns and table entries, each one asynchronous transfer. The
+        # whole buffers (tens of KB): a contiguous copy costs less than a strided slice's.
+        self._tokens.copy_(self._tokens_host, non_blocking=True)
+        self._cols.copy_(self._cols_host, non_blocking=True)
         if updates:
             self._apply_updates(updates)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         decode_tables = seq_lens = None
         if num_decode_rows:
             decode_tables = self._decode_tables[:num_decode_rows]

@@ -46,6 +46,13 @@ def applies(device: torch.device) -> bool:
     return device.type == "cpu" and mode() == "interpret"
 
 
+def interpreted() -> bool:
+    """Whether Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1), which differs
+    from a GPU in two ways the kernels and tests allow for: it rounds float32 to bfloat16
+    toward zero (a GPU: to nearest even), and its dot products do not take bfloat16."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def triton_ops() -> TritonOps | None:
     """The Triton operators, or None when triton is missing (PyTorch ops run instead)."""
     return _load(mode())

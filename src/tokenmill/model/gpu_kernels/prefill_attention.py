@@ -15,13 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.model.gpu_kernels import interpreted
+
 
 @triton.jit
 def _prefill_kernel(
     out_ptr, q_ptr, cache_ptr, tables_ptr, q_starts_ptr, q_lens_ptr, ctx_lens_ptr,
     scale, q_stride, out_stride, max_blocks, block_size, head_stride, v_offset,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, FLOAT32_DOTS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -53,8 +55,8 @@ def _prefill_kernel(
         slot = block * block_size + n % block_size
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_base + slot[:, None] * HEAD_DIM + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        if IEEE:  # float32 caches: full-precision products (tf32 would lose parity)
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        if FLOAT32_DOTS:  # full-precision products (tf32 would lose float32 parity)
+            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] float32
         scores = scores * scale
@@ -66,7 +68,7 @@ def _prefill_kernel(
         p = tl.exp(scores - m_safe[:, None])
         s_sum = s_sum * alpha + tl.sum(p, axis=1)
         v = tl.load(k_base + v_offset + slot[:, None] * HEAD_DIM + d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
+        if FLOAT32_DOTS:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -96,8 +98,10 @@ def paged_prefill_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.
         return
     head_stride = num_blocks * block_size * head_dim
     block_d = max(16, triton.next_power_of_2(head_dim))
-    ieee = kv_cache.dtype == torch.float32
-    block_m = 32 if ieee else 64
+    # Float32 caches keep float32 products. So does bfloat16 in Triton's interpreter (tests on
+    # a CPU), whose dot multiplies bfloat16's raw bits.
+    float32_dots = kv_cache.dtype == torch.float32 or (interpreted() and kv_cache.dtype == torch.bfloat16)
+    block_m = 32 if float32_dots else 64
     block_n = 32
     grid = (triton.cdiv(max_query_len, block_m), num_chunks, num_heads)
     _prefill_kernel[grid](
@@ -105,5 +109,5 @@ def paged_prefill_attention(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.
         scale, q.stride(0), out.stride(0), block_tables.shape[1], block_size, head_stride,
         num_kv_heads * head_stride,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, IEEE=ieee,
+        BLOCK_D=block_d, FLOAT32_DOTS=float32_dots,
     )
