@@ -180,15 +180,30 @@ def roofline(spec: GpuBenchSpec, model: str, path: str, copy_gb_s: float, nomina
 
 
 def decode_bytes_per_token(llm: Any, context_len: int) -> int:
-    cfg = llm.config
-    model = llm.engine.runner.model
-    weights = {id(p): p.numel() * p.element_size() for p in model.parameters()}
-    embed = model.model.embed_tokens.weight
-    if embed is not model.lm_head.weight:
-        weights.pop(id(embed), None)  # only the token's row is read
-    m = cfg.model
-    kv = 2 * m.num_layers * m.num_kv_heads * m.head_dim * embed.element_size() * context_len
-    return sum(weights.values()) + kv
+    """Bytes one decode token reads: every weight as the model holds it (plain, packed for
+    the CPU, or stored blocks; a tied embedding once, through the LM head; an untied
+    input embedding not at all: one row) and the K/V of `context_len` tokens."""
+    from tokenmill.model.layers.embedding import Embedding
+    from tokenmill.model.layers.linear import Linear
+
+    seen: dict[int, int] = {}  # id -> bytes (a tied weight is one tensor: counted once)
+
+    def add(t: Any) -> None:
+        if t is not None:
+            seen[id(t)] = t.numel() * t.element_size()
+
+    for module in llm.engine.runner.model.modules():
+        if isinstance(module, Linear):
+            add(module.weight if module.weight is not None else module._packed)
+            add(module.bias)
+            for _, part in module.stored:
+                add(part.blocks)
+        elif not isinstance(module, Embedding):
+            for p in module.parameters(recurse=False):
+                add(p)
+    m, dtype = llm.config.model, llm.config.dtype
+    kv = 2 * m.num_layers * m.num_kv_heads * m.head_dim * dtype.itemsize * context_len
+    return sum(seen.values()) + kv
 
 
 def profile_decode_step(spec: GpuBenchSpec, path: str) -> tuple[list[tuple[str, float, int]], float]:
