@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tokenmill.bench.gpu import GpuBenchSpec, command_line, render_markdown, run_gpu_bench, write_result
+from tokenmill.bench.gpu import (
+    GpuBenchSpec,
+    command_line,
+    render_markdown,
+    run_gpu_bench,
+    write_result,
+)
 from tokenmill.config import DEMO_MODEL_DIR
 
 

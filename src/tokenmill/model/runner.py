@@ -12,11 +12,7 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenmill.model import kernels
 from tokenmill.model.cuda_graphs import DecodeGraphs
-from tokenmill.model.layers.attention import (
-    AttentionMetadata,
-    decode_mask,
-    kv_cache_shape,
-)
+from tokenmill.model.layers.attention import AttentionMetadata, decode_mask, kv_cache_shape
 from tokenmill.model.layers.sampler import Sampler, SamplingState, gather_logprobs
 from tokenmill.model.loader import load_model
 from tokenmill.model.step_inputs import StepInputs
