@@ -42,8 +42,14 @@ def test_gpu_bench_command_line_lists_what_differs_from_the_defaults():
         "tokenmill bench gpu --output docs/performance.md --models llama-3.2-1b --batches 1,64 --no-hf")
 
 
-@pytest.mark.parametrize("name", ["H200", "NVIDIA H100 80GB HBM3"])
+@pytest.mark.parametrize("name", ["NVIDIA H200", "NVIDIA H100 80GB HBM3"])
 def test_nominal_bandwidth_by_device_name(name):
     from tokenmill.bench.gpu import _nominal
 
     assert _nominal(name) in (4800, 3350)
+
+
+def test_nominal_bandwidth_matches_whole_names_only():
+    from tokenmill.bench.gpu import _nominal
+
+    assert _nominal("NVIDIA L40") is None and _nominal("NVIDIA L4") == 300

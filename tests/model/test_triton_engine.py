@@ -67,3 +67,47 @@ def test_seeded_sampling_and_garbage_kv_memory_on_the_triton_path(checkpoint_fac
     on_cpu = [o.outputs[0].token_ids for o in LLM(model_dir, dtype="float32", block_size=8).generate(
         prompts, params, use_tqdm=False)]
     assert on_triton == on_cpu
+
+
+def test_speculative_decoding_on_the_triton_path(checkpoint_factory):
+    """ngram and a draft model (its runner keeps its own persistent tables) with preemption
+    mid-output: the tokens of the run without speculation. The draft is the model itself,
+    so every proposal is accepted and the draft's tables are exercised on every step."""
+    model_dir = str(checkpoint_factory("llama"))
+    prompts = [{"prompt_token_ids": p} for p in make_prompts(320, [6, 20], seed=41)]
+    prompts[0]["prompt_token_ids"] *= 4  # repeats for the ngram proposer to find
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    always = {"disable_by_batch_size": None, "adaptive": False}
+    specs = [None, {"method": "ngram", "num_speculative_tokens": 3} | always,
+             {"method": "draft_model", "model": model_dir, "num_speculative_tokens": 3} | always]
+    runs = []
+    for spec in specs:
+        llm = LLM(model_dir, dtype="float32", block_size=4, num_kv_blocks=12, max_model_len=48,
+                  speculative_config=spec)
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        assert llm.engine.stats().num_preemptions > 0
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+    assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+
+
+def test_a_request_id_used_again_gets_fresh_tables(checkpoint_factory):
+    """Ids come from callers (the server's request ids): once a request has finished, a
+    new one with its id must not read the old one's blocks through a remembered table row."""
+    from tokenmill.engine.request import EngineCoreRequest
+
+    model_dir = str(checkpoint_factory("llama"))
+    first, second = make_prompts(320, [30, 21], seed=31)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def run(engine, prompt):
+        engine.add_request(EngineCoreRequest("same-id", prompt, params))
+        tokens = []
+        while engine.has_unfinished_requests():
+            tokens += [t for out in engine.step() for t in out.new_token_ids]
+        return tokens
+
+    # No prefix caching: the second request gets other blocks than the first had.
+    engine = LLM(model_dir, dtype="float32", block_size=4, enable_prefix_caching=False).engine
+    run(engine, first)
+    fresh = LLM(model_dir, dtype="float32", block_size=4, enable_prefix_caching=False).engine
+    assert run(engine, second) == run(fresh, second)

@@ -79,3 +79,13 @@ def test_padding_rows_write_nothing_and_read_one_token():
     static = _inputs()
     views = static.static_decode_views(4)
     assert views.input_ids.data_ptr() == static.prepare([], [], BS, pad_decodes_to=4).input_ids.data_ptr()
+
+
+def test_a_step_larger_than_the_buffers_does_not_fit():
+    """The runner then builds that step's tensors alone (a draft model's first catch-up
+    over a whole context can exceed the token budget the buffers were sized for)."""
+    inputs = _inputs(max_tokens=8, max_rows=2, max_blocks=3)
+    assert inputs.fits([_req("a", [1] * 8, 0, [1, 2])])
+    assert not inputs.fits([_req("a", [1] * 9, 0, [1, 2, 3])])  # tokens
+    assert not inputs.fits([_req(r, [1], 3, [1]) for r in "abc"])  # decode rows
+    assert not inputs.fits([_req("a", [1], 12, [1, 2, 3, 4])])  # table width

@@ -115,10 +115,23 @@ def run_gpu_bench(spec: GpuBenchSpec, log: Log = print) -> GpuBenchResult:
 
 
 def _tok_s(spec: GpuBenchSpec, path: str, backend: str, batch: int) -> float:
+    """Output tokens per second of `batch` requests at once, end to end (prefill included)."""
+    import gc
+
     tp = ThroughputSpec(path, backend, num_prompts=batch, input_len=spec.input_len, output_len=spec.output_len,
                         dtype=spec.dtype, max_num_seqs=batch, device=spec.device,
                         max_num_batched_tokens=max(2048, batch * spec.input_len))
-    return run_throughput(tp).output_tokens_per_s
+    tok_s = run_throughput(tp).output_tokens_per_s
+    gc.collect()  # the run's engine or model, before the next one takes the memory
+    _empty_cache(spec.device)
+    return tok_s
+
+
+def _empty_cache(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _triton_version() -> str:
@@ -130,7 +143,8 @@ def _triton_version() -> str:
 
 
 def _nominal(device_name: str) -> float | None:
-    return next((v for k, v in NOMINAL_GB_S.items() if k in device_name), None)
+    words = device_name.replace("-", " ").split()
+    return next((v for k, v in NOMINAL_GB_S.items() if k in words), None)
 
 
 def copy_bandwidth_gb_s(device: Any, size_bytes: int = 1 << 30, repeats: int = 10) -> float:
@@ -251,6 +265,10 @@ def command_line(spec: GpuBenchSpec, output: str | None) -> str:
         args += ["--models", ",".join(spec.models)]
     if spec.batches != default.batches:
         args += ["--batches", ",".join(map(str, spec.batches))]
+    if spec.input_len != default.input_len:
+        args += ["--input-len", str(spec.input_len)]
+    if spec.output_len != default.output_len:
+        args += ["--output-len", str(spec.output_len)]
     if not spec.with_hf:
         args.append("--no-hf")
     if spec.device != default.device:
@@ -260,9 +278,10 @@ def command_line(spec: GpuBenchSpec, output: str | None) -> str:
 
 def render_markdown(spec: GpuBenchSpec, result: GpuBenchResult, command: str) -> str:
     lines = [MARK_BEGIN, f"Measured on {result.device_name} ({result.software}), {spec.dtype}, "
-             f"{spec.input_len} tokens in / {spec.output_len} out, with `{command}`:", ""]
+             f"{spec.input_len} tokens in / {spec.output_len} out per request, all of a batch at once "
+             f"(output tokens over the whole run, prefill included), with `{command}`:", ""]
     lines.append(markdown_table(
-        ["model", "batch", "tokenmill tok/s", "transformers tok/s", "tokenmill / transformers"],
+        ["model", "batch", "tokenmill output tok/s", "transformers output tok/s", "tokenmill / transformers"],
         [[r.model, str(r.batch), f"{r.tokenmill_tok_s:,.0f}", f"{r.hf_tok_s:,.0f}" if r.hf_tok_s else None,
           f"{r.tokenmill_tok_s / r.hf_tok_s:.2f}x" if r.hf_tok_s else None] for r in result.rows]))
     lines += ["", "Batch-1 decode against the memory-bandwidth roofline (bytes per token: every weight once, "

@@ -92,10 +92,12 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if self.proposer is None:
             if not sched.scheduled:
+                self.runner.forget_requests(sched.released_req_ids)  # e.g. a request that preempted itself
                 return []
             return self.scheduler.update_from_output(sched, self.runner.execute(sched))
         self.proposer.propose(sched)  # even with nothing scheduled: it must see every preemption
         if not sched.scheduled:
+            self.runner.forget_requests(sched.released_req_ids)
             return []
         start = time.perf_counter()
         result = self.runner.execute(sched)

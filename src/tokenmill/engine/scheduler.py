@@ -45,6 +45,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: newest last
         self.num_preemptions = 0
+        # Requests finished (or aborted) since the last schedule(): the runner drops what it
+        # keeps per request (vLLM's finished_req_ids), in case an id comes back.
+        self._finished_ids: list[str] = []
 
     # -- queue management -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -121,9 +124,11 @@ class Scheduler:
 
         if self.spec_policy is not None:
             self._allot_proposals(scheduled, budget)
+        finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(
             scheduled=scheduled,
             preempted_req_ids=preempted,
+            finished_req_ids=finished,
         )
 
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
@@ -260,4 +265,5 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
         self.kv.free(req)
+        self._finished_ids.append(req.request_id)
         del self.requests[req.request_id]

@@ -54,6 +54,12 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest]
     preempted_req_ids: list[str] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)  # finished or aborted since the last step
+
+    @property
+    def released_req_ids(self) -> list[str]:
+        """Requests whose blocks were freed: what a runner keeps for them is stale."""
+        return self.preempted_req_ids + self.finished_req_ids
 
 
 @dataclass

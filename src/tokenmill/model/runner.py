@@ -51,13 +51,17 @@ def num_kv_blocks_for(config: EngineConfig) -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, num_blocks: int | None = None) -> None:
+    def __init__(self, config: EngineConfig, num_blocks: int | None = None, num_proposals: int | None = None) -> None:
         """Args:
             num_blocks: KV blocks to hold (a draft model's runner mirrors the target's
                 block ids); None: what the budget buys (`num_kv_blocks_for`).
+            num_proposals: the most proposals a request gets per step (a draft model's
+                runner passes the target's); None: from config.speculative.
         """
         self.config = config
         self.device = config.device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # streams, events, graphs and Triton launches: this GPU
         self.block_size = config.cache.block_size
         max_positions = max(config.scheduler.max_model_len, 1)
         self.model = load_model(config.model_path, config.model, config.dtype, self.device, max_positions,
@@ -86,7 +90,9 @@ class ModelRunner:
         self.inputs: StepInputs | None = None
         self.graphs: DecodeGraphs | None = None
         if self.decode_kernel and kernels.paged_prefill_kernel(self.device):
-            self.inputs = _step_inputs(config)
+            if num_proposals is None:
+                num_proposals = config.speculative.num_speculative_tokens if config.speculative else 0
+            self.inputs = _step_inputs(config, num_proposals)
             if self.device.type == "cuda" and not config.enforce_eager:
                 self.graphs = DecodeGraphs(self.model, self.kv_caches, self.inputs, self.block_size,
                                            config.scheduler.max_num_seqs)
@@ -108,13 +114,13 @@ class ModelRunner:
             self._clear_blocks(block_ids)
 
     def forget_requests(self, request_ids: list[str]) -> None:
-        """Preempted requests: their block tables start over (the persistent ones too)."""
+        """Preempted or finished requests: the block-table rows kept for them are stale."""
         if self.inputs is not None and request_ids:
             self.inputs.forget(request_ids)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        self.forget_requests(sched.preempted_req_ids)
+        self.forget_requests(sched.released_req_ids)
         reqs = _decodes_first(sched.scheduled)
         for r in reqs:
             if r.draft_token_ids and r.matcher is not None:
@@ -160,8 +166,10 @@ class ModelRunner:
         Returns:
             Final hidden states [T, hidden] and each request's first row in them.
         """
-        if self.inputs is not None:
+        if self.inputs is not None and self.inputs.fits(reqs):
             return self._forward_persistent(reqs)
+        # Else (no GPU path, or a step larger than the buffers, such as a draft model's
+        # first catch-up over a whole context): tensors built for this step alone.
         input_ids, positions, slots = [], [], []
         starts: list[int] = []
         for r in reqs:
@@ -311,11 +319,10 @@ class ModelRunner:
                 out.logprobs[r.request_id] = verified.logprobs
 
 
-def _step_inputs(config: EngineConfig) -> StepInputs:
-    """Buffers for the largest step the scheduler can form: decodes with every proposal
-    slot (one row per token), or a full token budget."""
+def _step_inputs(config: EngineConfig, num_spec: int) -> StepInputs:
+    """Buffers for the largest step the scheduler forms: decodes with every proposal slot
+    (one row per token), or a full token budget."""
     sched, bs = config.scheduler, config.cache.block_size
-    num_spec = config.speculative.num_speculative_tokens if config.speculative else 0
     max_rows = sched.max_num_seqs * (1 + num_spec)
     tail_blocks = 2 + -(-num_spec // bs)  # room for proposals may be given back and reallocated
     return StepInputs(max_tokens=max(sched.max_num_batched_tokens, max_rows), max_rows=max_rows,

@@ -77,11 +77,18 @@ class StepInputs:
         self._tables = torch.zeros(self._table_rows, max_blocks, dtype=torch.int32, device=device)
         self._decode_tables = torch.zeros(max_rows, max_blocks, dtype=torch.int32, device=device)
         self._prefill_tables = torch.zeros(max_rows, max_blocks, dtype=torch.int32, device=device)
-        self._updates_host = torch.zeros(3, 1024, dtype=torch.int32, pin_memory=pin)
-        self._updates = torch.zeros(3, 1024, dtype=torch.int32, device=device)
+        self._updates_host = torch.zeros(1024, 3, dtype=torch.int32, pin_memory=pin)  # (row, column, block id)
+        self._updates = torch.zeros(1024, 3, dtype=torch.int32, device=device)
         self._rows: OrderedDict[str, tuple[int, _Row]] = OrderedDict()  # request id -> (row, state), LRU order
         self._free_rows = list(range(self._table_rows - 1, -1, -1))
         self._copied: torch.cuda.Event | None = None  # the last step's copies (CUDA)
+
+    def fits(self, reqs: list[ScheduledRequest]) -> bool:
+        """Whether a step of `reqs` fits the buffers."""
+        decode_rows = sum(r.num_query_tokens for r in reqs if r.is_decode)
+        return (max(decode_rows, len(reqs) - sum(1 for r in reqs if r.is_decode)) <= self.max_rows
+                and sum(r.num_query_tokens for r in reqs) <= self.max_tokens
+                and all(len(r.block_ids) <= self.max_blocks for r in reqs))
 
     def static_decode_views(self, num_rows: int) -> StepTensors:
         """The decode-only step of `num_rows` rows at the buffers' fixed addresses: what a
@@ -197,8 +204,6 @@ class StepInputs:
             ids, known = r.block_ids, state.known
             if ids is state.source and len(ids) == len(known):
                 continue  # the same list, unchanged
-            if len(ids) > self.max_blocks:
-                raise ValueError(f"request {r.request_id} holds {len(ids)} blocks; the tables hold {self.max_blocks}")
             first = max(0, len(known) - self.tail_blocks)
             common = min(len(ids), len(known))
             while first < common and ids[first] == known[first]:
@@ -219,15 +224,15 @@ class StepInputs:
 
     def _apply_updates(self, updates: list[tuple[int, int, int]]) -> None:
         n = len(updates)
-        if n > self._updates_host.shape[1]:
+        if n > self._updates_host.shape[0]:
             size = 1 << (n - 1).bit_length()
             pin = self.device.type == "cuda"
-            self._updates_host = torch.zeros(3, size, dtype=torch.int32, pin_memory=pin)
-            self._updates = torch.zeros(3, size, dtype=torch.int32, device=self.device)
-        self._updates_host.numpy()[:, :n] = np.asarray(updates, dtype=np.int32).T
-        dev = self._updates[:, :n]
-        dev.copy_(self._updates_host[:, :n], non_blocking=True)
-        self._tables.index_put_((dev[0].long(), dev[1].long()), dev[2])
+            self._updates_host = torch.zeros(size, 3, dtype=torch.int32, pin_memory=pin)
+            self._updates = torch.zeros(size, 3, dtype=torch.int32, device=self.device)
+        self._updates_host.numpy()[:n] = updates
+        dev = self._updates[:n]
+        dev.copy_(self._updates_host[:n], non_blocking=True)  # the first n rows: contiguous
+        self._tables.index_put_((dev[:, 0].long(), dev[:, 1].long()), dev[:, 2])
 
 
 def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> np.ndarray:

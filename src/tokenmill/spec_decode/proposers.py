@@ -53,7 +53,8 @@ class DraftModelProposer:
         draft_config = dataclasses.replace(config, model_path=spec.model, model=config.draft_model,
                                            quantization=spec.quantization, speculative=None, draft_model=None)
         logger.info("loading the draft model %s", spec.model)
-        self.runner = ModelRunner(draft_config, num_blocks=num_blocks)
+        # The draft's block tables change as the target's do (room for proposals given back).
+        self.runner = ModelRunner(draft_config, num_blocks=num_blocks, num_proposals=spec.num_speculative_tokens)
         # request id -> what the draft wrote for it: the positions it computed from known
         # tokens, then the proposals it wrote after them (valid only as far as the target
         # kept them: a rejected one's position may even sit in a block given back)
@@ -65,7 +66,7 @@ class DraftModelProposer:
         self.last_step_s = None
         for rid in sched.preempted_req_ids:  # its blocks were freed; it starts over
             self._written.pop(rid, None)
-        self.runner.forget_requests(sched.preempted_req_ids)
+        self.runner.forget_requests(sched.released_req_ids)
         # Every block handed out, whether the draft writes it now or later.
         self.runner.clear_blocks([b for r in sched.scheduled for b in r.new_block_ids])
         reqs = [r for r in sched.scheduled if r.num_draft_slots]

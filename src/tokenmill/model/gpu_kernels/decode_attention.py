@@ -103,8 +103,11 @@ def _decode_merge_kernel(out_ptr, mid_out_ptr, mid_lse_ptr, num_heads,
 
 def num_splits_for(num_rows: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Splits per (row, KV head): enough programs for two waves over the GPU's SMs, none
-    shorter than MIN_TOKENS_PER_SPLIT tokens."""
-    want = triton.cdiv(2 * num_sms, max(1, num_rows * num_kv_heads))
+    shorter than MIN_TOKENS_PER_SPLIT tokens. Rows count as the CUDA-graph batch bucket
+    they fall in (1, 2, 4, multiples of 8): a step splits alike replayed or eager, so both
+    sum in the same order, and few split counts means few compiled variants."""
+    rows = num_rows if num_rows <= 4 else triton.cdiv(num_rows, 8) * 8
+    want = triton.cdiv(2 * num_sms, max(1, rows * num_kv_heads))
     return max(1, min(want, triton.cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
 
 

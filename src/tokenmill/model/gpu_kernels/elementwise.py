@@ -36,8 +36,10 @@ def rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: floa
     residual += x (in place) and normalise that."""
     rows, dim = x.shape
     if rows:
+        block = triton.next_power_of_2(dim)
         _rms_norm_kernel[(rows,)](out, x, x if residual is None else residual, weight, dim, eps,
-                                  HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(dim))
+                                  HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                  num_warps=min(16, max(4, block // 256)))  # a wide row over more threads
 
 
 @triton.jit

@@ -16,30 +16,31 @@ import triton.language as tl
 def _rotary_cache_kernel(
     qkv_ptr, cos_ptr, sin_ptr, cache_ptr, slots_ptr,
     num_heads, num_kv_heads, cache_slots,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One program per (token, head) of the qkv row: q heads, then k heads, then v heads.
+    # One program per token: its whole qkv row as [heads, head_dim] (q heads, k heads, v heads).
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
     dtype = qkv_ptr.dtype.element_ty
+    h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    row = qkv_ptr + token * (num_heads + 2 * num_kv_heads) * HEAD_DIM + head * HEAD_DIM
-    x = tl.load(row + d, mask=dmask, other=0.0)
-    if head < num_heads + num_kv_heads:  # a query or key head: rotate it
-        partner = tl.load(row + (d + HEAD_DIM // 2) % HEAD_DIM, mask=dmask, other=0.0).to(tl.float32)
-        cos = tl.load(cos_ptr + token * HEAD_DIM + d, mask=dmask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + token * HEAD_DIM + d, mask=dmask, other=0.0).to(tl.float32)
-        a = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
-        b = (partner * sin).to(dtype).to(tl.float32)
-        x = (a + b).to(dtype)
-        # Every load of this row happened above; only this program touches this head.
-        tl.store(row + d, x, mask=dmask)
-    if head >= num_heads:  # a key or value head: into the token's cache slot
-        slot = tl.load(slots_ptr + token)
-        kv_head = head - num_heads  # 0..2*Hkv-1: K heads, then V heads, as the cache's [2, Hkv] dims
-        if slot >= 0:  # -1: a padding token (a CUDA graph's unused rows) writes nothing
-            tl.store(cache_ptr + (kv_head * cache_slots + slot) * HEAD_DIM + d, x, mask=dmask)
+    mask = (h < num_heads + 2 * num_kv_heads)[:, None] & dmask[None, :]
+    row = qkv_ptr + token * (num_heads + 2 * num_kv_heads) * HEAD_DIM + h[:, None] * HEAD_DIM
+    x = tl.load(row + d[None, :], mask=mask, other=0.0)
+    partner = tl.load(row + ((d + HEAD_DIM // 2) % HEAD_DIM)[None, :], mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + token * HEAD_DIM + d, mask=dmask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + token * HEAD_DIM + d, mask=dmask, other=0.0).to(tl.float32)
+    a = (x.to(tl.float32) * cos[None, :]).to(dtype).to(tl.float32)
+    b = (partner * sin[None, :]).to(dtype).to(tl.float32)
+    rotate = (h < num_heads + num_kv_heads)[:, None]  # query and key heads; value heads stay
+    y = tl.where(rotate, (a + b).to(dtype), x)
+    tl.store(row + d[None, :], y, mask=mask & rotate)
+    # Key and value heads into the token's cache slot ([2, Hkv] heads, as the cache's dims).
+    slot = tl.load(slots_ptr + token + 0 * h)  # [BLOCK_H], the token's slot in every lane
+    kv_head = h - num_heads
+    to_cache = mask & ((h >= num_heads) & (slot >= 0))[:, None]  # slot -1: a CUDA graph's padding row
+    tl.store(cache_ptr + (kv_head.to(tl.int64)[:, None] * cache_slots + slot[:, None]) * HEAD_DIM + d[None, :], y,
+             mask=to_cache)
 
 
 def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, kv_cache: torch.Tensor,
@@ -55,7 +56,9 @@ def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Ten
     _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
     num_tokens = qkv.shape[0]
     if num_tokens:
-        _rotary_cache_kernel[(num_tokens, num_heads + 2 * num_kv_heads)](
+        _rotary_cache_kernel[(num_tokens,)](
             qkv, cos, signed_sin, kv_cache, slot_mapping, num_heads, num_kv_heads, num_blocks * block_size,
-            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_heads + 2 * num_kv_heads),
+            BLOCK_D=triton.next_power_of_2(head_dim),
+            enable_fp_fusion=False,  # float32: no fused multiply-add, each product rounded as the ops round
         )

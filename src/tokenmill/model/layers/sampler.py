@@ -80,7 +80,7 @@ class Sampler:
         raw_logprobs = None
         if logprob_rows:
             # Taken before any processing: users get the model's own distribution.
-            rows_logits = logits if len(logprob_rows) == num_reqs else logits[logprob_rows]
+            rows_logits = logits if len(logprob_rows) == num_reqs else _take_rows(logits, logprob_rows)
             raw_logprobs = torch.log_softmax(rows_logits, dim=-1)  # [num_logprob_rows, vocab]
 
         random_rows = process_logits(logits, states)
@@ -91,13 +91,13 @@ class Sampler:
         else:
             sampled = logits.argmax(dim=-1)
             index = to_device(random_rows, logits.device)
-            sampled[index] = race(logits[random_rows], [states[i] for i in random_rows])
+            sampled.index_copy_(0, index, race(logits.index_select(0, index), [states[i] for i in random_rows]))
 
         if raw_logprobs is None:
             return SamplerOutput(token_ids=sampled.tolist(), logprobs=[None] * num_reqs)
 
         num_top = min(max(states[i].params.logprobs for i in logprob_rows), logits.shape[1])  # type: ignore[type-var]
-        row_sampled = sampled if len(logprob_rows) == num_reqs else sampled[logprob_rows]
+        row_sampled = sampled if len(logprob_rows) == num_reqs else _take_rows(sampled, logprob_rows)
         ids_t, values_t, ranks_t = _logprobs_tensors(raw_logprobs, row_sampled, num_top)
         token_ids, ids, values, ranks = _to_host(sampled, ids_t, values_t, ranks_t)
         width = num_top + 1
@@ -162,7 +162,7 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
     num_reqs, vocab_size = logits.shape
     device = logits.device
     params = [states[i].params for i in rows]
-    sub = logits if len(rows) == num_reqs else logits[rows]  # [num_rows, vocab]
+    sub = logits if len(rows) == num_reqs else _take_rows(logits, rows)  # [num_rows, vocab]
 
     # Counts go into vocab_size + 1 columns: the last one swallows the padding.
     output_ids = _padded_ids([states[i].output_token_ids for i in rows], vocab_size, device)
@@ -190,7 +190,7 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
     if len(rows) == num_reqs:
         logits.copy_(sub)
     else:
-        logits[rows] = sub
+        logits.index_copy_(0, to_device(rows, device), sub)
 
 
 def process_logits(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
@@ -210,9 +210,10 @@ def process_logits(logits: torch.Tensor, states: list[SamplingState]) -> list[in
     if len(random_rows) == len(states):
         _warp(logits, states)
     elif random_rows:
-        random_logits = logits[random_rows]  # [num_random, vocab]
+        index = to_device(random_rows, logits.device)
+        random_logits = logits.index_select(0, index)  # [num_random, vocab]
         _warp(random_logits, [states[i] for i in random_rows])
-        logits[random_rows] = random_logits
+        logits.index_copy_(0, index, random_logits)
     return random_rows
 
 
@@ -301,9 +302,10 @@ def _apply_top_p(logits: torch.Tensor, top_p: list[float]) -> None:
     sorted_values = logits.topk(num_candidates, dim=-1).values  # [num_rows, num_candidates]
     probs = (sorted_values - log_total).exp()
     cumulative = probs.cumsum(dim=-1)
-    # A row is settled once its candidates reach top_p; one host sync decides (cheap on CPU).
+    # A row is settled once its candidates reach top_p; one host sync decides (cheap on CPU;
+    # on a GPU the full sort costs less than waiting for the answer).
     settled = (cumulative[:, -1:] >= p) | (p >= 1.0)
-    if num_candidates < vocab_size and not bool(settled.all()):
+    if num_candidates < vocab_size and (not logits.is_cpu or not bool(settled.all())):
         sorted_values = _sort_descending(logits)  # [num_rows, vocab]
         probs = (sorted_values - log_total).exp()
         cumulative = probs.cumsum(dim=-1)
@@ -352,6 +354,11 @@ def _row_logprobs(
         logprobs=values[start:start + keep],
         ranks=[int(ranks[row])] + list(range(1, keep)),
     )
+
+
+def _take_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t[rows] without the host sync a list index costs on a GPU (its blocking copy)."""
+    return t.index_select(0, to_device(rows, t.device))
 
 
 def _to_host(*tensors: torch.Tensor) -> list[list[float]]:
