@@ -46,7 +46,10 @@ def test_bfloat16_agrees_with_transformers_on_the_default_model():
     from tokenmill.bench.quality.local import load_transformers_model
     from tokenmill.model.default_model import default_model_path
 
-    path = str(default_model_path())
+    try:
+        path = str(default_model_path())
+    except FileNotFoundError as exc:
+        pytest.skip(f"not run: {exc}")
     prompts = make_prompts(49152, [7, 31, 64, 100, 5, 48, 90, 12] * 4, seed=3)
     hf = load_transformers_model(path, "bfloat16").to("cuda")
     outs = _greedy(LLM(path, dtype="bfloat16", device="cuda"), prompts, 1, logprobs=1)
