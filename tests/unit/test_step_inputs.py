@@ -75,10 +75,13 @@ def test_padding_rows_write_nothing_and_read_one_token():
     assert step.input_ids.tolist() == [7, 0, 0, 0]
     assert step.slot_mapping.tolist() == [37, -1, -1, -1]
     assert step.decode_seq_lens.tolist() == [6, 1, 1, 1]
-    # The padded views are the buffers a CUDA graph of 4 rows captured.
-    static = _inputs()
-    views = static.static_decode_views(4)
-    assert views.input_ids.data_ptr() == static.prepare([], [], BS, pad_decodes_to=4).input_ids.data_ptr()
+    # Every step padded to 4 rows reads the same addresses: what a CUDA graph of 4 rows captured.
+    inputs = _inputs()
+    captured = inputs.prepare([], [], BS, pad_decodes_to=4)
+    later = inputs.prepare([_req("b", [3], 2, [1])], [0], BS, pad_decodes_to=4)
+    for name in ("input_ids", "positions", "slot_mapping", "decode_block_tables", "decode_seq_lens"):
+        assert getattr(later, name).data_ptr() == getattr(captured, name).data_ptr(), name
+    assert later.slot_mapping.tolist() == [6, -1, -1, -1]
 
 
 def test_a_step_larger_than_the_buffers_does_not_fit():

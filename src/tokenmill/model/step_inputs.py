@@ -36,7 +36,8 @@ _DECODE_LENS, _DECODE_ROWS, _PREFILL_STARTS, _PREFILL_LENS, _PREFILL_CTX, _PREFI
 
 @dataclass
 class StepTensors:
-    """Device views of one step's inputs (fixed addresses: valid until the next prepare)."""
+    """Device views of one step's inputs: the same addresses for every step of the same
+    shape (what a CUDA graph captures); valid until the next prepare."""
 
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
@@ -89,16 +90,6 @@ class StepInputs:
         return (max(decode_rows, len(reqs) - sum(1 for r in reqs if r.is_decode)) <= self.max_rows
                 and sum(r.num_query_tokens for r in reqs) <= self.max_tokens
                 and all(len(r.block_ids) <= self.max_blocks for r in reqs))
-
-    def static_decode_views(self, num_rows: int) -> StepTensors:
-        """The decode-only step of `num_rows` rows at the buffers' fixed addresses: what a
-        CUDA graph captures (its replays read whatever `prepare` last wrote there)."""
-        return StepTensors(
-            input_ids=self._tokens[0, :num_rows], positions=self._tokens[1, :num_rows],
-            slot_mapping=self._tokens[2, :num_rows],
-            decode_block_tables=self._decode_tables[:num_rows], decode_seq_lens=self._cols[_DECODE_LENS, :num_rows],
-            paged_prefills=None,
-        )
 
     def prepare(self, reqs: list[ScheduledRequest], starts: list[int], block_size: int,
                 pad_decodes_to: int = 0) -> StepTensors:
