@@ -45,7 +45,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "exactly; see docs/speculative_decoding.md. (default: off)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run every step eagerly; by default decode steps replay CUDA graphs captured at "
-                        "start-up for batch sizes 1, 2, 4, 8, 16, ... (a few seconds; faster small batches).")
+                        "start-up for batch sizes 1, 2, 4, 8, 16, 24, ... up to --max-num-seqs (512 at most).")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="Do not load a tokenizer (for checkpoints without one): prompts must be token ids and "
                         "outputs are token ids; text prompts, chat and stop strings are refused.")

@@ -29,3 +29,29 @@ def float64_attention(q, cache, tables, seq_lens, scale):
         probs = torch.softmax((k @ q[b].double().unsqueeze(-1)).squeeze(-1) * scale, dim=-1)  # [Hq, L]
         out.append((probs.unsqueeze(1) @ v).squeeze(1))
     return torch.stack(out)
+
+
+def rotary_case(dtype, num_heads=6, num_kv_heads=2, head_dim=32):
+    """A qkv batch of 5 tokens at scattered positions and cache slots, and what the
+    PyTorch ops make of it (apply_rotary + write_kv): the reference of both rotary +
+    cache kernels (CPU and Triton).
+
+    Returns:
+        qkv [5, (Hq + 2 * Hkv) * D], (cos, signed_sin), slots, an empty cache [2, Hkv, 6, 8, D]
+        (6 blocks of 8 slots), and the expected rotated q/k heads [5, Hq + Hkv, D] and cache.
+    """
+    from tokenmill.model.layers.attention import AttentionMetadata, write_kv
+    from tokenmill.model.layers.rotary import RotaryEmbedding, apply_rotary
+
+    tokens = 5
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
+    cos_sin = RotaryEmbedding(head_dim, 64, 10000.0).lookup(torch.tensor([0, 7, 8, 30, 63]), dtype)
+    slots = torch.tensor([3, 17, 18, 40, 9])
+    cache = torch.zeros(2, num_kv_heads, 6, 8, head_dim, dtype=dtype)
+    heads = qkv.view(tokens, -1, head_dim)
+    want_qk = apply_rotary(heads[:, : num_heads + num_kv_heads], cos_sin)
+    want_cache = cache.clone()
+    write_kv(want_cache, want_qk[:, num_heads:], heads[:, num_heads + num_kv_heads:],
+             AttentionMetadata(slots, 0, None, None, None, []))
+    return qkv, cos_sin, slots, cache, want_qk, want_cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from paged_cases import float64_attention, paged_case
+from paged_cases import float64_attention, paged_case, rotary_case
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.model import kernels
@@ -19,10 +19,8 @@ from tokenmill.model.layers.attention import (
     AttentionMetadata,
     _decode_attention,
     decode_mask,
-    write_kv,
 )
 from tokenmill.model.layers.norm import RMSNorm
-from tokenmill.model.layers.rotary import RotaryEmbedding, apply_rotary
 
 ops = kernels.cpu_kernels()  # with TOKENMILL_CPU_KERNELS=require (CI) a failed build fails here
 pytestmark = pytest.mark.skipif(ops is None, reason="CPU kernels could not be built here (see the log)")
@@ -99,23 +97,14 @@ def test_norm_kernels_match_fallback(dtype, isa):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rotary_and_cache_matches_fallback(dtype, isa):
-    num_heads, num_kv_heads, head_dim, tokens = 6, 2, 32, 5
-    g = torch.Generator().manual_seed(4)
-    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
-    cos_sin = RotaryEmbedding(head_dim, 64, 10000.0).lookup(torch.tensor([0, 7, 8, 30, 63]), dtype)
-    slots = torch.tensor([3, 17, 18, 40, 9])
-    cache = torch.zeros(2, num_kv_heads, 6, 8, head_dim, dtype=dtype)  # 6 blocks of 8 slots
+    num_heads, head_dim = 6, 32
+    qkv, cos_sin, slots, cache, want_qk, want_cache = rotary_case(dtype, num_heads, 2, head_dim)
     ops.rotary_and_cache(qkv_kernel := qkv.clone(), *cos_sin, cache_kernel := cache.clone(), slots, num_heads)
-
-    heads = qkv.view(tokens, -1, head_dim)
-    qk = apply_rotary(heads[:, : num_heads + num_kv_heads], cos_sin)
-    meta = AttentionMetadata(slots, 0, None, None, None, [])
-    write_kv(cache, qk[:, num_heads:], heads[:, num_heads + num_kv_heads :], meta)
     # Bit-exact: the kernel rounds where the ops do, with the same conversions (no fused
     # multiply-adds here).
     exact = {"atol": 0, "rtol": 0}
-    torch.testing.assert_close(qkv_kernel.view(tokens, -1, head_dim)[:, : num_heads + num_kv_heads], qk, **exact)
-    torch.testing.assert_close(cache_kernel, cache, **exact)
+    torch.testing.assert_close(qkv_kernel.view(5, -1, head_dim)[:, : want_qk.shape[1]], want_qk, **exact)
+    torch.testing.assert_close(cache_kernel, want_cache, **exact)
     with pytest.raises(RuntimeError, match="out of range"):
         ops.rotary_and_cache(qkv.clone(), *cos_sin, cache, torch.tensor([3, 17, 18, 48, 9]), num_heads)
 

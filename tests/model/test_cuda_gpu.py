@@ -105,11 +105,11 @@ def test_a_decode_step_syncs_with_the_host_once(checkpoint_factory):
 
 def test_kv_cache_is_sized_from_free_device_memory(checkpoint_factory):
     free_before, _ = torch.cuda.mem_get_info()
-    llm = LLM(str(checkpoint_factory("llama")), dtype="bfloat16", device="cuda", kv_cache_memory_fraction=0.05)
+    llm = LLM(str(checkpoint_factory("llama")), device="cuda", kv_cache_memory_fraction=0.05)
     runner = llm.engine.runner
     kv_bytes = sum(kv.numel() * kv.element_size() for kv in runner.kv_caches)
     assert 0 < kv_bytes <= 0.05 * free_before
-    assert llm.config.dtype == torch.bfloat16  # "auto" is bf16 on a GPU; here it was asked for
+    assert llm.config.dtype == torch.bfloat16  # dtype "auto" on a GPU
 
 
 # ---- the kernels at production shapes ---------------------------------------------------------

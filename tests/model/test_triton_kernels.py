@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
 
 import torch.nn.functional as F  # noqa: E402
-from paged_cases import float64_attention, paged_case  # noqa: E402
+from paged_cases import float64_attention, paged_case, rotary_case  # noqa: E402
 
 from tokenmill.model.gpu_kernels import (  # noqa: E402
     decode_attention,
@@ -31,7 +31,7 @@ from tokenmill.model.layers.attention import (  # noqa: E402
 )
 from tokenmill.model.layers.keyed_race import exponential_race  # noqa: E402
 from tokenmill.model.layers.norm import RMSNorm  # noqa: E402
-from tokenmill.model.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
+from tokenmill.model.layers.rotary import RotaryEmbedding  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # 16-bit results agree to one rounding of the output; float32 to accumulation order.
@@ -138,22 +138,14 @@ def test_paged_prefill_attention_matches_sdpa(dtype, num_heads, num_kv_heads, he
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rotary_and_cache_matches_the_ops(dtype):
-    num_heads, num_kv_heads, head_dim, tokens = 6, 2, 40, 5
-    g = torch.Generator().manual_seed(4)
-    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(dtype)
-    cos_sin = RotaryEmbedding(head_dim, 64, 10000.0).lookup(torch.tensor([0, 7, 8, 30, 63]), dtype)
-    slots = torch.tensor([3, 17, 18, 40, 9])
-    cache = torch.zeros(2, num_kv_heads, 6, 8, head_dim, dtype=dtype)  # 6 blocks of 8 slots
+    num_heads, head_dim = 6, 40
+    qkv, cos_sin, slots, cache, want_qk, want_cache = rotary_case(dtype, num_heads, 2, head_dim)
     got_qkv, got_cache, cos, sin, dev_slots = _on(qkv, cache, *cos_sin, slots)
     rotary_cache.rotary_and_cache(got_qkv, cos, sin, got_cache, dev_slots, num_heads)
-
-    heads = qkv.view(tokens, -1, head_dim)
-    qk = apply_rotary(heads[:, : num_heads + num_kv_heads], cos_sin)
-    write_kv(cache, qk[:, num_heads:], heads[:, num_heads + num_kv_heads:], AttentionMetadata(slots, 0, None, None, None, []))
     # Bit-exact: each product is rounded to the dtype before the add, as the ops round.
     exact = _rounded_like_the_ops(dtype)
-    torch.testing.assert_close(got_qkv.cpu().view(tokens, -1, head_dim)[:, : num_heads + num_kv_heads], qk, **exact)
-    torch.testing.assert_close(got_cache.cpu(), cache, **exact)
+    torch.testing.assert_close(got_qkv.cpu().view(5, -1, head_dim)[:, : want_qk.shape[1]], want_qk, **exact)
+    torch.testing.assert_close(got_cache.cpu(), want_cache, **exact)
 
 
 def test_rotary_and_cache_skips_padding_slots():

@@ -18,8 +18,7 @@ import time
 
 import torch
 
-from tokenmill.model.layers.attention import AttentionMetadata
-from tokenmill.model.step_inputs import StepInputs, StepTensors
+from tokenmill.model.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +32,6 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     if sizes[-1] < top:
         sizes.append(top)
     return sizes
-
-
-def decode_metadata(step: StepTensors) -> AttentionMetadata:
-    """Attention metadata of a decode-only step (decode kernel, no prefills)."""
-    return AttentionMetadata(
-        slot_mapping=step.slot_mapping,
-        num_decodes=step.input_ids.shape[0],
-        decode_block_tables=step.decode_block_tables,
-        decode_seq_lens=step.decode_seq_lens,
-        decode_mask=None,
-        prefills=[],
-    )
 
 
 class DecodeGraphs:
@@ -68,7 +55,7 @@ class DecodeGraphs:
         for size in reversed(self.sizes):
             # Padding only: no K/V is written while capturing.
             step = self.inputs.prepare([], [], self.block_size, pad_decodes_to=size)
-            meta = decode_metadata(step)
+            meta = step.attention_metadata(prefills=[])
             # Warm up outside the graph (Triton compiles its kernels on first launch).
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

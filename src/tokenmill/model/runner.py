@@ -15,7 +15,7 @@ from tokenmill.model.cuda_graphs import DecodeGraphs
 from tokenmill.model.layers.attention import AttentionMetadata, decode_mask, kv_cache_shape
 from tokenmill.model.layers.sampler import Sampler, SamplingState, gather_logprobs
 from tokenmill.model.loader import load_model
-from tokenmill.model.step_inputs import StepInputs
+from tokenmill.model.step_inputs import StepInputs, slot_ids
 from tokenmill.model.transfer import to_device
 from tokenmill.spec_decode.rejection import SpecGroup, verify
 from tokenmill.structured.mask import TokenMasks, TokenMaskWorker, apply_token_masks
@@ -178,7 +178,7 @@ class ModelRunner:
             input_ids.extend(r.draft_token_ids)
             start = r.num_computed_tokens
             positions.extend(range(start, start + r.num_query_tokens))
-            slots.extend(self._slots(r.block_ids, start, start + r.num_query_tokens))
+            slots.extend(slot_ids(r.block_ids, start, start + r.num_query_tokens, self.block_size))
         dev = self.device
         meta = self._attention_metadata(reqs, starts, to_device(slots, dev, torch.long))
         hidden = self.model(
@@ -202,28 +202,10 @@ class ModelRunner:
         step = self.inputs.prepare(reqs, starts, self.block_size, pad_decodes_to=size or 0)
         if size is not None:
             return self.graphs.replay(size, total), starts
-        seq_lens = step.decode_seq_lens
-        num_decodes = len([r for r in reqs if r.is_decode])
-        meta = AttentionMetadata(
-            slot_mapping=step.slot_mapping,
-            num_decodes=0 if seq_lens is None else seq_lens.shape[0],
-            decode_block_tables=step.decode_block_tables,
-            decode_seq_lens=seq_lens,
-            decode_mask=None,  # the decode kernel runs (the persistent path requires it)
-            prefills=[(s, len(r.token_ids), r.num_computed_tokens, None)
-                      for r, s in zip(reqs[num_decodes:], starts[num_decodes:])],
-            paged_prefills=step.paged_prefills,
-        )
+        num_decodes = sum(1 for r in reqs if r.is_decode)
+        meta = step.attention_metadata([(s, len(r.token_ids), r.num_computed_tokens, None)
+                                        for r, s in zip(reqs[num_decodes:], starts[num_decodes:])])
         return self.model(step.input_ids, step.positions, self.kv_caches, meta), starts
-
-    def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
-        """Flat cache slots of positions start..end-1, built a block run at a time."""
-        bs = self.block_size
-        slots: list[int] = []
-        for i in range(start // bs, (end - 1) // bs + 1):
-            base = block_ids[i] * bs - i * bs  # slot of position p in block i: base + p
-            slots.extend(range(base + max(start, i * bs), base + min(end, (i + 1) * bs)))
-        return slots
 
     def _attention_metadata(
         self, reqs: list[ScheduledRequest], starts: list[int], slot_mapping: torch.Tensor
@@ -236,15 +218,12 @@ class ModelRunner:
             # start + j and sees the cache through itself. Every row's K/V is written before
             # any row attends, so the rows together are causal attention over the chunk.
             max_blocks = max(len(r.block_ids) for r in decodes)
-            tables = torch.tensor(
+            tables = to_device(
                 [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in decodes for _ in range(r.num_query_tokens)],
-                dtype=torch.int32,
-                device=dev,
+                dev, torch.int32,
             )  # [num_decode_rows, max_blocks]
-            seq_lens = torch.tensor(
-                [r.num_computed_tokens + 1 + j for r in decodes for j in range(r.num_query_tokens)],
-                dtype=torch.int32, device=dev,
-            )
+            seq_lens = to_device([r.num_computed_tokens + 1 + j for r in decodes for j in range(r.num_query_tokens)],
+                                 dev, torch.int32)
             if not self.decode_kernel:
                 mask = decode_mask(seq_lens, max_blocks, self.block_size)  # once per step, shared by every layer
         prefills = []

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tokenmill.engine.scheduler_output import ScheduledRequest
-from tokenmill.model.layers.attention import PagedPrefills
+from tokenmill.model.layers.attention import AttentionMetadata, PagedPrefills
 
 # int32 column buffer layout, in units of max_rows: decode seq lens, decode table rows,
 # prefill starts, prefill lengths, prefill cached lengths, prefill table rows.
@@ -45,6 +45,20 @@ class StepTensors:
     decode_block_tables: torch.Tensor | None  # [D, max_blocks] int32
     decode_seq_lens: torch.Tensor | None  # [D] int32
     paged_prefills: PagedPrefills | None
+
+
+    def attention_metadata(self, prefills: list[tuple[int, int, int, None]]) -> AttentionMetadata:
+        """The step's attention metadata (the decode kernel reads exactly each row's tokens:
+        no mask). `prefills`: the chunks as (first row, query tokens, cached tokens, None)."""
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping,
+            num_decodes=0 if self.decode_seq_lens is None else self.decode_seq_lens.shape[0],
+            decode_block_tables=self.decode_block_tables,
+            decode_seq_lens=self.decode_seq_lens,
+            decode_mask=None,
+            prefills=prefills,
+            paged_prefills=self.paged_prefills,
+        )
 
 
 @dataclass
@@ -117,7 +131,7 @@ class StepInputs:
                 tokens[0, num_tokens:num_tokens + len(r.token_ids)] = r.token_ids
                 tokens[0, num_tokens + len(r.token_ids):num_tokens + n] = r.draft_token_ids
                 tokens[1, num_tokens:num_tokens + n] = np.arange(start, start + n)
-                tokens[2, num_tokens:num_tokens + n] = _slots(r.block_ids, start, start + n, block_size)
+                tokens[2, num_tokens:num_tokens + n] = slot_ids(r.block_ids, start, start + n, block_size)
             num_tokens += n
         updates = self._table_updates(reqs)
         # Decode rows: a decode with proposals is one row per token (each sees one more).
@@ -183,11 +197,10 @@ class StepInputs:
         `tail_blocks`). Only that tail is compared, so a step costs O(requests), not
         O(context)."""
         updates: list[tuple[int, int, int]] = []
-        in_step = {r.request_id for r in reqs}
         for r in reqs:
             entry = self._rows.get(r.request_id)
             if entry is None:
-                entry = (self._take_row(in_step), _Row(source=[], known=[]))
+                entry = (self._take_row(reqs), _Row(source=[], known=[]))
                 self._rows[r.request_id] = entry
             else:
                 self._rows.move_to_end(r.request_id)
@@ -205,9 +218,10 @@ class StepInputs:
             state.source = ids
         return updates
 
-    def _take_row(self, in_step: set[str]) -> int:
+    def _take_row(self, reqs: list[ScheduledRequest]) -> int:
         if self._free_rows:
             return self._free_rows.pop()
+        in_step = {r.request_id for r in reqs}  # only when a row must be evicted
         for rid in self._rows:  # least recently used first
             if rid not in in_step:
                 return self._rows.pop(rid)[0]
@@ -226,9 +240,10 @@ class StepInputs:
         self._tables.index_put_((dev[:, 0].long(), dev[:, 1].long()), dev[:, 2])
 
 
-def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> np.ndarray:
-    """Flat cache slots of positions start..end-1 (reading only their blocks' ids)."""
-    first = start // block_size
-    positions = np.arange(start, end)
-    blocks = np.asarray(block_ids[first:(end - 1) // block_size + 1], dtype=np.int64)
-    return blocks[positions // block_size - first] * block_size + positions % block_size
+def slot_ids(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat cache slots of positions start..end-1, built a block run at a time."""
+    slots: list[int] = []
+    for i in range(start // block_size, (end - 1) // block_size + 1):
+        base = block_ids[i] * block_size - i * block_size  # slot of position p in block i: base + p
+        slots.extend(range(base + max(start, i * block_size), base + min(end, (i + 1) * block_size)))
+    return slots

@@ -82,15 +82,13 @@ def for_tensor(t: torch.Tensor) -> Any | None:
     """The kernel operators for `t`'s device, or None (the caller runs its PyTorch ops):
     the compiled CPU kernels for a CPU tensor, the Triton kernels for a CUDA tensor (and
     for a CPU tensor under TOKENMILL_GPU_KERNELS=interpret), if `t`'s dtype is one they take."""
-    if t.dtype not in _KERNEL_DTYPES:
-        return None
-    if gpu_kernels.applies(t.device):
-        return gpu_kernels.triton_ops()
-    return cpu_kernels() if t.is_cpu else None
+    return _ops_for(t.device) if t.dtype in _KERNEL_DTYPES else None
 
 
 def _ops_for(device: torch.device) -> Any | None:
-    return gpu_kernels.triton_ops() if gpu_kernels.applies(device) else cpu_kernels() if device.type == "cpu" else None
+    if gpu_kernels.applies(device):
+        return gpu_kernels.triton_ops()
+    return cpu_kernels() if device.type == "cpu" else None
 
 
 def decode_attention_kernel(device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
