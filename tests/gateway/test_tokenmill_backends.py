@@ -153,7 +153,14 @@ async def _one(session: aiohttp.ClientSession, url: str, key: str, i: int) -> di
 def test_killing_a_backend_under_load_fails_no_request_that_had_not_started_streaming(backends, tmp_path):
     urls = [b.url for b in backends]
     victim = backends[0]
-    with gateway(urls, tmp_path / "f.db", "--routing", "least_requests") as gw:
+    # Passive detection only, so the retries this test counts cannot race an active check that
+    # ejects the victim first: no health check during the run, and a circuit that needs more
+    # consecutive failures (7) than the 6 requests that can be in flight when the victim dies,
+    # so at least one request sent after its death meets the dead port and is retried.
+    config = tmp_path / "gateway.toml"
+    config.write_text("[health]\nmax_fails = 7\n")
+    with gateway(urls, tmp_path / "f.db", "--routing", "least_requests", "--config", str(config),
+                 "--health-interval", "600") as gw:
         key = create_key(gw.url)
 
         async def load():
@@ -178,12 +185,33 @@ def test_killing_a_backend_under_load_fails_no_request_that_had_not_started_stre
             assert r["error"]["code"] == "upstream_stream_error"
         assert all(r["ok"] for r in results if not r["stream"])
         text = httpx.get(gw.url + "/metrics").text
-        assert metric(text, "tokenmill:gateway_backend_healthy", backend=victim.url) == 0
+        assert metric(text, "tokenmill:gateway_backend_circuit_state", backend=victim.url) == 2  # open
         retried = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                       if line.startswith("tokenmill:gateway_retries_total{"))
         log = gw.log()
     # Requests sent to the victim after it died (it looked least loaded) went elsewhere.
     assert retried >= 1
-    assert "circuit open" in log or "health check failed" in log
+    assert "circuit open" in log
     print(f"killed 1 of 3 backends: {len(failed)} stream(s) cut mid-stream, {retried:g} retried, "
           f"{len(results) - len(failed)} of {len(results)} complete")
+
+
+def test_the_active_health_check_ejects_a_dead_backend(tmp_path):
+    """Between requests, only the active check can notice a replica died: within a few
+    intervals it is marked unhealthy, gets no traffic, and with no replica left the gateway
+    answers 503 no_healthy_backend (and its /health turns 503) instead of hanging."""
+    with tokenmill_backend(DEMO_MODEL_DIR, *BACKEND_ARGS) as lone, \
+            gateway([lone.url], tmp_path / "h.db") as gw:
+        key = create_key(gw.url)
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": "demo", "prompt": "hello", "max_tokens": 2}
+        assert httpx.post(gw.url + "/v1/completions", json=body, headers=headers, timeout=30).status_code == 200
+        lone.kill()
+        deadline = time.monotonic() + 10
+        while metric(httpx.get(gw.url + "/metrics").text, "tokenmill:gateway_backend_healthy", backend=lone.url):
+            assert time.monotonic() < deadline, "the dead backend still looks healthy after 10 s"
+            time.sleep(0.1)
+        r = httpx.post(gw.url + "/v1/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_healthy_backend", r.text
+        assert httpx.get(gw.url + "/health").status_code == 503
+        assert "health check failed" in gw.log()
