@@ -66,7 +66,12 @@ def _tokens(outputs):
 @pytest.mark.parametrize("engine_args", [
     {},
     {"max_num_batched_tokens": 24},  # prompts prefilled in chunks, proposals share steps with them
-    {"num_kv_blocks": 14, "block_size": 8, "max_model_len": 112},  # too few blocks for all: preemption mid-output
+    # Too few blocks for all: preemption mid-output. A preempted request's K/V is recomputed
+    # by a prefill, and the reference and the speculative run are preempted at different
+    # moments; in bf16 the recomputed K/V differ in the last bits from what decode steps
+    # wrote (PyTorch's GEMMs round by batch shape: with TOKENMILL_CPU_KERNELS=0 a near-tie
+    # flipped). Token identity across recomputation is a float32 claim.
+    {"num_kv_blocks": 14, "block_size": 8, "max_model_len": 112, "dtype": "float32"},
 ], ids=["plain", "chunked_prefill", "preemption"])
 def test_greedy_outputs_identical_with_ngram_and_draft_model(draft_dir, engine_args):
     _, reference = _generate(None, **engine_args)
