@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import aiohttp
 import httpx
@@ -183,7 +184,8 @@ def test_the_bench_lab_runs_against_the_ray_endpoint(served, tmp_path):
 
 async def _load(served: RayServe, num_requests: int, concurrency: int, kill_after_s: float) -> list[dict]:
     """Mixed load (one request in four streamed); SIGKILL one engine replica after
-    `kill_after_s`. Returns what each request saw."""
+    `kill_after_s`, as soon as each replica holds 2 requests or more. Returns what each
+    request saw."""
     results: list[dict] = []
     todo = iter(range(num_requests))
     timeout = aiohttp.ClientTimeout(total=CEILING_S)
@@ -205,17 +207,39 @@ async def _load(served: RayServe, num_requests: int, concurrency: int, kill_afte
 
     async def killer():
         await asyncio.sleep(kill_after_s)
-        os.kill(served.replica_pids()[0], signal.SIGKILL)
+        # Kill only once every replica holds requests, so whichever one dies, requests die with
+        # it (the router, not the test, decides where they sit).
+        victim = served.replica_pids()[0]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            held = await asyncio.to_thread(_requests_held, served)
+            if len(held) == 2 and min(held.values()) >= 2:
+                break
+        os.kill(victim, signal.SIGKILL)
+        print(f"SIGKILL to a replica; requests held per replica just before: {held}")
 
     async with aiohttp.ClientSession(timeout=timeout) as session:
         await asyncio.gather(killer(), *(worker(session) for _ in range(concurrency)))
     return results
 
 
+def _requests_held(served: RayServe) -> dict[str, float]:
+    """Requests running or waiting on each engine replica."""
+    text = served.metrics()
+    return {r: sum(metric(text, name, replica=r)
+                   for name in ("tokenmill:num_requests_running", "tokenmill:num_requests_waiting"))
+            for r in served.replicas(text)}
+
+
+def _retries(text: str) -> float:
+    """Calls the ingress retried on another replica, whatever error the dead one raised."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("tokenmill:ray_ingress_retries_total{"))
+
+
 def test_killing_a_replica_under_load_fails_no_request_that_had_not_started(served):
     before = served.replicas()
-    retries0 = metric(served.metrics(), "tokenmill:ray_ingress_retries_total", reason="ActorDiedError") \
-        if "ray_ingress_retries_total{" in served.metrics() else 0.0
+    retries0 = _retries(served.metrics())
     results = asyncio.run(_load(served, num_requests=60, concurrency=8, kill_after_s=2.0))
     assert len(results) == 60  # nothing hung or vanished
     cut = 0
@@ -233,11 +257,12 @@ def test_killing_a_replica_under_load_fails_no_request_that_had_not_started(serv
             cut += 1
         else:
             assert last["choices"][0]["finish_reason"] == "length"
-    text = served.metrics()
-    retried = sum(metric(text, "tokenmill:ray_ingress_retries_total", reason=r)
-                  for r in ("ActorDiedError", "ActorUnavailableError", "RayActorError")
-                  if f'reason="{r}"' in text) - retries0
-    assert retried >= 1, (retried, cut)  # requests in flight on the dead replica were retried
+    retried = _retries(served.metrics()) - retries0
+    # The replica died holding requests: those with no byte sent yet were retried elsewhere,
+    # streams already under way were cut cleanly; every one answered 200 above. (Which of its
+    # requests were streams is chance: 1 in 4 is, so nearly every run retries some.)
+    assert retried + cut >= 1, (retried, cut)
+    print(f"killed 1 of 2 replicas: {retried:g} call(s) retried, {cut} stream(s) cut")
     # Serve replaces the replica: two again, one of them new.
     def replaced():
         now = served.replicas()
