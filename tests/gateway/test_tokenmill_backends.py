@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.gateway.harness import create_key, gateway, tokenmill_backend
-from tests.server.server_harness import metric
+from tests.server.server_harness import metric, metric_total
 from tokenmill.config import DEMO_MODEL_DIR
 
 BACKEND_ARGS = ("--max-model-len", "1024", "--kv-cache-memory", "64MiB", "--disable-log-requests")
@@ -186,8 +186,7 @@ def test_killing_a_backend_under_load_fails_no_request_that_had_not_started_stre
         assert all(r["ok"] for r in results if not r["stream"])
         text = httpx.get(gw.url + "/metrics").text
         assert metric(text, "tokenmill:gateway_backend_circuit_state", backend=victim.url) == 2  # open
-        retried = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                      if line.startswith("tokenmill:gateway_retries_total{"))
+        retried = metric_total(text, "tokenmill:gateway_retries_total")
         log = gw.log()
     # Requests sent to the victim after it died (it looked least loaded) went elsewhere.
     assert retried >= 1

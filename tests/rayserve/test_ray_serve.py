@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.server_harness import CEILING_S, ServedProcess, metric, wait_until
+from tests.server.server_harness import CEILING_S, ServedProcess, metric_total, wait_until
 from tests.services import ServiceUnavailable, prometheus_server
 from tokenmill.config import DEMO_MODEL_DIR
 
@@ -215,6 +215,7 @@ async def _load(served: RayServe, num_requests: int, concurrency: int, kill_afte
             held = await asyncio.to_thread(_requests_held, served)
             if len(held) == 2 and min(held.values()) >= 2:
                 break
+            await asyncio.sleep(0.05)  # each read is a scrape of every replica, through the ingress
         os.kill(victim, signal.SIGKILL)
         print(f"SIGKILL to a replica; requests held per replica just before: {held}")
 
@@ -226,20 +227,14 @@ async def _load(served: RayServe, num_requests: int, concurrency: int, kill_afte
 def _requests_held(served: RayServe) -> dict[str, float]:
     """Requests running or waiting on each engine replica."""
     text = served.metrics()
-    return {r: sum(metric(text, name, replica=r)
-                   for name in ("tokenmill:num_requests_running", "tokenmill:num_requests_waiting"))
-            for r in served.replicas(text)}
-
-
-def _retries(text: str) -> float:
-    """Calls the ingress retried on another replica, whatever error the dead one raised."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("tokenmill:ray_ingress_retries_total{"))
+    return {r: metric_total(text, "tokenmill:num_requests_running", replica=r)
+            + metric_total(text, "tokenmill:num_requests_waiting", replica=r) for r in served.replicas(text)}
 
 
 def test_killing_a_replica_under_load_fails_no_request_that_had_not_started(served):
     before = served.replicas()
-    retries0 = _retries(served.metrics())
+    # Calls the ingress retried on another replica, whatever error the dead one raised.
+    retries0 = metric_total(served.metrics(), "tokenmill:ray_ingress_retries_total")
     results = asyncio.run(_load(served, num_requests=60, concurrency=8, kill_after_s=2.0))
     assert len(results) == 60  # nothing hung or vanished
     cut = 0
@@ -257,7 +252,7 @@ def test_killing_a_replica_under_load_fails_no_request_that_had_not_started(serv
             cut += 1
         else:
             assert last["choices"][0]["finish_reason"] == "length"
-    retried = _retries(served.metrics()) - retries0
+    retried = metric_total(served.metrics(), "tokenmill:ray_ingress_retries_total") - retries0
     # The replica died holding requests: those with no byte sent yet were retried elsewhere,
     # streams already under way were cut cleanly; every one answered 200 above. (Which of its
     # requests were streams is chance: 1 in 4 is, so nearly every run retries some.)

@@ -119,16 +119,28 @@ class ServedProcess:
             self.proc.wait()
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in a Prometheus exposition (labels must match a subset)."""
+def _samples(text: str, name: str, labels: dict[str, str]):
+    """The values of `name`'s samples in a Prometheus exposition whose labels include `labels`."""
     for line in text.splitlines():
         m = re.match(r"^([^\s{]+)(?:\{([^}]*)\})?\s+(\S+)$", line)
         if not m or m.group(1) != name:
             continue
         found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
         if all(found.get(k) == v for k, v in labels.items()):
-            return float(m.group(3))
+            yield float(m.group(3))
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition (labels must match a subset)."""
+    for value in _samples(text, name, labels):
+        return value
     raise KeyError(f"{name} {labels} not in /metrics")
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """The sum of every sample whose labels include `labels` (0 when there is none yet:
+    a labelled counter has no sample before its first increment)."""
+    return sum(_samples(text, name, labels))
 
 
 def wait_until(predicate, timeout: float = CEILING_S, interval: float = 0.02):
